@@ -1,0 +1,1 @@
+"""Chest radiograph triage model: multi-label classifier with class-activation heatmaps."""

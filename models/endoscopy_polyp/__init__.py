@@ -1,0 +1,1 @@
+"""Endoscopy polyp model: per-frame polyp segmentation and a frame-level polyp score."""

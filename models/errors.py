@@ -1,0 +1,107 @@
+"""The one error tree of dxassist, shared by models/, serving/ and training/.
+
+::
+
+    DxAssistError
+    ├── InputRejected            expected outcome: NOT_SCREENED with a ReasonCode, never a score
+    │   ├── InvalidDicom         not DICOM, truncated, corrupt header
+    │   ├── UnsupportedStudy     readable, but not what any model accepts (modality, body part, view...)
+    │   └── InvalidPixelData     no pixel data, undecodable, blank, too large, NaN after scaling
+    ├── SourceError
+    │   ├── StudyNotFound
+    │   └── SourceUnavailable    retriable
+    ├── ModelError
+    │   ├── ModelIntegrityError  checksum or signature mismatch: fatal before any session exists
+    │   ├── ManifestError        manifest malformed or inconsistent with the artifact
+    │   └── InferenceFailed      runtime failure or non-finite output (never read as "negative")
+    └── SinkError
+        └── DeliveryFailed       retriable; the outbox keeps the result
+
+Messages never carry patient values (names, IDs, accession numbers, UIDs). They name the
+parameter or attribute and the reason; callers add their own request id.
+"""
+
+from __future__ import annotations
+
+from enum import StrEnum
+
+
+class ReasonCode(StrEnum):
+    """Why a study (or one image of it) was not screened. Stable strings: they reach the EMR."""
+
+    NOT_DICOM = "NOT_DICOM"
+    CORRUPT_FILE = "CORRUPT_FILE"
+    NO_PIXEL_DATA = "NO_PIXEL_DATA"
+    UNSUPPORTED_TRANSFER_SYNTAX = "UNSUPPORTED_TRANSFER_SYNTAX"
+    DECODE_FAILED = "DECODE_FAILED"
+    IMAGE_TOO_LARGE = "IMAGE_TOO_LARGE"
+    IMAGE_TOO_SMALL = "IMAGE_TOO_SMALL"
+    BLANK_IMAGE = "BLANK_IMAGE"
+    UNSUPPORTED_SOP_CLASS = "UNSUPPORTED_SOP_CLASS"
+    UNSUPPORTED_MODALITY = "UNSUPPORTED_MODALITY"
+    UNSUPPORTED_BODY_PART = "UNSUPPORTED_BODY_PART"
+    UNSUPPORTED_VIEW = "UNSUPPORTED_VIEW"
+    UNSUPPORTED_PHOTOMETRIC = "UNSUPPORTED_PHOTOMETRIC"
+    NO_USABLE_IMAGE = "NO_USABLE_IMAGE"
+    INFERENCE_FAILED = "INFERENCE_FAILED"
+
+
+class DxAssistError(Exception):
+    """Root of every error dxassist raises on purpose."""
+
+
+class InputRejected(DxAssistError):
+    """The input is not screened; ``reason`` says why (goes to the result, not only the log)."""
+
+    def __init__(self, reason: ReasonCode, detail: str) -> None:
+        super().__init__(f"{reason.value}: {detail}")
+        self.reason = reason
+        self.detail = detail
+
+
+class InvalidDicom(InputRejected):
+    """Not a DICOM file, or a DICOM file that cannot be parsed."""
+
+
+class UnsupportedStudy(InputRejected):
+    """A readable DICOM image that no configured model accepts."""
+
+
+class InvalidPixelData(InputRejected):
+    """Pixel data missing, undecodable, or unusable after decoding."""
+
+
+class SourceError(DxAssistError):
+    """The DICOM store could not provide a study."""
+
+
+class StudyNotFound(SourceError):
+    """The study is not in the store."""
+
+
+class SourceUnavailable(SourceError):
+    """The store is down or too slow; the caller may retry."""
+
+
+class ModelError(DxAssistError):
+    """A model could not be loaded or run."""
+
+
+class ModelIntegrityError(ModelError):
+    """The artifact's checksum does not match its manifest."""
+
+
+class ManifestError(ModelError):
+    """The manifest is malformed, or does not match the artifact's signature."""
+
+
+class InferenceFailed(ModelError):
+    """The model failed at run time or produced non-finite scores."""
+
+
+class SinkError(DxAssistError):
+    """A result could not be delivered."""
+
+
+class DeliveryFailed(SinkError):
+    """Delivery failed; the result stays in the outbox for a retry."""

@@ -1,0 +1,188 @@
+"""``dxassist``: screen studies, run the demo, manage model versions.
+
+dxassist demo                     build the demo study set and screen it (embedded defaults)
+dxassist screen PATH... [--json]  screen DICOM files or folders
+dxassist models list|verify       registered model versions and their checksums
+dxassist models register DIR      add a staged version (never overwrites)
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import sys
+from pathlib import Path
+from typing import Annotated
+
+import typer
+from rich.console import Console
+from rich.table import Table
+
+from models.errors import DxAssistError
+from models.registry import list_versions, resolve, verify_all
+from models.results import OutcomeValues, ScreeningResult
+from serving.factory import build_screener
+from serving.phi import install_logging
+from serving.results_store import ResultsStore
+from serving.screening import screen_paths
+from serving.settings import Settings
+from serving.sources.local import candidate_files
+
+app = typer.Typer(add_completion=False, no_args_is_help=True, help=__doc__)
+models_app = typer.Typer(no_args_is_help=True, help="Registered model versions.")
+app.add_typer(models_app, name="models")
+console = Console(soft_wrap=False, width=120)
+
+SettingsOpt = Annotated[
+    Path | None, typer.Option("--settings", help="settings YAML (default configs/settings/dev.yaml)")
+]
+
+
+def _load_settings(path: Path | None) -> Settings:
+    try:
+        return Settings.load(path)
+    except (OSError, ValueError) as exc:
+        console.print(f"[red]settings error:[/red] {exc}")
+        raise typer.Exit(2) from exc
+
+
+def _print_results(results: list[ScreeningResult]) -> None:
+    for result in results:
+        labels = ", ".join(i.label for i in result.images)
+        if result.outcome == OutcomeValues.SCREENED:
+            head = f"[green]SCREENED[/green] by {', '.join(result.models)}  priority [bold]{result.priority}[/bold]"
+        else:
+            head = f"[yellow]NOT_SCREENED[/yellow]  reason [bold]{result.reason}[/bold]: {result.reason_detail}"
+        ref = f"  (study ref {result.study_ref})" if result.study_ref else ""
+        console.print(f"\n[bold]{labels}[/bold]{ref}\n  {head}")
+        if result.findings:
+            table = Table(show_edge=False, pad_edge=False, box=None)
+            for col in ("finding", "score", "threshold", "result", "model", "where"):
+                table.add_column(col)
+            for f in result.findings:
+                where = ""
+                if f.region:
+                    r = f.region
+                    where = f"x {r.x:.2f}-{r.x + r.width:.2f}, y {r.y:.2f}-{r.y + r.height:.2f}"
+                    if f.frame_index is not None:
+                        where += f", frame {f.frame_index}"
+                verdict = "[red]POSITIVE[/red]" if f.positive else "negative"
+                table.add_row(
+                    f.display, f"{f.score:.3f}", f"{f.threshold:.3f}", verdict, f"{f.model_id}@{f.model_version}", where
+                )
+            console.print(table)
+        rejected = [i for i in result.images if i.outcome == OutcomeValues.NOT_SCREENED]
+        if result.outcome == OutcomeValues.SCREENED and rejected:
+            for image in rejected:
+                console.print(f"  not screened: {image.label}: {image.reason} ({image.reason_detail})")
+
+
+def _run_screen(
+    paths: list[Path], settings: Settings, *, as_json: bool, per_file: bool, save: bool
+) -> list[ScreeningResult]:
+    files: list[Path] = []
+    for p in paths:
+        if not p.exists():
+            console.print(f"[red]no such file or folder:[/red] {p}")
+            raise typer.Exit(2)
+        files.extend(candidate_files(p))
+    try:
+        screener = build_screener(settings)
+    except DxAssistError as exc:
+        console.print(f"[red]model error:[/red] {exc}")
+        raise typer.Exit(3) from exc
+    results = screen_paths(screener, files, group_by_study=not per_file)
+    if save:
+        store = ResultsStore(settings.results.sqlite_path)
+        for r in results:
+            store.save(r)
+        store.close()
+    if as_json:
+        sys.stdout.write(json.dumps([r.model_dump(mode="json") for r in results], indent=2) + "\n")
+    else:
+        _print_results(results)
+        n_ok = sum(r.outcome == OutcomeValues.SCREENED for r in results)
+        console.print(f"\n{len(results)} studies: {n_ok} screened, {len(results) - n_ok} not screened.")
+        if save:
+            console.print(f"Results saved to {settings.results.sqlite_path}")
+    return results
+
+
+@app.command()
+def screen(
+    paths: Annotated[list[Path], typer.Argument(help="DICOM files or folders")],
+    as_json: Annotated[bool, typer.Option("--json", help="print results as JSON")] = False,
+    per_file: Annotated[bool, typer.Option("--per-file", help="one result per file instead of per study")] = False,
+    save: Annotated[bool, typer.Option("--save/--no-save", help="record results in the results store")] = True,
+    settings: SettingsOpt = None,
+) -> None:
+    """Screen DICOM files or folders and print the findings."""
+    install_logging(logging.WARNING)
+    _run_screen(paths, _load_settings(settings), as_json=as_json, per_file=per_file, save=save)
+
+
+@app.command()
+def demo(
+    out: Annotated[
+        Path | None, typer.Option(help="where to build the demo study set (default: the local store)")
+    ] = None,
+    as_json: Annotated[bool, typer.Option("--json")] = False,
+    settings: SettingsOpt = None,
+) -> None:
+    """Build the demo study set and screen every file of it (embedded defaults, no PACS/EMR)."""
+    from serving.demo import build_demo_set
+
+    install_logging(logging.WARNING)
+    cfg = _load_settings(settings)
+    root = build_demo_set(out or cfg.store.path / "demo")
+    if not as_json:
+        console.print(f"Demo study set: {root}  (expected outcomes in expected.csv)")
+    _run_screen([root], cfg, as_json=as_json, per_file=True, save=True)
+
+
+@models_app.command("list")
+def models_list() -> None:
+    """Registered model versions."""
+    table = Table(box=None)
+    for col in ("model", "version", "task", "labels", "artifact sha256", "trained on"):
+        table.add_column(col)
+    for entry in list_versions():
+        m = resolve(entry.model_id, entry.version).manifest
+        table.add_row(
+            m.id,
+            m.version,
+            m.task.value,
+            ", ".join(lab.key for lab in m.labels),
+            m.artifact.sha256[:16] + "...",
+            m.provenance.trained_on[:60],
+        )
+    console.print(table)
+
+
+@models_app.command("verify")
+def models_verify() -> None:
+    """Check every registered version's manifest and artifact checksum; exit 1 on any failure."""
+    reports = verify_all()
+    for r in reports:
+        console.print(f"{'[green]ok[/green]' if r.ok else '[red]FAIL[/red]'}  {r.ref}  {r.detail}")
+    if not reports or not all(r.ok for r in reports):
+        raise typer.Exit(1)
+
+
+@models_app.command("register")
+def models_register(
+    staged: Annotated[Path, typer.Argument(help="staged folder with manifest.yaml, artifact, card")],
+) -> None:
+    """Register a staged model version beside the existing ones (refuses to overwrite)."""
+    from models.registry import register_version
+
+    try:
+        target = register_version(staged)
+    except (DxAssistError, FileExistsError) as exc:
+        console.print(f"[red]refused:[/red] {exc}")
+        raise typer.Exit(1) from exc
+    console.print(f"registered {target}")
+
+
+if __name__ == "__main__":
+    app()

@@ -1,0 +1,24 @@
+"""Build the plain objects of the service from ``Settings`` (no Ray here)."""
+
+from __future__ import annotations
+
+from models.predictor import OnnxPredictor
+from models.registry import resolve
+from serving.screening import StudyScreener
+from serving.settings import ModelSettings, Settings
+
+
+def build_predictor(model: ModelSettings) -> OnnxPredictor:
+    """Resolve ``id@version`` in the registry and open a verified session (checksum first)."""
+    return OnnxPredictor(
+        resolve(model.id, model.version), providers=model.providers, intra_op_threads=model.intra_op_threads
+    )
+
+
+def build_screener(settings: Settings) -> StudyScreener:
+    return StudyScreener(
+        [build_predictor(m) for m in settings.models],
+        study_ref_key=settings.security.study_ref_key.get_secret_value().encode(),
+        max_frames_per_image=settings.screening.max_frames_per_image,
+        batch_size=settings.screening.batch_size,
+    )

@@ -1,0 +1,72 @@
+"""PHI stays at the edges: pseudonymous study references and a logging safety net.
+
+The primary control is that no code logs identifiers: modules log ``study_ref`` (an HMAC of the
+Study Instance UID with a deployment secret), reason codes and timings. ``PhiRedactionFilter``
+is the safety net: it refuses datasets in log arguments and masks anything shaped like a DICOM
+UID. ``install_logging`` also keeps pydicom's own logger (which can echo element values) quiet.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import hmac
+import json
+import logging
+import re
+from typing import Final
+
+_UID_LIKE: Final = re.compile(r"\b[0-2](?:\.(?:0|[1-9]\d*)){4,}\b")
+_FIELDS: Final = ("request_id", "study_ref", "model", "stage", "duration_ms", "outcome", "reason")
+
+
+def study_ref(study_instance_uid: str, key: bytes) -> str:
+    """A stable pseudonym for a study: first 16 hex digits of HMAC-SHA256(key, UID)."""
+    return hmac.new(key, study_instance_uid.encode("utf-8"), hashlib.sha256).hexdigest()[:16]
+
+
+class PhiRedactionFilter(logging.Filter):
+    """Masks UID-shaped strings and drops dataset arguments from every record it sees."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        args = record.args
+        if args:
+            items = args if isinstance(args, tuple) else (args,)
+            if any(type(a).__name__ in {"Dataset", "FileDataset", "DataElement"} for a in items):
+                record.msg, record.args = "[log record dropped: it carried a DICOM dataset]", None
+                return True
+        message = record.getMessage()
+        redacted = _UID_LIKE.sub("[uid]", message)
+        if redacted != message:
+            record.msg, record.args = redacted, None
+        return True
+
+
+class JsonFormatter(logging.Formatter):
+    """One JSON object per line with a fixed set of allowed extra fields."""
+
+    def format(self, record: logging.LogRecord) -> str:
+        out = {
+            "ts": self.formatTime(record, "%Y-%m-%dT%H:%M:%S"),
+            "level": record.levelname,
+            "logger": record.name,
+            "msg": record.getMessage(),
+        }
+        for field in _FIELDS:
+            if hasattr(record, field):
+                out[field] = getattr(record, field)
+        return json.dumps(out, default=str)
+
+
+def install_logging(level: int = logging.INFO, *, json_lines: bool = True) -> None:
+    """Configure the root handler once: JSON lines to stderr, with the redaction filter."""
+    root = logging.getLogger()
+    for handler in root.handlers:
+        if getattr(handler, "_dxassist", False):
+            return
+    handler = logging.StreamHandler()
+    handler._dxassist = True  # type: ignore[attr-defined]
+    handler.addFilter(PhiRedactionFilter())
+    handler.setFormatter(JsonFormatter() if json_lines else logging.Formatter("%(levelname)s %(name)s %(message)s"))
+    root.addHandler(handler)
+    root.setLevel(level)
+    logging.getLogger("pydicom").setLevel(logging.ERROR)

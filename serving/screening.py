@@ -1,0 +1,326 @@
+"""The screening core: DICOM instances of a study in, one ``ScreeningResult`` out.
+
+``StudyScreener`` is a plain class (no Ray): the CLI, the Serve deployments and batch jobs all
+call it. Its three stages can run apart (the Serve app puts ``prepare`` in the fetcher and
+``infer`` in the model deployments):
+
+1. ``prepare``  read -> header -> input QA/routing -> decode (reduced J2K) -> model preprocessing
+2. ``infer``    batched ONNX Runtime inference per model
+3. ``assemble`` apply operating points, aggregate over images/frames, set triage priority
+
+Nothing an instance does can stop the others: every failure becomes a NOT_SCREENED image with a
+reason code, and a study with no usable image is NOT_SCREENED with the most specific reason.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import time
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import BinaryIO
+
+import numpy as np
+from numpy.typing import NDArray
+
+from models.errors import InferenceFailed, InputRejected, ReasonCode
+from models.manifest import ModelManifest, OutputRoleValues
+from models.pixels import ImageHeader, decode_frames, header_of, read_dataset
+from models.predictor import OnnxPredictor, sigmoid
+from models.preprocessing import get_pipeline
+from models.qa import route
+from models.results import (
+    Finding,
+    ImageResult,
+    OutcomeValues,
+    Region,
+    ScreeningResult,
+    findings_from_scores,
+    region_from_map,
+    triage_priority,
+)
+from serving.phi import study_ref
+
+logger = logging.getLogger(__name__)
+
+Source = str | os.PathLike[str] | bytes | BinaryIO
+
+
+@dataclass
+class InstanceInput:
+    """One DICOM instance to screen. ``label`` names it for the caller (a file path, an
+    instance number); it is returned in the result and never logged."""
+
+    source: Source
+    label: str
+
+
+@dataclass
+class PreparedImage:
+    """An instance that passed QA: model inputs for its frames, and what is needed to map back."""
+
+    label: str
+    study_instance_uid: str
+    sop_instance_uid: str
+    model_id: str
+    tensors: NDArray[np.float32]  # (frames, C, H, W)
+    frame_indices: list[int]
+    image_shape: tuple[int, int]  # rows, columns of the decoded frame
+
+
+@dataclass
+class RejectedImage:
+    label: str
+    study_instance_uid: str
+    sop_instance_uid: str
+    reason: ReasonCode
+    detail: str
+
+
+@dataclass
+class ModelOutputs:
+    """Raw outputs of one model for one prepared image (one row per frame)."""
+
+    scores: NDArray[np.float32]  # (frames, labels) probabilities
+    maps: NDArray[np.float32] | None  # (frames, labels, h, w) heatmap or mask probabilities
+    map_role: OutputRoleValues | None = None
+
+
+@dataclass
+class _StudyWork:
+    study_instance_uid: str
+    prepared: list[PreparedImage] = field(default_factory=list)
+    rejected: list[RejectedImage] = field(default_factory=list)
+
+
+def _sample_frames(n: int, limit: int) -> list[int]:
+    if n <= limit:
+        return list(range(n))
+    return sorted({round(i * (n - 1) / (limit - 1)) for i in range(limit)})
+
+
+def _letterbox_region(region: Region, rows: int, cols: int) -> Region:
+    """Map a region from letterboxed (square) model coordinates back to image fractions."""
+    side = max(rows, cols)
+    off_x, off_y = (side - cols) / 2 / side, (side - rows) / 2 / side
+    sx, sy = side / cols, side / rows
+    x0 = min(max((region.x - off_x) * sx, 0.0), 1.0)
+    y0 = min(max((region.y - off_y) * sy, 0.0), 1.0)
+    x1 = min(max((region.x + region.width - off_x) * sx, 0.0), 1.0)
+    y1 = min(max((region.y + region.height - off_y) * sy, 0.0), 1.0)
+    return Region(x=x0, y=y0, width=max(0.0, x1 - x0), height=max(0.0, y1 - y0))
+
+
+class StudyScreener:
+    """Screens studies with a set of verified predictors. Thread-safe; holds no per-study state."""
+
+    def __init__(
+        self,
+        predictors: Sequence[OnnxPredictor],
+        *,
+        study_ref_key: bytes,
+        max_frames_per_image: int = 32,
+        batch_size: int = 4,
+    ) -> None:
+        if not predictors:
+            raise ValueError("predictors: at least one model is required")
+        self.predictors = {p.manifest.id: p for p in predictors}
+        self.manifests: list[ModelManifest] = [p.manifest for p in predictors]
+        self.study_ref_key = study_ref_key
+        self.max_frames_per_image = max_frames_per_image
+        self.batch_size = batch_size
+
+    # -- stage 1 ---------------------------------------------------------------------------
+
+    def prepare(self, item: InstanceInput) -> PreparedImage | RejectedImage:
+        """Read, check and preprocess one instance. Never raises for bad input."""
+        study_uid = sop_uid = ""
+        try:
+            ds = read_dataset(item.source)
+            study_uid = str(ds.get("StudyInstanceUID", ""))
+            sop_uid = str(ds.get("SOPInstanceUID", ""))
+            header: ImageHeader = header_of(ds)
+            manifest = route(header, self.manifests)
+            pipeline = get_pipeline(manifest.input.preprocessing)
+            indices = _sample_frames(header.number_of_frames, self.max_frames_per_image)
+            frames = decode_frames(ds, frame_indices=indices, target_size=pipeline.size)
+            tensors = np.stack([pipeline(f) for f in frames]).astype(np.float32, copy=False)
+            rows, cols = frames[0].pixels.shape[:2]
+            return PreparedImage(
+                label=item.label,
+                study_instance_uid=study_uid,
+                sop_instance_uid=sop_uid,
+                model_id=manifest.id,
+                tensors=tensors,
+                frame_indices=indices,
+                image_shape=(rows, cols),
+            )
+        except InputRejected as exc:
+            return RejectedImage(item.label, study_uid, sop_uid, exc.reason, exc.detail)
+
+    # -- stage 2 ---------------------------------------------------------------------------
+
+    def infer(self, model_id: str, tensors: NDArray[np.float32]) -> ModelOutputs:
+        """Run one model over ``(N, C, H, W)`` in batches of ``batch_size``."""
+        predictor = self.predictors[model_id]
+        manifest = predictor.manifest
+        heat = manifest.output(OutputRoleValues.HEATMAP)
+        mask = manifest.output(OutputRoleValues.MASK)
+        scores, maps = [], []
+        for start in range(0, len(tensors), self.batch_size):
+            out = predictor.predict(tensors[start : start + self.batch_size])
+            scores.append(predictor.scores(out))
+            if heat is not None:
+                maps.append(out[heat.name])
+            elif mask is not None:
+                maps.append(sigmoid(out[mask.name]))
+        role = OutputRoleValues.HEATMAP if heat is not None else OutputRoleValues.MASK if mask is not None else None
+        return ModelOutputs(
+            scores=np.concatenate(scores),
+            maps=np.concatenate(maps) if maps else None,
+            map_role=role,
+        )
+
+    # -- stage 3 ---------------------------------------------------------------------------
+
+    def _image_findings(self, image: PreparedImage, outputs: ModelOutputs) -> list[Finding]:
+        """Per-label best frame of one image, with its region mapped to image fractions."""
+        loaded = self.predictors[image.model_id].loaded
+        best = outputs.scores.argmax(axis=0)
+        findings = []
+        for li in range(len(loaded.manifest.labels)):
+            fi = int(best[li])
+            region = None
+            if outputs.maps is not None:
+                fmap = outputs.maps[fi, li]
+                if outputs.map_role == OutputRoleValues.MASK:
+                    region = region_from_map(np.where(fmap >= 0.5, fmap, 0.0).astype(np.float32), level=1e-3)
+                else:
+                    region = region_from_map(fmap)
+                if region is not None and loaded.manifest.input.preprocessing == "cxr_v1":
+                    region = _letterbox_region(region, *image.image_shape)
+            frame_no = image.frame_indices[fi] if len(image.frame_indices) > 1 else None
+            finding = findings_from_scores(loaded, outputs.scores[fi])[li]
+            findings.append(finding.model_copy(update={"region": region, "frame_index": frame_no}))
+        return findings
+
+    def assemble(
+        self,
+        study_instance_uid: str,
+        prepared: Sequence[tuple[PreparedImage, ModelOutputs | InferenceFailed]],
+        rejected: Sequence[RejectedImage],
+        duration_ms: float = 0.0,
+    ) -> ScreeningResult:
+        """Combine image outcomes into the study result (max score per label over images)."""
+        images: list[ImageResult] = [
+            ImageResult(
+                sop_instance_uid=r.sop_instance_uid,
+                label=r.label,
+                outcome=OutcomeValues.NOT_SCREENED,
+                reason=r.reason,
+                reason_detail=r.detail,
+            )
+            for r in rejected
+        ]
+        best: dict[tuple[str, str], Finding] = {}
+        for image, outputs in prepared:
+            ref = self.predictors[image.model_id].manifest.ref
+            if isinstance(outputs, InferenceFailed):
+                images.append(
+                    ImageResult(
+                        sop_instance_uid=image.sop_instance_uid,
+                        label=image.label,
+                        outcome=OutcomeValues.NOT_SCREENED,
+                        reason=ReasonCode.INFERENCE_FAILED,
+                        reason_detail=str(outputs),
+                        model_ref=ref,
+                    )
+                )
+                continue
+            images.append(
+                ImageResult(
+                    sop_instance_uid=image.sop_instance_uid,
+                    label=image.label,
+                    outcome=OutcomeValues.SCREENED,
+                    model_ref=ref,
+                    frames_screened=len(image.frame_indices),
+                )
+            )
+            for finding in self._image_findings(image, outputs):
+                key = (finding.model_id, finding.key)
+                if key not in best or finding.score > best[key].score:
+                    best[key] = finding
+        screened = [i for i in images if i.outcome == OutcomeValues.SCREENED]
+        sref = study_ref(study_instance_uid, self.study_ref_key) if study_instance_uid else ""
+        if not screened:
+            reasons = {i.reason for i in images}
+            if len(reasons) == 1 and images:
+                reason, detail = images[0].reason, images[0].reason_detail
+            else:
+                reason, detail = ReasonCode.NO_USABLE_IMAGE, f"none of {len(images)} images could be screened"
+            return ScreeningResult(
+                study_instance_uid=study_instance_uid,
+                study_ref=sref,
+                outcome=OutcomeValues.NOT_SCREENED,
+                reason=reason,
+                reason_detail=detail,
+                images=images,
+                duration_ms=round(duration_ms, 1),
+            )
+        findings = sorted(best.values(), key=lambda f: (f.model_id, f.key))
+        return ScreeningResult(
+            study_instance_uid=study_instance_uid,
+            study_ref=sref,
+            outcome=OutcomeValues.SCREENED,
+            priority=triage_priority(findings),
+            findings=findings,
+            images=images,
+            models=sorted({i.model_ref for i in screened if i.model_ref}),
+            duration_ms=round(duration_ms, 1),
+        )
+
+    # -- all stages ------------------------------------------------------------------------
+
+    def screen(self, items: Iterable[InstanceInput], *, group_by_study: bool = True) -> list[ScreeningResult]:
+        """Screen instances, grouped into studies by Study Instance UID (or one per item)."""
+        start = time.perf_counter()
+        studies: dict[str, _StudyWork] = {}
+        for n, item in enumerate(items):
+            outcome = self.prepare(item)
+            uid = outcome.study_instance_uid
+            key = uid if (group_by_study and uid) else f"#{n}"
+            work = studies.setdefault(key, _StudyWork(uid))
+            if isinstance(outcome, PreparedImage):
+                work.prepared.append(outcome)
+            else:
+                work.rejected.append(outcome)
+        results = []
+        for work in studies.values():
+            paired: list[tuple[PreparedImage, ModelOutputs | InferenceFailed]] = []
+            for image in work.prepared:
+                try:
+                    paired.append((image, self.infer(image.model_id, image.tensors)))
+                except InferenceFailed as exc:
+                    paired.append((image, exc))
+            result = self.assemble(work.study_instance_uid, paired, work.rejected)
+            results.append(result)
+            logger.info(
+                "study screened",
+                extra={
+                    "study_ref": result.study_ref,
+                    "outcome": result.outcome.value,
+                    "reason": result.reason.value if result.reason else None,
+                    "stage": "screen",
+                },
+            )
+        elapsed = (time.perf_counter() - start) * 1000.0
+        share = elapsed / max(1, len(results))
+        return [r.model_copy(update={"duration_ms": round(share, 1)}) for r in results]
+
+
+def screen_paths(
+    screener: StudyScreener, paths: Sequence[Path], *, group_by_study: bool = True
+) -> list[ScreeningResult]:
+    return screener.screen((InstanceInput(p, str(p)) for p in paths), group_by_study=group_by_study)

@@ -1,0 +1,1 @@
+"""Where studies come from (``StudySource`` implementations)."""

@@ -1,0 +1,53 @@
+"""ONNX Runtime predictor: provider fallback, batching, non-finite handling."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from models.errors import InferenceFailed
+from models.manifest import load_manifest
+from models.predictor import OnnxPredictor, choose_providers, cuda_device_count
+
+
+def test_choose_providers_always_ends_with_cpu() -> None:
+    for pref in ("auto", "cpu", "cuda", "tensorrt"):
+        providers = choose_providers(pref)  # type: ignore[arg-type]
+        assert providers[-1] == "CPUExecutionProvider"
+    assert choose_providers("cpu") == ["CPUExecutionProvider"]
+
+
+def test_predictor_reports_provider_it_really_got(tiny_model_dir: Path) -> None:
+    predictor = OnnxPredictor(load_manifest(tiny_model_dir), providers="auto")
+    expected = "CUDAExecutionProvider" if cuda_device_count() > 0 else "CPUExecutionProvider"
+    assert predictor.provider == expected
+
+
+def test_predictor_batch_matches_single_rows(tiny_model_dir: Path) -> None:
+    predictor = OnnxPredictor(load_manifest(tiny_model_dir), providers="cpu")
+    rng = np.random.default_rng(0)
+    batch = rng.random((3, 1, 32, 32), dtype=np.float32)
+    together = predictor.scores(predictor.predict(batch))
+    one_by_one = np.concatenate([predictor.scores(predictor.predict(batch[i : i + 1])) for i in range(3)])
+    np.testing.assert_allclose(together, one_by_one, rtol=1e-6)
+    # tiny model: logits = mean(x) * W + B, so the score is a known function of the mean
+    mean = batch.mean(axis=(1, 2, 3))
+    expected = 1 / (1 + np.exp(-(mean[:, None] * np.array([-2.0, 2.0]) + np.array([-0.5, 0.5]))))
+    np.testing.assert_allclose(together, expected, rtol=1e-5)
+
+
+def test_predictor_rejects_wrong_shape_and_nan(tiny_model_dir: Path) -> None:
+    predictor = OnnxPredictor(load_manifest(tiny_model_dir), providers="cpu")
+    with pytest.raises(InferenceFailed, match="does not fit input"):
+        predictor.predict(np.zeros((1, 1, 16, 16), np.float32))
+    bad = np.zeros((1, 1, 32, 32), np.float32)
+    bad[0, 0, 0, 0] = np.nan
+    with pytest.raises(InferenceFailed, match="non-finite"):
+        predictor.predict(bad)
+
+
+def test_self_test_passes_and_names_provider(tiny_model_dir: Path) -> None:
+    result = OnnxPredictor(load_manifest(tiny_model_dir), providers="cpu").self_test()
+    assert result.ok and result.provider == "CPUExecutionProvider" and result.latency_ms > 0

@@ -1,0 +1,57 @@
+"""Typed training configuration. YAML is data: nothing in it is evaluated."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+
+class DataConfig(_Strict):
+    source: str = "synthetic"  # "synthetic" or a folder in the public dataset's layout
+    train_seed: int = 11
+    n_train: int = 3000
+    test_seed: int = 2027
+    n_test: int = 600
+    image_size: tuple[int, int] = (512, 512)
+    val_fraction: float = Field(default=0.2, gt=0, lt=1)
+
+
+class OptimConfig(_Strict):
+    epochs: int = Field(default=5, ge=1)
+    batch_size: int = Field(default=16, ge=1)
+    lr: float = 1e-3
+    bf16: bool = True
+    seed: int = 0
+    threads: int = 2
+
+
+class OperatingPointConfig(_Strict):
+    target_sensitivity: float = Field(default=0.95, gt=0, lt=1)
+
+
+class TrainConfig(_Strict):
+    model_id: str
+    version: str
+    data: DataConfig = DataConfig()
+    train: OptimConfig = OptimConfig()
+    operating_point: OperatingPointConfig = OperatingPointConfig()
+    int8: bool = False
+    manifest: dict[str, Any]  # static manifest parts: name, intended_use, accepts, input, outputs, labels
+
+    @classmethod
+    def from_yaml(cls, path: str | Path, **overrides: Any) -> TrainConfig:
+        data = yaml.safe_load(Path(path).read_text())
+        for dotted, value in overrides.items():
+            node = data
+            *parents, leaf = dotted.split(".")
+            for p in parents:
+                node = node.setdefault(p, {})
+            node[leaf] = value
+        return cls.model_validate(data)

@@ -1,0 +1,92 @@
+"""Model cards written next to each exported version."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from training.config import TrainConfig
+from training.evaluate import LabelMetrics
+
+
+def _metrics_table(metrics: list[LabelMetrics]) -> str:
+    rows = [
+        "| label | AUROC (95% CI) | threshold | sensitivity | specificity | ECE | positives / negatives |",
+        "|---|---|---|---|---|---|---|",
+    ]
+    for m in metrics:
+        rows.append(
+            f"| {m.label} | {m.auroc:.3f} ({m.auroc_ci_low:.3f}-{m.auroc_ci_high:.3f}) | {m.threshold:.3f} | "
+            f"{m.sensitivity:.3f} | {m.specificity:.3f} | {m.ece:.3f} | {m.positives} / {m.negatives} |"
+        )
+    return "\n".join(rows)
+
+
+def write_cxr_card(
+    cfg: TrainConfig,
+    manifest: dict[str, Any],
+    metrics: list[LabelMetrics],
+    history: list[dict[str, float]],
+    parity: float,
+    int8: dict[str, float] | None,
+) -> str:
+    lines = [
+        f"# Model card: {cfg.model_id} {cfg.version}",
+        "",
+        "**Trained on synthetic data only. Not for clinical use.** This is the project's reference model: it",
+        "exists so that the service, its tests and its benchmarks run end to end without downloading",
+        "weights. A hospital retrains it on its own labelled studies (training/notebooks/retrain.ipynb).",
+        "",
+        "## Intended use",
+        manifest["intended_use"],
+        "",
+        "## Inputs",
+        f"- Accepts: modality {manifest['accepts']['modality']}, body part {manifest['accepts'].get('body_part_examined')},"
+        f" view {manifest['accepts'].get('view_position')}, photometric {manifest['accepts']['photometric_interpretation']}.",
+        f"- Preprocessing `{manifest['input']['preprocessing']}` (models/): Modality LUT, VOI window, MONOCHROME1",
+        "  inverted, letterboxed to 224x224, [0, 1]. The same function runs in training and serving.",
+        "- Studies outside these are NOT_SCREENED with a reason code, never scored.",
+        "",
+        "## Training data",
+        manifest["provenance"]["trained_on"],
+        "",
+        "Procedural phantoms from `training/synthetic/cxr.py` (lungs, ribs, heart, mediastinum, diaphragm) with",
+        "findings placed by construction, written as CR/DX DICOM with varied bit depth, photometric",
+        "interpretation, rescale and windowing. Real radiographs look different: expect these numbers to",
+        "collapse on real data until the model is retrained on it.",
+        "",
+        "## Network",
+        "MONAI DenseNet121, 1 channel, 5 sigmoid outputs; trained with AdamW + one-cycle LR, bf16 autocast on",
+        "CPU, augmentation: small affine, contrast gamma, noise (no flips: laterality matters).",
+        "Outputs: `logits` and `cam` (class activation maps, 7x7 per label; their spatial mean is the logit).",
+        "",
+        "## Operating points",
+        f"Chosen on the validation split to reach sensitivity >= {cfg.operating_point.target_sensitivity}",
+        "(worklist triage favours sensitivity). Thresholds change only with a new version.",
+        "",
+        "## Evaluation (held-out test set generated with a different seed)",
+        _metrics_table(metrics),
+        "",
+        "Training history:",
+        "",
+        "| epoch | loss | validation mean AUROC | img/s |",
+        "|---|---|---|---|",
+        *[f"| {h['epoch']} | {h['loss']:.4f} | {h['val_mean_auroc']:.4f} | {h['img_per_s']:.1f} |" for h in history],
+        "",
+        f"ONNX export parity: max |PyTorch - ONNX Runtime| = {parity:.2e} on golden inputs.",
+    ]
+    if int8:
+        lines += [
+            "",
+            "## Static INT8 (QDQ) cost, measured",
+            f"- mean test AUROC: fp32 {int8['fp32_mean_auroc']:.4f}, int8 {int8['int8_mean_auroc']:.4f}",
+            f"- batch-1 CPU throughput: fp32 {int8['fp32_img_per_s_batch1']:.1f} img/s, int8 {int8['int8_img_per_s_batch1']:.1f} img/s",
+            "- The INT8 artifact is not registered by default; register it as its own version if adopted.",
+        ]
+    lines += [
+        "",
+        "## Limitations",
+        "- Synthetic anatomy and findings; no real pathology, no paediatric, lateral or portable variation.",
+        "- Heatmaps are coarse (7x7) and show where the score came from, not a segmentation.",
+        "",
+    ]
+    return "\n".join(lines)
