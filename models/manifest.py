@@ -125,6 +125,9 @@ class Provenance(_Frozen):
     created: str
     git_commit: str = ""
     metrics: dict[str, float] = Field(default_factory=dict)
+    #: PyTorch state_dict beside the artifact, for fine-tuning (never loaded by serving)
+    weights_file: str = ""
+    weights_sha256: str = ""
 
 
 class ModelManifest(_Frozen):

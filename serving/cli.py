@@ -121,23 +121,109 @@ def screen(
     _run_screen(paths, _load_settings(settings), as_json=as_json, per_file=per_file, save=save)
 
 
+def _screen_over_http(
+    base: str, files: list[Path], token: str | None, timeout_s: float = 300.0
+) -> list[ScreeningResult]:
+    """Upload each file as its own screening, poll until done; labels are the file paths."""
+    import time
+
+    import httpx
+
+    headers = {"Authorization": f"Bearer {token}"} if token else {}
+    jobs: list[tuple[Path, str]] = []
+    with httpx.Client(base_url=base, headers=headers, timeout=60.0) as client:
+        for path in files:
+            response = client.post(
+                "/v1/screenings/upload", files=[("files", (path.name, path.read_bytes(), "application/dicom"))]
+            )
+            response.raise_for_status()
+            jobs.append((path, response.json()["screening_id"]))
+        results = []
+        deadline = time.monotonic() + timeout_s
+        for path, job_id in jobs:
+            while True:
+                body = client.get(f"/v1/screenings/{job_id}").json()
+                if body["status"] in ("DONE", "FAILED") or time.monotonic() > deadline:
+                    break
+                time.sleep(0.1)
+            if body["status"] != "DONE":
+                raise RuntimeError(f"screening of {path.name} ended {body['status']}: {body.get('error_reason')}")
+            result = ScreeningResult.model_validate(body["result"])
+            images = [i.model_copy(update={"label": str(path)}) for i in result.images]
+            results.append(result.model_copy(update={"images": images}))
+    return results
+
+
+@app.command()
+def serve(
+    settings: SettingsOpt = None,
+    host: Annotated[str, typer.Option(help="bind address (keep 127.0.0.1 unless behind a TLS proxy)")] = "127.0.0.1",
+    port: Annotated[int, typer.Option()] = 8000,
+    num_cpus: Annotated[int | None, typer.Option(help="CPUs for the local Ray instance")] = None,
+) -> None:
+    """Run the Ray Serve application locally on the embedded defaults until Ctrl-C."""
+    import signal
+    import threading
+
+    from serving.local_cluster import local_serve
+
+    install_logging(logging.INFO)
+    stop = threading.Event()
+    signal.signal(signal.SIGTERM, lambda *_: stop.set())
+    with local_serve(str(settings) if settings else None, host=host, port=port, num_cpus=num_cpus) as base:
+        console.print(f"dxassist serving at {base} (OpenAPI: {base}/docs). Ctrl-C to stop.")
+        try:
+            stop.wait()
+        except KeyboardInterrupt:
+            pass
+
+
 @app.command()
 def demo(
     out: Annotated[
         Path | None, typer.Option(help="where to build the demo study set (default: the local store)")
     ] = None,
+    local: Annotated[bool, typer.Option("--local", help="screen in this process, without Ray Serve")] = False,
     as_json: Annotated[bool, typer.Option("--json")] = False,
     settings: SettingsOpt = None,
 ) -> None:
-    """Build the demo study set and screen every file of it (embedded defaults, no PACS/EMR)."""
+    """Build the demo study set, start the service, screen every demo file through the HTTP API."""
+    import secrets
+
     from serving.demo import build_demo_set
+    from serving.local_cluster import local_serve
 
     install_logging(logging.WARNING)
     cfg = _load_settings(settings)
     root = build_demo_set(out or cfg.store.path / "demo")
     if not as_json:
         console.print(f"Demo study set: {root}  (expected outcomes in expected.csv)")
-    _run_screen([root], cfg, as_json=as_json, per_file=True, save=True)
+    if local:
+        _run_screen([root], cfg, as_json=as_json, per_file=True, save=True)
+        return
+    files = candidate_files(root)
+    token = secrets.token_urlsafe(24)
+    if not as_json:
+        console.print("Starting the service (Ray Serve, local) ...")
+    with local_serve(str(settings) if settings else None, port=_free_port(), api_token=token) as base:
+        results = _screen_over_http(base, files, token)
+    if as_json:
+        sys.stdout.write(json.dumps([r.model_dump(mode="json") for r in results], indent=2) + "\n")
+        return
+    _print_results(results)
+    n_ok = sum(r.outcome == OutcomeValues.SCREENED for r in results)
+    console.print(
+        f"\n{len(results)} files screened through the HTTP API: {n_ok} screened, {len(results) - n_ok} not screened."
+    )
+    console.print(f"Results saved to {cfg.results.sqlite_path}")
+
+
+def _free_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
 
 
 @models_app.command("list")

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import sqlite3
 import threading
+from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
 
@@ -27,7 +28,40 @@ CREATE TABLE IF NOT EXISTS screenings (
 );
 CREATE INDEX IF NOT EXISTS screenings_study ON screenings (study_instance_uid);
 CREATE INDEX IF NOT EXISTS screenings_ref ON screenings (study_ref);
+CREATE TABLE IF NOT EXISTS jobs (
+    id TEXT PRIMARY KEY,
+    created_at TEXT NOT NULL,
+    updated_at TEXT NOT NULL,
+    priority TEXT NOT NULL,
+    status TEXT NOT NULL,
+    study_instance_uid TEXT,
+    spool_dir TEXT,
+    screening_id INTEGER,
+    error_reason TEXT,
+    error_detail TEXT
+);
+CREATE INDEX IF NOT EXISTS jobs_status ON jobs (status);
 """
+
+
+@dataclass(frozen=True)
+class JobRecord:
+    """A screening request as persisted: it survives restarts until DONE or FAILED."""
+
+    id: str
+    created_at: str
+    updated_at: str
+    priority: str
+    status: str
+    study_instance_uid: str | None
+    spool_dir: str | None
+    screening_id: int | None
+    error_reason: str | None
+    error_detail: str | None
+
+
+def _now() -> str:
+    return datetime.now(UTC).isoformat(timespec="milliseconds")
 
 
 class ResultsStore:
@@ -49,7 +83,7 @@ class ResultsStore:
                 "INSERT INTO screenings (created_at, study_instance_uid, study_ref, outcome, reason, priority, models,"
                 " result_json) VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
                 (
-                    datetime.now(UTC).isoformat(timespec="milliseconds"),
+                    _now(),
                     result.study_instance_uid,
                     result.study_ref,
                     result.outcome.value,
@@ -68,6 +102,91 @@ class ResultsStore:
                 (study_instance_uid,),
             ).fetchone()
         return ScreeningResult.model_validate_json(row[0]) if row else None
+
+    def result(self, screening_id: int) -> ScreeningResult | None:
+        with self._lock:
+            row = self._db.execute("SELECT result_json FROM screenings WHERE id = ?", (screening_id,)).fetchone()
+        return ScreeningResult.model_validate_json(row[0]) if row else None
+
+    def latest_per_study(self, limit: int = 200) -> list[tuple[str, ScreeningResult]]:
+        """(created_at, result) of the newest screening of each study, newest first."""
+        with self._lock:
+            rows = self._db.execute(
+                "SELECT created_at, result_json FROM screenings WHERE id IN "
+                "(SELECT MAX(id) FROM screenings GROUP BY study_instance_uid) ORDER BY id DESC LIMIT ?",
+                (limit,),
+            ).fetchall()
+        return [(r[0], ScreeningResult.model_validate_json(r[1])) for r in rows]
+
+    # -- jobs ------------------------------------------------------------------------------
+
+    def add_job(self, job_id: str, priority: str, study_instance_uid: str | None, spool_dir: str | None) -> None:
+        now = _now()
+        with self._lock:
+            self._db.execute(
+                "INSERT INTO jobs (id, created_at, updated_at, priority, status, study_instance_uid, spool_dir)"
+                " VALUES (?, ?, ?, ?, 'QUEUED', ?, ?)",
+                (job_id, now, now, priority, study_instance_uid, spool_dir),
+            )
+
+    def update_job(
+        self,
+        job_id: str,
+        status: str,
+        *,
+        screening_id: int | None = None,
+        error_reason: str | None = None,
+        error_detail: str | None = None,
+    ) -> None:
+        with self._lock:
+            self._db.execute(
+                "UPDATE jobs SET status = ?, updated_at = ?, screening_id = COALESCE(?, screening_id),"
+                " error_reason = ?, error_detail = ? WHERE id = ?",
+                (status, _now(), screening_id, error_reason, error_detail, job_id),
+            )
+
+    def finish_job(self, job_id: str, result: ScreeningResult) -> int:
+        """Store the result and mark the job DONE in one transaction (no result without its job)."""
+        with self._lock:
+            self._db.execute("BEGIN IMMEDIATE")
+            try:
+                cur = self._db.execute(
+                    "INSERT INTO screenings (created_at, study_instance_uid, study_ref, outcome, reason, priority,"
+                    " models, result_json) VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
+                    (
+                        _now(),
+                        result.study_instance_uid,
+                        result.study_ref,
+                        result.outcome.value,
+                        result.reason.value if result.reason else None,
+                        result.priority.value if result.priority else None,
+                        ",".join(result.models),
+                        result.model_dump_json(),
+                    ),
+                )
+                screening_id = int(cur.lastrowid or 0)
+                self._db.execute(
+                    "UPDATE jobs SET status = 'DONE', updated_at = ?, screening_id = ? WHERE id = ?",
+                    (_now(), screening_id, job_id),
+                )
+                self._db.execute("COMMIT")
+            except BaseException:
+                self._db.execute("ROLLBACK")
+                raise
+        return screening_id
+
+    def job(self, job_id: str) -> JobRecord | None:
+        with self._lock:
+            row = self._db.execute("SELECT * FROM jobs WHERE id = ?", (job_id,)).fetchone()
+        return JobRecord(*row) if row else None
+
+    def pending_jobs(self) -> list[JobRecord]:
+        """Jobs not finished (QUEUED or RUNNING when the service stopped), oldest first."""
+        with self._lock:
+            rows = self._db.execute(
+                "SELECT * FROM jobs WHERE status IN ('QUEUED', 'RUNNING') ORDER BY created_at"
+            ).fetchall()
+        return [JobRecord(*r) for r in rows]
 
     def count(self) -> int:
         with self._lock:

@@ -26,7 +26,7 @@ import numpy as np
 from numpy.typing import NDArray
 
 from models.errors import InferenceFailed, InputRejected, ReasonCode
-from models.manifest import ModelManifest, OutputRoleValues
+from models.manifest import LoadedManifest, ModelManifest, OutputRoleValues
 from models.pixels import ImageHeader, decode_frames, header_of, read_dataset
 from models.predictor import OnnxPredictor, sigmoid
 from models.preprocessing import get_pipeline
@@ -86,6 +86,7 @@ class ModelOutputs:
     scores: NDArray[np.float32]  # (frames, labels) probabilities
     maps: NDArray[np.float32] | None  # (frames, labels, h, w) heatmap or mask probabilities
     map_role: OutputRoleValues | None = None
+    batch_size: int = 0  # images in the model batch that produced this (0: unknown)
 
 
 @dataclass
@@ -113,6 +114,28 @@ def _letterbox_region(region: Region, rows: int, cols: int) -> Region:
     return Region(x=x0, y=y0, width=max(0.0, x1 - x0), height=max(0.0, y1 - y0))
 
 
+def run_model(predictor: OnnxPredictor, tensors: NDArray[np.float32], batch_size: int) -> ModelOutputs:
+    """Scores (probabilities) and maps (heatmap, or mask probabilities) for ``(N, C, H, W)``."""
+    manifest = predictor.manifest
+    heat = manifest.output(OutputRoleValues.HEATMAP)
+    mask = manifest.output(OutputRoleValues.MASK)
+    scores, maps = [], []
+    for start in range(0, len(tensors), batch_size):
+        out = predictor.predict(tensors[start : start + batch_size])
+        scores.append(predictor.scores(out))
+        if heat is not None:
+            maps.append(out[heat.name])
+        elif mask is not None:
+            maps.append(sigmoid(out[mask.name]) if mask.activation == "sigmoid" else out[mask.name])
+    role = OutputRoleValues.HEATMAP if heat is not None else OutputRoleValues.MASK if mask is not None else None
+    return ModelOutputs(
+        scores=np.concatenate(scores),
+        maps=np.concatenate(maps) if maps else None,
+        map_role=role,
+        batch_size=min(len(tensors), batch_size),
+    )
+
+
 class StudyScreener:
     """Screens studies with a set of verified predictors. Thread-safe; holds no per-study state."""
 
@@ -123,11 +146,16 @@ class StudyScreener:
         study_ref_key: bytes,
         max_frames_per_image: int = 32,
         batch_size: int = 4,
+        manifests: Sequence[LoadedManifest] = (),
     ) -> None:
-        if not predictors:
-            raise ValueError("predictors: at least one model is required")
+        """``predictors`` run inference; ``manifests`` alone suffice for ``prepare`` and
+        ``assemble`` (a fetcher or an ingress holds no ONNX session)."""
         self.predictors = {p.manifest.id: p for p in predictors}
-        self.manifests: list[ModelManifest] = [p.manifest for p in predictors]
+        self.loaded: dict[str, LoadedManifest] = {m.manifest.id: m for m in manifests}
+        self.loaded.update({p.manifest.id: p.loaded for p in predictors})
+        if not self.loaded:
+            raise ValueError("predictors/manifests: at least one model is required")
+        self.manifests: list[ModelManifest] = [m.manifest for m in self.loaded.values()]
         self.study_ref_key = study_ref_key
         self.max_frames_per_image = max_frames_per_image
         self.batch_size = batch_size
@@ -164,30 +192,13 @@ class StudyScreener:
 
     def infer(self, model_id: str, tensors: NDArray[np.float32]) -> ModelOutputs:
         """Run one model over ``(N, C, H, W)`` in batches of ``batch_size``."""
-        predictor = self.predictors[model_id]
-        manifest = predictor.manifest
-        heat = manifest.output(OutputRoleValues.HEATMAP)
-        mask = manifest.output(OutputRoleValues.MASK)
-        scores, maps = [], []
-        for start in range(0, len(tensors), self.batch_size):
-            out = predictor.predict(tensors[start : start + self.batch_size])
-            scores.append(predictor.scores(out))
-            if heat is not None:
-                maps.append(out[heat.name])
-            elif mask is not None:
-                maps.append(sigmoid(out[mask.name]))
-        role = OutputRoleValues.HEATMAP if heat is not None else OutputRoleValues.MASK if mask is not None else None
-        return ModelOutputs(
-            scores=np.concatenate(scores),
-            maps=np.concatenate(maps) if maps else None,
-            map_role=role,
-        )
+        return run_model(self.predictors[model_id], tensors, self.batch_size)
 
     # -- stage 3 ---------------------------------------------------------------------------
 
     def _image_findings(self, image: PreparedImage, outputs: ModelOutputs) -> list[Finding]:
         """Per-label best frame of one image, with its region mapped to image fractions."""
-        loaded = self.predictors[image.model_id].loaded
+        loaded = self.loaded[image.model_id]
         best = outputs.scores.argmax(axis=0)
         findings = []
         for li in range(len(loaded.manifest.labels)):
@@ -226,7 +237,7 @@ class StudyScreener:
         ]
         best: dict[tuple[str, str], Finding] = {}
         for image, outputs in prepared:
-            ref = self.predictors[image.model_id].manifest.ref
+            ref = self.loaded[image.model_id].manifest.ref
             if isinstance(outputs, InferenceFailed):
                 images.append(
                     ImageResult(

@@ -48,6 +48,20 @@ class ScreeningSettings(_Strict):
     batch_size: int = Field(default=4, ge=1)
 
 
+class ApiSettings(_Strict):
+    """HTTP API and admission control. Tokens come from ``DXASSIST_API_TOKENS`` (comma-separated)."""
+
+    host: str = "127.0.0.1"
+    port: int = 8000
+    tokens: list[SecretStr] = Field(default_factory=list)
+    max_queued_routine: int = Field(default=200, ge=1)
+    max_queued_stat: int = Field(default=50, ge=1)
+    max_inflight: int = Field(default=4, ge=1)  # studies screened at once; one slot is kept for stat
+    request_timeout_s: float = Field(default=120.0, gt=0)
+    max_upload_bytes: int = Field(default=256 * 1024 * 1024, ge=1024)
+    spool_dir: Path = Path("var/spool")
+
+
 class Settings(_Strict):
     environment: Literal["dev", "test", "prod"] = "dev"
     models: list[ModelSettings] = Field(min_length=1)
@@ -55,11 +69,14 @@ class Settings(_Strict):
     results: ResultsSettings = ResultsSettings()
     security: SecuritySettings = SecuritySettings()
     screening: ScreeningSettings = ScreeningSettings()
+    api: ApiSettings = ApiSettings()
 
     @model_validator(mode="after")
     def _no_dev_secrets_in_prod(self) -> Settings:
         if self.environment == "prod" and self.security.study_ref_key.get_secret_value() == _DEV_KEY:
             raise ValueError("security.study_ref_key: set DXASSIST_STUDY_REF_KEY; the dev key is refused in prod")
+        if self.environment == "prod" and not self.api.tokens:
+            raise ValueError("api.tokens: set DXASSIST_API_TOKENS; the API refuses to run open in prod")
         return self
 
     @classmethod
@@ -70,6 +87,9 @@ class Settings(_Strict):
         key = os.environ.get("DXASSIST_STUDY_REF_KEY")
         if key:
             data.setdefault("security", {})["study_ref_key"] = key
+        tokens = os.environ.get("DXASSIST_API_TOKENS")
+        if tokens:
+            data.setdefault("api", {})["tokens"] = [t.strip() for t in tokens.split(",") if t.strip()]
         return cls.model_validate(data).resolved()
 
     def resolved(self) -> Settings:
@@ -80,5 +100,6 @@ class Settings(_Strict):
             update={
                 "store": self.store.model_copy(update={"path": absolute(self.store.path)}),
                 "results": self.results.model_copy(update={"sqlite_path": absolute(self.results.sqlite_path)}),
+                "api": self.api.model_copy(update={"spool_dir": absolute(self.api.spool_dir)}),
             }
         )

@@ -41,12 +41,20 @@ def test_screen_json_reports_findings_and_reasons(tmp_path: Path, settings_file:
     out = {r["images"][0]["label"]: r for r in json.loads(result.stdout)}
     chest = out[str(rg1["RG1_UNCR"])]
     assert chest["outcome"] == "SCREENED" and chest["models"][0].startswith("cxr-triage@")
-    assert {f["key"] for f in chest["findings"]} == {"cardiomegaly", "pleural_effusion", "pneumothorax", "nodule_mass", "consolidation"}
+    assert {f["key"] for f in chest["findings"]} == {
+        "cardiomegaly",
+        "pleural_effusion",
+        "pneumothorax",
+        "nodule_mass",
+        "consolidation",
+    }
     assert all({"threshold", "model_version", "score", "positive"} <= f.keys() for f in chest["findings"])
     assert out[str(rg1["RG3_UNCR"])]["reason"] == "UNSUPPORTED_BODY_PART"
     assert out[str(bad)]["reason"] == "NOT_DICOM"
     rows = sqlite3.connect(tmp_path / "results.sqlite3").execute("SELECT outcome, reason FROM screenings").fetchall()
-    assert sorted(rows) == sorted([("SCREENED", None), ("NOT_SCREENED", "UNSUPPORTED_BODY_PART"), ("NOT_SCREENED", "NOT_DICOM")])
+    assert sorted(rows) == sorted(
+        [("SCREENED", None), ("NOT_SCREENED", "UNSUPPORTED_BODY_PART"), ("NOT_SCREENED", "NOT_DICOM")]
+    )
 
 
 def test_screen_folder_groups_a_study(tmp_path: Path, settings_file: Path) -> None:

@@ -90,6 +90,22 @@ def parity_check(
     return worst
 
 
+def save_weights(module: nn.Module, path: Path) -> str:
+    """Save a state_dict (loadable with ``torch.load(weights_only=True)``); returns its sha256."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    torch.save(module.state_dict(), path)
+    return file_sha256(path)
+
+
+def load_weights(module: nn.Module, path: Path, sha256: str) -> nn.Module:
+    """Load fine-tuning weights after checking their sha256; never unpickles arbitrary objects."""
+    actual = file_sha256(path)
+    if actual != sha256:
+        raise ValueError(f"weights {path.name}: sha256 {actual[:12]}... does not match {sha256[:12]}...")
+    module.load_state_dict(torch.load(path, map_location="cpu", weights_only=True))
+    return module
+
+
 def stage_model(
     staged_dir: Path,
     manifest: dict[str, Any],

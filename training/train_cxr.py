@@ -19,19 +19,26 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from monai.data import CacheDataset, DataLoader
+from monai.data import CacheDataset, DataLoader, set_track_meta
 from monai.transforms import Compose
 from monai.utils import set_determinism
 from sklearn.metrics import roc_auc_score
 
-from models.manifest import load_manifest
+from models.manifest import LoadedManifest, load_manifest
 from models.predictor import OnnxPredictor
-from models.registry import register_version
+from models.registry import REGISTRY_ROOT, register_version
 from models.synthetic.cxr import LABELS, generate_cxr_dataset
 from training.config import TrainConfig
 from training.datasets import ChestXray14Dataset
 from training.evaluate import LabelMetrics, evaluate_multilabel, threshold_for_sensitivity
-from training.export_onnx import export_onnx, parity_check, quantize_static_int8, stage_model
+from training.export_onnx import (
+    export_onnx,
+    load_weights,
+    parity_check,
+    quantize_static_int8,
+    save_weights,
+    stage_model,
+)
 from training.model_card import write_cxr_card
 from training.networks import CxrWithCam, cxr_network
 from training.plots import plot_calibration, plot_roc
@@ -40,15 +47,23 @@ from training.transforms import ApplyModelPreprocessd, cxr_train_augment
 logger = logging.getLogger("training.train_cxr")
 
 
-def _dataset(cfg: TrainConfig, work: Path, split: str) -> ChestXray14Dataset:
+def _datasets(cfg: TrainConfig, work: Path) -> tuple[ChestXray14Dataset, ChestXray14Dataset, ChestXray14Dataset]:
+    """(train, validation, test). Synthetic: test is generated with another seed. A real folder
+    (ChestX-ray14 layout) is split: test = val_fraction of it, then validation from the rest."""
     if cfg.data.source != "synthetic":
-        return ChestXray14Dataset.from_folder(Path(cfg.data.source))
-    seed, n = (cfg.data.train_seed, cfg.data.n_train) if split == "train" else (cfg.data.test_seed, cfg.data.n_test)
-    folder = work / f"data-{split}-seed{seed}-n{n}-{cfg.data.image_size[0]}"
-    if not (folder / "Data_Entry.csv").exists():
-        logger.info("generating %d synthetic radiographs (seed %d)", n, seed)
-        generate_cxr_dataset(folder, n, seed, size=cfg.data.image_size)
-    return ChestXray14Dataset.from_folder(folder)
+        full = ChestXray14Dataset.from_folder(Path(cfg.data.source))
+        rest, test = full.split(cfg.data.val_fraction, cfg.data.test_seed)
+        train, val = rest.split(cfg.data.val_fraction, cfg.data.train_seed)
+        return train, val, test
+    sets = []
+    for seed, n in ((cfg.data.train_seed, cfg.data.n_train), (cfg.data.test_seed, cfg.data.n_test)):
+        folder = work / f"data-seed{seed}-n{n}-{cfg.data.image_size[0]}"
+        if not (folder / "Data_Entry.csv").exists():
+            logger.info("generating %d synthetic radiographs (seed %d)", n, seed)
+            generate_cxr_dataset(folder, n, seed, size=cfg.data.image_size)
+        sets.append(ChestXray14Dataset.from_folder(folder))
+    train, val = sets[0].split(cfg.data.val_fraction, cfg.data.train_seed)
+    return train, val, sets[1]
 
 
 def _predict(net: torch.nn.Module, loader: DataLoader, bf16: bool) -> tuple[np.ndarray, np.ndarray]:
@@ -69,14 +84,21 @@ def _mean_auroc(y: np.ndarray, p: np.ndarray) -> float:
     return float(np.mean(aucs)) if aucs else float("nan")
 
 
-def train(cfg: TrainConfig, out: Path, *, register: bool = False) -> dict[str, object]:
+def train(
+    cfg: TrainConfig,
+    out: Path,
+    *,
+    register: bool = False,
+    registry_root: Path | None = None,
+    init_from: LoadedManifest | None = None,
+) -> dict[str, object]:
+    """Train (or fine-tune from ``init_from``'s weights), evaluate, export, stage, register."""
     torch.set_num_threads(cfg.train.threads)
     set_determinism(cfg.train.seed)
+    set_track_meta(False)  # plain tensors: MetaTensor dispatch slowed every op ~3x
     out.mkdir(parents=True, exist_ok=True)
     preprocessing = cfg.manifest["input"]["preprocessing"]
-    full = _dataset(cfg, out, "train")
-    train_set, val_set = full.split(cfg.data.val_fraction, cfg.data.train_seed)
-    test_set = _dataset(cfg, out, "test")
+    train_set, val_set, test_set = _datasets(cfg, out)
     load = ApplyModelPreprocessd("image", preprocessing)
     t0 = time.perf_counter()
     train_ds = CacheDataset(
@@ -84,12 +106,20 @@ def train(cfg: TrainConfig, out: Path, *, register: bool = False) -> dict[str, o
     )
     val_ds = CacheDataset(val_set.records(), load, num_workers=cfg.train.threads, progress=False)
     test_ds = CacheDataset(test_set.records(), load, num_workers=cfg.train.threads, progress=False)
-    logger.info("decoded + preprocessed %d images in %.1fs", len(full) + len(test_set), time.perf_counter() - t0)
+    n_images = len(train_set) + len(val_set) + len(test_set)
+    logger.info("decoded + preprocessed %d images in %.1fs", n_images, time.perf_counter() - t0)
     train_loader = DataLoader(train_ds, batch_size=cfg.train.batch_size, shuffle=True, num_workers=0, drop_last=True)
     val_loader = DataLoader(val_ds, batch_size=32, num_workers=0)
     test_loader = DataLoader(test_ds, batch_size=32, num_workers=0)
 
-    net = cxr_network(len(LABELS)).to(memory_format=torch.channels_last)
+    net = cxr_network(len(LABELS))
+    if init_from is not None:
+        prov = init_from.manifest.provenance
+        if not prov.weights_file:
+            raise ValueError(f"{init_from.manifest.ref} ships no fine-tuning weights")
+        load_weights(net, init_from.directory / prov.weights_file, prov.weights_sha256)
+        logger.info("fine-tuning from %s", init_from.manifest.ref)
+    net = net.to(memory_format=torch.channels_last)
     optim = torch.optim.AdamW(net.parameters(), lr=cfg.train.lr, weight_decay=1e-4)
     steps = cfg.train.epochs * max(1, len(train_loader))
     sched = torch.optim.lr_scheduler.OneCycleLR(optim, max_lr=cfg.train.lr, total_steps=steps, pct_start=0.15)
@@ -109,7 +139,9 @@ def train(cfg: TrainConfig, out: Path, *, register: bool = False) -> dict[str, o
             optim.step()
             sched.step()
             seen += len(x)
-            total += float(loss) * len(x)
+            total += float(loss.detach()) * len(x)
+            if (seen // len(x)) % 50 == 0:
+                logger.info("  step %d: %.1f img/s", seen // len(x), seen / (time.perf_counter() - t_epoch))
         p_val, y_val = _predict(net, val_loader, cfg.train.bf16)
         auc = _mean_auroc(y_val, p_val)
         rate = seen / (time.perf_counter() - t_epoch)
@@ -151,8 +183,7 @@ def train(cfg: TrainConfig, out: Path, *, register: bool = False) -> dict[str, o
     parity = parity_check(wrapper, onnx_path, golden, input_name="image")
     logger.info("ONNX parity: max |torch - onnx| = %.2e", parity)
 
-    manifest = dict(cfg.manifest)
-    manifest.update(id=cfg.model_id, version=cfg.version)
+    manifest = {"id": cfg.model_id, "version": cfg.version, **cfg.manifest}
     manifest["artifact"] = {"file": onnx_path.name, "sha256": "0" * 64, "opset": 17}
     labels = []
     for label in manifest["labels"]:
@@ -170,6 +201,8 @@ def train(cfg: TrainConfig, out: Path, *, register: bool = False) -> dict[str, o
         "training_config": f"configs/training/{cfg.model_id.replace('-', '_')}.yaml",
         "created": dt.date.today().isoformat(),
         "metrics": {f"test_auroc_{k}": float(v) for k, v in summary.items()},
+        "weights_file": "weights.pt",
+        "weights_sha256": save_weights(net, out / "staged" / cfg.model_id / cfg.version / "weights.pt"),
     }
     staged = out / "staged" / cfg.model_id / cfg.version
     int8_report = None
@@ -186,7 +219,7 @@ def train(cfg: TrainConfig, out: Path, *, register: bool = False) -> dict[str, o
     }
     (out / "report.json").write_text(json.dumps(report, indent=2))
     if register:
-        report["registered"] = str(register_version(staged))
+        report["registered"] = str(register_version(staged, registry_root or REGISTRY_ROOT))
     return report
 
 

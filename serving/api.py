@@ -1,0 +1,235 @@
+"""HTTP API (FastAPI) over a ``ScreeningService``; OpenAPI at ``/docs`` and ``/openapi.json``.
+
+Study identifiers travel in request bodies, never in paths (paths end up in access logs).
+Every endpoint but ``/healthz`` and ``/readyz`` needs ``Authorization: Bearer <token>`` when
+tokens are configured (they must be in ``prod``). Errors map to status codes in one place.
+"""
+
+import asyncio
+import hmac
+import re
+from collections.abc import Awaitable, Callable
+from typing import Annotated, Any
+
+from fastapi import Depends, FastAPI, File, HTTPException, Request, Response, UploadFile
+from fastapi.responses import JSONResponse, PlainTextResponse
+from pydantic import BaseModel, ConfigDict, Field, field_validator
+
+from models.results import OutcomeValues, ScreeningResult, TriagePriorityValues
+from serving.service import PriorityValues, QueueFull, ScreeningService, ServiceDraining, StudyRequest
+
+_UID = re.compile(r"^[0-9]+(\.[0-9]+)*$")
+
+
+class ScreeningRequestBody(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    study_instance_uid: str = Field(
+        min_length=1, max_length=64, description="Study Instance UID in the configured store"
+    )
+    priority: PriorityValues = PriorityValues.ROUTINE
+
+    @field_validator("study_instance_uid")
+    @classmethod
+    def _uid(cls, value: str) -> str:
+        if not _UID.match(value):
+            raise ValueError("not a DICOM UID (digits and dots)")
+        return value
+
+
+class ScreeningJob(BaseModel):
+    screening_id: str
+    status: str
+    priority: str
+    created_at: str
+    updated_at: str
+    error_reason: str | None = None
+    error_detail: str | None = None
+    result: ScreeningResult | None = None
+
+
+class WorklistItem(BaseModel):
+    study_instance_uid: str
+    study_ref: str
+    ai_priority: TriagePriorityValues | None
+    outcome: OutcomeValues
+    reason: str | None
+    positive_findings: list[str]
+    screened_at: str
+
+
+class Health(BaseModel):
+    status: str
+    models: list[dict[str, Any]] = Field(default_factory=list)
+    queue: dict[str, int] = Field(default_factory=dict)
+
+
+_PRIORITY_ORDER = {TriagePriorityValues.URGENT: 0, TriagePriorityValues.ABNORMAL: 1, TriagePriorityValues.ROUTINE: 2}
+
+
+def create_api(get_service: Callable[[], Awaitable[ScreeningService]]) -> FastAPI:
+    """Build the app. ``get_service`` returns the started service (started lazily, once)."""
+    api = FastAPI(
+        title="dxassist",
+        version="0.1.0",
+        description="AI screening of chest radiographs and endoscopy frames. Results are decision support "
+        "for a clinician, never a diagnosis.",
+    )
+
+    async def service() -> ScreeningService:
+        return await get_service()
+
+    async def authorised(request: Request) -> None:
+        svc = await get_service()
+        tokens = [t.get_secret_value() for t in svc.settings.tokens]
+        if not tokens:
+            return
+        header = request.headers.get("authorization", "")
+        scheme, _, token = header.partition(" ")
+        if scheme.lower() != "bearer" or not any(hmac.compare_digest(token.encode(), t.encode()) for t in tokens):
+            raise HTTPException(
+                status_code=401, detail="missing or invalid bearer token", headers={"WWW-Authenticate": "Bearer"}
+            )
+
+    Service = Annotated[ScreeningService, Depends(service)]
+    Auth = Depends(authorised)
+
+    @api.middleware("http")
+    async def count_requests(request: Request, call_next: Callable[[Request], Awaitable[Response]]) -> Response:
+        response = await call_next(request)
+        route = request.scope.get("route")
+        endpoint = getattr(route, "path", "unmatched")
+        svc = _started.get("service")
+        if svc is not None:
+            svc.metrics.requests.labels(endpoint, str(response.status_code)).inc()
+        return response
+
+    _started: dict[str, ScreeningService] = {}
+
+    async def remember(svc: ScreeningService) -> ScreeningService:
+        _started["service"] = svc
+        return svc
+
+    def _job_view(svc: ScreeningService, job_id: str) -> ScreeningJob:
+        found = svc.job(job_id)
+        if found is None:
+            raise HTTPException(status_code=404, detail="no such screening")
+        record, result = found
+        return ScreeningJob(
+            screening_id=record.id,
+            status=record.status,
+            priority=record.priority,
+            created_at=record.created_at,
+            updated_at=record.updated_at,
+            error_reason=record.error_reason,
+            error_detail=record.error_detail,
+            result=result,
+        )
+
+    def _refused(exc: QueueFull | ServiceDraining) -> JSONResponse:
+        retry = exc.retry_after_s if isinstance(exc, QueueFull) else 30
+        return JSONResponse(status_code=503, content={"detail": str(exc)}, headers={"Retry-After": str(retry)})
+
+    @api.post("/v1/screenings", status_code=202, response_model=ScreeningJob, dependencies=[Auth])
+    async def request_screening(body: ScreeningRequestBody, svc: Service) -> Any:
+        """Screen a study from the configured DICOM store. Returns at once; poll the screening."""
+        await remember(svc)
+        try:
+            job_id = svc.submit(StudyRequest(study_instance_uid=body.study_instance_uid), body.priority)
+        except (QueueFull, ServiceDraining) as exc:
+            return _refused(exc)
+        return _job_view(svc, job_id)
+
+    @api.post("/v1/screenings/upload", status_code=202, response_model=ScreeningJob, dependencies=[Auth])
+    async def upload_screening(
+        svc: Service,
+        files: Annotated[list[UploadFile], File(description="DICOM instances of one study")],
+        priority: PriorityValues = PriorityValues.ROUTINE,
+    ) -> Any:
+        """Screen uploaded DICOM instances (one study)."""
+        await remember(svc)
+        blobs, total = [], 0
+        for f in files:
+            data = await f.read()
+            total += len(data)
+            if total > svc.settings.max_upload_bytes:
+                raise HTTPException(status_code=413, detail=f"upload larger than {svc.settings.max_upload_bytes} bytes")
+            blobs.append(data)
+        if not blobs:
+            raise HTTPException(status_code=422, detail="no files")
+        try:
+            job_id = await asyncio.to_thread(svc.submit_upload, blobs, priority)
+        except (QueueFull, ServiceDraining) as exc:
+            return _refused(exc)
+        return _job_view(svc, job_id)
+
+    @api.get("/v1/screenings/{screening_id}", response_model=ScreeningJob, dependencies=[Auth])
+    async def get_screening(screening_id: str, svc: Service) -> ScreeningJob:
+        """Status (QUEUED, RUNNING, DONE, FAILED) and, once DONE, the result."""
+        await remember(svc)
+        return _job_view(svc, screening_id)
+
+    @api.get("/v1/worklist", response_model=list[WorklistItem], dependencies=[Auth])
+    async def worklist(svc: Service, limit: int = 200) -> list[WorklistItem]:
+        """Screened studies, most urgent first (then newest). AI priority only ever raises urgency."""
+        await remember(svc)
+        items = [
+            WorklistItem(
+                study_instance_uid=r.study_instance_uid,
+                study_ref=r.study_ref,
+                ai_priority=r.priority,
+                outcome=r.outcome,
+                reason=r.reason.value if r.reason else None,
+                positive_findings=[f.key for f in r.positive_findings],
+                screened_at=created,
+            )
+            for created, r in svc.store.latest_per_study(limit)
+        ]
+        items.sort(key=lambda i: i.screened_at, reverse=True)
+        items.sort(key=lambda i: _PRIORITY_ORDER.get(i.ai_priority, 3) if i.ai_priority else 3)
+        return items
+
+    @api.get("/healthz", response_model=Health)
+    async def healthz() -> Health:
+        """Liveness: the process answers."""
+        return Health(status="ok")
+
+    @api.get("/readyz", response_model=Health, responses={503: {"model": Health}})
+    async def readyz(svc: Service) -> Any:
+        """Readiness: models loaded and their self-test passed."""
+        await remember(svc)
+        body = Health(status="ready" if svc.ready else "not ready", queue=svc.queue_depth())
+        return JSONResponse(status_code=200 if svc.ready else 503, content=body.model_dump())
+
+    @api.get("/metrics", response_class=PlainTextResponse, dependencies=[Auth])
+    async def metrics(svc: Service) -> PlainTextResponse:
+        """Prometheus metrics (text exposition format)."""
+        await remember(svc)
+        return PlainTextResponse(svc.metrics.render().decode(), media_type="text/plain; version=0.0.4")
+
+    return api
+
+
+class LazyService:
+    """Starts a service once, on first use, inside the running event loop."""
+
+    def __init__(self, factory: Callable[[], ScreeningService]) -> None:
+        self._factory = factory
+        self._service: ScreeningService | None = None
+        self._lock: asyncio.Lock | None = None
+
+    async def __call__(self) -> ScreeningService:
+        if self._service is not None:
+            return self._service
+        if self._lock is None:
+            self._lock = asyncio.Lock()
+        async with self._lock:
+            if self._service is None:
+                service = self._factory()
+                await service.start()
+                self._service = service
+        return self._service
+
+    @property
+    def started(self) -> ScreeningService | None:
+        return self._service

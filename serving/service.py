@@ -1,0 +1,358 @@
+"""The online screening service as a plain asyncio class (no Ray, no HTTP).
+
+``ScreeningService`` admits requests into two bounded queues (``stat`` before ``routine``),
+persists each request as a job before acknowledging it, screens with a bounded number of studies
+in flight (one slot always kept free for ``stat``), applies a per-request timeout, and records
+results in the results store in the same transaction that marks the job done. On start it
+resumes jobs a previous process left unfinished; ``drain`` stops admission and waits for the
+work in flight.
+
+The heavy work goes through a ``Pipeline``: ``LocalPipeline`` runs ``StudyScreener`` stages in
+threads in this process; ``serving.app`` provides one that calls Ray Serve deployments.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import shutil
+import time
+import uuid
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from enum import StrEnum
+from pathlib import Path
+from typing import Protocol
+
+import numpy as np
+from numpy.typing import NDArray
+
+from models.errors import InferenceFailed, SourceError, StudyNotFound
+from models.results import ScreeningResult
+from serving.metrics import ServiceMetrics
+from serving.phi import study_ref
+from serving.results_store import JobRecord, ResultsStore
+from serving.screening import InstanceInput, ModelOutputs, PreparedImage, RejectedImage, StudyScreener
+from serving.settings import ApiSettings
+from serving.sources.local import LocalFolderSource
+
+logger = logging.getLogger(__name__)
+
+
+class PriorityValues(StrEnum):
+    STAT = "stat"
+    ROUTINE = "routine"
+
+
+class JobStatusValues(StrEnum):
+    QUEUED = "QUEUED"
+    RUNNING = "RUNNING"
+    DONE = "DONE"
+    FAILED = "FAILED"
+
+
+class QueueFull(Exception):
+    """Admission refused: the queue for this priority is full (HTTP 503 + Retry-After)."""
+
+    def __init__(self, priority: PriorityValues, retry_after_s: int) -> None:
+        super().__init__(f"{priority.value} queue is full")
+        self.priority = priority
+        self.retry_after_s = retry_after_s
+
+
+class ServiceDraining(Exception):
+    """The service is shutting down and admits nothing new."""
+
+
+@dataclass(frozen=True)
+class StudyRequest:
+    """What to screen: a study in the configured store, or files spooled from an upload."""
+
+    study_instance_uid: str | None = None
+    spool_dir: str | None = None
+
+
+@dataclass
+class PreparedStudy:
+    prepared: list[PreparedImage] = field(default_factory=list)
+    rejected: list[RejectedImage] = field(default_factory=list)
+
+
+class Pipeline(Protocol):
+    """The heavy stages, wherever they run (threads here, Serve deployments in ``serving.app``)."""
+
+    async def prepare_study(self, request: StudyRequest) -> PreparedStudy: ...
+
+    async def infer(self, model_id: str, tensors: NDArray[np.float32]) -> ModelOutputs: ...
+
+    async def model_info(self) -> list[dict[str, object]]: ...
+
+
+def spooled_instances(spool_dir: Path) -> list[InstanceInput]:
+    return [InstanceInput(p, f"upload/{p.name}") for p in sorted(spool_dir.glob("*.dcm"))]
+
+
+def prepare_request(screener: StudyScreener, source: LocalFolderSource, request: StudyRequest) -> PreparedStudy:
+    """Stage 1 for one study request (blocking; run it in a thread or a fetcher replica)."""
+    if request.spool_dir:
+        items = spooled_instances(Path(request.spool_dir))
+    else:
+        items = [
+            InstanceInput(p, str(p.relative_to(source.root)))
+            for p in source.instances(request.study_instance_uid or "")
+        ]
+    out = PreparedStudy()
+    for item in items:
+        prepared = screener.prepare(item)
+        if isinstance(prepared, PreparedImage):
+            out.prepared.append(prepared)
+        else:
+            out.rejected.append(prepared)
+    return out
+
+
+class LocalPipeline:
+    """Runs the screener's stages in worker threads of this process."""
+
+    def __init__(self, screener: StudyScreener, source: LocalFolderSource) -> None:
+        self.screener = screener
+        self.source = source
+
+    async def prepare_study(self, request: StudyRequest) -> PreparedStudy:
+        return await asyncio.to_thread(prepare_request, self.screener, self.source, request)
+
+    async def infer(self, model_id: str, tensors: NDArray[np.float32]) -> ModelOutputs:
+        return await asyncio.to_thread(self.screener.infer, model_id, tensors)
+
+    async def model_info(self) -> list[dict[str, object]]:
+        out = []
+        for predictor in self.screener.predictors.values():
+            test = await asyncio.to_thread(predictor.self_test)
+            out.append(
+                {
+                    "model": predictor.manifest.id,
+                    "version": predictor.manifest.version,
+                    "provider": predictor.provider,
+                    "ready": test.ok,
+                }
+            )
+        return out
+
+
+@dataclass
+class _Job:
+    id: str
+    priority: PriorityValues
+    request: StudyRequest
+    enqueued: float = field(default_factory=time.monotonic)
+
+
+class ScreeningService:
+    """Admission, priority, persistence and timeouts around a ``Pipeline``."""
+
+    def __init__(
+        self,
+        pipeline: Pipeline,
+        screener: StudyScreener,
+        store: ResultsStore,
+        settings: ApiSettings,
+        metrics: ServiceMetrics | None = None,
+    ) -> None:
+        self.pipeline = pipeline
+        self.screener = screener  # only ``assemble`` (cheap, pure) runs here
+        self.store = store
+        self.settings = settings
+        self.metrics = metrics or ServiceMetrics()
+        self._queues: dict[PriorityValues, asyncio.Queue[_Job]] = {
+            PriorityValues.STAT: asyncio.Queue(settings.max_queued_stat),
+            PriorityValues.ROUTINE: asyncio.Queue(settings.max_queued_routine),
+        }
+        self._inflight: set[asyncio.Task[None]] = set()
+        self._wakeup = asyncio.Event()
+        self._dispatcher: asyncio.Task[None] | None = None
+        self._draining = False
+        self.ready = False
+
+    # -- lifecycle -------------------------------------------------------------------------
+
+    async def start(self) -> None:
+        """Warm up (model self-test), resume unfinished jobs, start dispatching."""
+        info = await self.pipeline.model_info()
+        for m in info:
+            self.metrics.model_info.labels(str(m["model"]), str(m["version"]), str(m["provider"])).set(1)
+        resumed = 0
+        for record in self.store.pending_jobs():
+            self._enqueue(_Job(record.id, PriorityValues(record.priority), _request_of(record)), persist=False)
+            resumed += 1
+        if resumed:
+            logger.info("resumed %d unfinished screening jobs", resumed)
+        self._dispatcher = asyncio.create_task(self._dispatch())
+        self.ready = all(bool(m["ready"]) for m in info)
+
+    async def drain(self, timeout_s: float = 30.0) -> bool:
+        """Stop admitting, wait for in-flight studies; queued jobs stay persisted for the next start."""
+        self._draining = True
+        self.ready = False
+        if self._dispatcher:
+            self._dispatcher.cancel()
+        if self._inflight:
+            _done, pending = await asyncio.wait(self._inflight, timeout=timeout_s)
+            return not pending
+        return True
+
+    def dispatcher_failed(self) -> bool:
+        """True when the dispatch loop ended other than by ``drain`` (health check fails)."""
+        task = self._dispatcher
+        return task is not None and task.done() and not self._draining
+
+    # -- admission -------------------------------------------------------------------------
+
+    def _enqueue(self, job: _Job, *, persist: bool = True) -> None:
+        queue = self._queues[job.priority]
+        if queue.full():
+            self.metrics.rejected.labels(job.priority.value).inc()
+            raise QueueFull(job.priority, retry_after_s=max(1, int(queue.qsize() * 0.5 / self.settings.max_inflight)))
+        if persist:
+            self.store.add_job(job.id, job.priority.value, job.request.study_instance_uid, job.request.spool_dir)
+        queue.put_nowait(job)
+        self.metrics.queue_depth.labels(job.priority.value).set(queue.qsize())
+        self._wakeup.set()
+
+    def submit(self, request: StudyRequest, priority: PriorityValues) -> str:
+        """Persist and enqueue; returns the job id. Raises ``QueueFull`` or ``ServiceDraining``."""
+        if self._draining:
+            raise ServiceDraining("service is shutting down")
+        job = _Job(uuid.uuid4().hex, priority, request)
+        self._enqueue(job)
+        return job.id
+
+    def submit_upload(self, files: Sequence[bytes], priority: PriorityValues) -> str:
+        """Spool uploaded instances to disk first (they must survive a restart), then submit."""
+        if self._draining:
+            raise ServiceDraining("service is shutting down")
+        queue = self._queues[priority]
+        if queue.full():
+            self.metrics.rejected.labels(priority.value).inc()
+            raise QueueFull(priority, retry_after_s=1)
+        spool = self.settings.spool_dir / uuid.uuid4().hex
+        spool.mkdir(parents=True)
+        for i, data in enumerate(files):
+            (spool / f"{i:05d}.dcm").write_bytes(data)
+        try:
+            return self.submit(StudyRequest(spool_dir=str(spool)), priority)
+        except BaseException:
+            shutil.rmtree(spool, ignore_errors=True)
+            raise
+
+    # -- dispatch --------------------------------------------------------------------------
+
+    def _next_job(self) -> _Job | None:
+        limit = self.settings.max_inflight
+        stat, routine = self._queues[PriorityValues.STAT], self._queues[PriorityValues.ROUTINE]
+        if len(self._inflight) < limit and not stat.empty():
+            return stat.get_nowait()
+        routine_limit = limit - 1 if limit > 1 else 1  # keep a slot for stat
+        if len(self._inflight) < routine_limit and not routine.empty():
+            return routine.get_nowait()
+        return None
+
+    async def _dispatch(self) -> None:
+        while True:
+            job = self._next_job()
+            if job is None:
+                self._wakeup.clear()
+                await self._wakeup.wait()
+                continue
+            for p, q in self._queues.items():
+                self.metrics.queue_depth.labels(p.value).set(q.qsize())
+            task = asyncio.create_task(self._run(job))
+            self._inflight.add(task)
+            task.add_done_callback(self._finished)
+
+    def _finished(self, task: asyncio.Task[None]) -> None:
+        self._inflight.discard(task)
+        self._wakeup.set()
+
+    async def _run(self, job: _Job) -> None:
+        queued_s = time.monotonic() - job.enqueued
+        self.metrics.stage_seconds.labels("queue").observe(queued_s)
+        self.store.update_job(job.id, JobStatusValues.RUNNING)
+        start = time.monotonic()
+        try:
+            result = await asyncio.wait_for(self._screen(job), timeout=self.settings.request_timeout_s)
+        except TimeoutError:
+            self._fail(job, "TIMEOUT", f"not finished within {self.settings.request_timeout_s:.0f} s")
+            return
+        except StudyNotFound:
+            self._fail(job, "STUDY_NOT_FOUND", "study not found in the configured store")
+            return
+        except SourceError as exc:
+            self._fail(job, "SOURCE_UNAVAILABLE", type(exc).__name__)
+            return
+        except Exception as exc:  # the service stays up; the job records why
+            logger.exception("screening job failed", extra={"stage": "screen"})
+            self._fail(job, "INTERNAL_ERROR", type(exc).__name__)
+            return
+        elapsed = time.monotonic() - start
+        result = result.model_copy(update={"duration_ms": round(elapsed * 1000.0, 1)})
+        self.store.finish_job(job.id, result)
+        if job.request.spool_dir:
+            shutil.rmtree(job.request.spool_dir, ignore_errors=True)
+        self.metrics.stage_seconds.labels("total").observe(elapsed + queued_s)
+        self.metrics.screenings.labels(result.outcome.value, job.priority.value).inc()
+        logger.info(
+            "screening done",
+            extra={
+                "request_id": job.id,
+                "study_ref": result.study_ref,
+                "outcome": result.outcome.value,
+                "duration_ms": round(elapsed * 1000.0, 1),
+            },
+        )
+
+    def _fail(self, job: _Job, reason: str, detail: str) -> None:
+        self.store.update_job(job.id, JobStatusValues.FAILED, error_reason=reason, error_detail=detail)
+        self.metrics.screenings.labels("FAILED", job.priority.value).inc()
+        logger.warning("screening failed", extra={"request_id": job.id, "reason": reason})
+
+    async def _screen(self, job: _Job) -> ScreeningResult:
+        t0 = time.monotonic()
+        prepared = await self.pipeline.prepare_study(job.request)
+        self.metrics.stage_seconds.labels("prepare").observe(time.monotonic() - t0)
+        t1 = time.monotonic()
+
+        async def infer(image: PreparedImage) -> tuple[PreparedImage, ModelOutputs | InferenceFailed]:
+            try:
+                out = await self.pipeline.infer(image.model_id, image.tensors)
+            except InferenceFailed as exc:
+                return image, exc
+            if out.batch_size:
+                self.metrics.batch_size.labels(image.model_id).observe(out.batch_size)
+            return image, out
+
+        paired = await asyncio.gather(*(infer(i) for i in prepared.prepared))
+        self.metrics.stage_seconds.labels("infer").observe(time.monotonic() - t1)
+        uids = [i.study_instance_uid for i in prepared.prepared] + [r.study_instance_uid for r in prepared.rejected]
+        uid = next((u for u in uids if u), "")
+        if not uid and job.request.study_instance_uid:
+            uid = job.request.study_instance_uid
+        return self.screener.assemble(uid, list(paired), prepared.rejected)
+
+    # -- queries ---------------------------------------------------------------------------
+
+    def job(self, job_id: str) -> tuple[JobRecord, ScreeningResult | None] | None:
+        record = self.store.job(job_id)
+        if record is None:
+            return None
+        result = self.store.result(record.screening_id) if record.screening_id else None
+        return record, result
+
+    def queue_depth(self) -> dict[str, int]:
+        return {p.value: q.qsize() for p, q in self._queues.items()} | {"inflight": len(self._inflight)}
+
+    def study_ref(self, uid: str) -> str:
+        return study_ref(uid, self.screener.study_ref_key)
+
+
+def _request_of(record: JobRecord) -> StudyRequest:
+    return StudyRequest(study_instance_uid=record.study_instance_uid, spool_dir=record.spool_dir)

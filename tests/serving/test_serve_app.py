@@ -1,0 +1,90 @@
+"""The Ray Serve shells: batching through handles (local testing mode), and the whole application
+on a real local Ray with HTTP (one integration test)."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from pathlib import Path
+
+import httpx
+import numpy as np
+import pytest
+import yaml
+
+from models.registry import resolve
+from serving.settings import ModelSettings
+from tests.conftest import write_synthetic_cxr
+
+
+def test_model_deployment_batches_across_requests_and_matches_direct_inference() -> None:
+    from ray import serve
+
+    from models.predictor import OnnxPredictor
+    from serving.app import ModelDeployment
+    from serving.screening import run_model
+
+    model = ModelSettings(id="cxr-triage", providers="cpu").model_dump(mode="json")
+    handle = serve.run(ModelDeployment.bind(model, 4), _local_testing_mode=True)
+    rng = np.random.default_rng(0)
+    images = [rng.random((1, 1, 224, 224), dtype=np.float32) for _ in range(6)]
+
+    async def all_at_once() -> list:
+        return list(await asyncio.gather(*(handle.remote(t) for t in images)))
+
+    outputs = asyncio.run(all_at_once())
+    direct = OnnxPredictor(resolve("cxr-triage"), providers="cpu")
+    for image, out in zip(images, outputs, strict=True):
+        expected = run_model(direct, image, 1)
+        np.testing.assert_allclose(out.scores, expected.scores, atol=1e-5)
+        assert out.maps is not None and out.maps.shape == (1, 5, 7, 7)
+    assert max(o.batch_size for o in outputs) > 1  # concurrent requests were batched together
+
+
+@pytest.mark.integration
+def test_application_on_local_ray_over_http(tmp_path: Path) -> None:
+    from serving.local_cluster import local_serve
+
+    store = tmp_path / "store"
+    write_synthetic_cxr(store / "a.dcm", seed=61, findings={"pneumothorax": True})
+    settings = tmp_path / "settings.yaml"
+    settings.write_text(
+        yaml.safe_dump(
+            {
+                "environment": "test",
+                "models": [{"id": "cxr-triage", "providers": "cpu"}, {"id": "endoscopy-polyp", "providers": "cpu"}],
+                "store": {"path": str(store)},
+                "results": {"sqlite_path": str(tmp_path / "results.sqlite3")},
+                "api": {"spool_dir": str(tmp_path / "spool")},
+            }
+        )
+    )
+    import pydicom
+
+    uid = str(pydicom.dcmread(store / "a.dcm", stop_before_pixels=True).StudyInstanceUID)
+    with local_serve(str(settings), port=18931, num_cpus=2, api_token="tok") as base:
+        headers = {"Authorization": "Bearer tok"}
+        with httpx.Client(base_url=base, headers=headers, timeout=30) as client:
+            assert httpx.get(f"{base}/v1/worklist").status_code == 401
+            job = client.post("/v1/screenings", json={"study_instance_uid": uid, "priority": "stat"}).json()
+            deadline = time.monotonic() + 60
+            while (body := client.get(f"/v1/screenings/{job['screening_id']}").json())["status"] not in (
+                "DONE",
+                "FAILED",
+            ):
+                assert time.monotonic() < deadline
+                time.sleep(0.1)
+            assert body["status"] == "DONE"
+            result = body["result"]
+            assert result["outcome"] == "SCREENED" and result["models"][0].startswith("cxr-triage@")
+            upload = client.post(
+                "/v1/screenings/upload", files=[("files", ("x.dcm", b"not dicom", "application/dicom"))]
+            )
+            while (body := client.get(f"/v1/screenings/{upload.json()['screening_id']}").json())["status"] not in (
+                "DONE",
+                "FAILED",
+            ):
+                time.sleep(0.1)
+            assert body["result"]["reason"] == "NOT_DICOM"
+            metrics = client.get("/metrics").text
+            assert "dxassist_model_batch_size_bucket" in metrics and 'model="cxr-triage"' in metrics
