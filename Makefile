@@ -15,7 +15,9 @@ $(VENV)/.serve-installed: pyproject.toml | $(BIN)/python
 	touch $@
 
 # Tests also train tiny models and check the MONAI wrappers: torch from this machine's local disk.
+# They run against real servers from Debian's packages (Orthanc + DICOMweb, dcmtk, dicom3tools).
 $(VENV)/.dev-installed: pyproject.toml | $(BIN)/python
+	scripts/install_servers.sh
 	$(BIN)/pip install -q "torch==2.14.1" "torchvision==0.29.1"
 	$(BIN)/pip install -q -e ".[data,train,dev]"
 	touch $@
@@ -29,7 +31,7 @@ check: $(VENV)/.dev-installed
 	$(BIN)/mypy
 
 pytest: $(VENV)/.dev-installed
-	$(BIN)/python -m pytest
+	scripts/run_tests.sh
 
 test: check pytest
 

@@ -6,6 +6,7 @@ configuration (``latest`` by default: the highest semver).
 
 from __future__ import annotations
 
+import os
 import shutil
 from dataclasses import dataclass
 from pathlib import Path
@@ -14,7 +15,8 @@ from typing import Final
 from models.errors import DxAssistError, ManifestError
 from models.manifest import LoadedManifest, load_manifest, verify_artifact
 
-REGISTRY_ROOT: Final = Path(__file__).resolve().parent / "registry"
+#: ``models/registry`` of this checkout, unless ``DXASSIST_REGISTRY`` names another folder.
+REGISTRY_ROOT: Final = Path(os.environ.get("DXASSIST_REGISTRY") or Path(__file__).resolve().parent / "registry")
 
 
 def _semver_key(version: str) -> tuple[int, int, int, str]:

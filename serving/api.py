@@ -37,6 +37,20 @@ class ScreeningRequestBody(BaseModel):
         return value
 
 
+class StableStudyEvent(BaseModel):
+    """Sent by the PACS when a study is complete (Orthanc's OnStableStudy Lua hook)."""
+
+    model_config = ConfigDict(extra="ignore")
+    study_instance_uid: str = Field(min_length=1, max_length=64)
+
+    @field_validator("study_instance_uid")
+    @classmethod
+    def _uid(cls, value: str) -> str:
+        if not _UID.match(value):
+            raise ValueError("not a DICOM UID (digits and dots)")
+        return value
+
+
 class ScreeningJob(BaseModel):
     screening_id: str
     status: str
@@ -162,6 +176,16 @@ def create_api(get_service: Callable[[], Awaitable[ScreeningService]]) -> FastAP
         except (QueueFull, ServiceDraining) as exc:
             return _refused(exc)
         return _job_view(svc, job_id)
+
+    @api.post("/v1/events/stable-study", status_code=202, dependencies=[Auth])
+    async def stable_study(body: StableStudyEvent, svc: Service) -> Any:
+        """Webhook for the PACS: a study became stable. Screened once; repeats are ignored."""
+        await remember(svc)
+        try:
+            job_id = svc.submit_automatic(body.study_instance_uid, "webhook")
+        except (QueueFull, ServiceDraining) as exc:
+            return _refused(exc)
+        return {"screening_id": job_id, "duplicate": job_id is None}
 
     @api.get("/v1/screenings/{screening_id}", response_model=ScreeningJob, dependencies=[Auth])
     async def get_screening(screening_id: str, svc: Service) -> ScreeningJob:

@@ -111,14 +111,80 @@ def _run_screen(
 @app.command()
 def screen(
     paths: Annotated[list[Path], typer.Argument(help="DICOM files or folders")],
+    out: Annotated[
+        Path | None,
+        typer.Option(help="run as a batch job on Ray: results, ledger and report in this folder (resumable)"),
+    ] = None,
+    address: Annotated[str | None, typer.Option(help="Ray cluster address for a batch job (default: local)")] = None,
+    prepare_actors: Annotated[int, typer.Option(help="decode/preprocess actors of a batch job")] = 1,
     as_json: Annotated[bool, typer.Option("--json", help="print results as JSON")] = False,
     per_file: Annotated[bool, typer.Option("--per-file", help="one result per file instead of per study")] = False,
     save: Annotated[bool, typer.Option("--save/--no-save", help="record results in the results store")] = True,
     settings: SettingsOpt = None,
 ) -> None:
-    """Screen DICOM files or folders and print the findings."""
+    """Screen DICOM files or folders and print the findings (with --out: a resumable batch job)."""
     install_logging(logging.WARNING)
-    _run_screen(paths, _load_settings(settings), as_json=as_json, per_file=per_file, save=save)
+    if out is None:
+        _run_screen(paths, _load_settings(settings), as_json=as_json, per_file=per_file, save=save)
+        return
+    _run_batch(paths, out, settings, address=address, prepare_actors=prepare_actors, save=save)
+
+
+def _run_batch(
+    paths: list[Path], out: Path, settings: Path | None, *, address: str | None, prepare_actors: int, save: bool
+) -> None:
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
+
+    from serving.batch import run_batch_job
+    from serving.report import write_report, write_tables
+
+    for p in paths:
+        if not p.exists():
+            console.print(f"[red]no such file or folder:[/red] {p}")
+            raise typer.Exit(2)
+    columns = (
+        TextColumn("screening"),
+        BarColumn(),
+        MofNCompleteColumn(),
+        TextColumn("{task.fields[rate]:.2f} studies/s"),
+        TimeRemainingColumn(),
+    )
+    with Progress(*columns, console=console) as progress:
+        task = progress.add_task("screen", total=None, rate=0.0)
+        started = {"t": 0.0}
+
+        def update(done: int, total: int) -> None:
+            import time
+
+            if not started["t"]:
+                started["t"] = time.perf_counter()
+            elapsed = max(time.perf_counter() - started["t"], 1e-6)
+            progress.update(task, completed=done, total=total, rate=done / elapsed)
+
+        summary = run_batch_job(
+            paths,
+            out,
+            settings_path=str(settings) if settings else None,
+            address=address,
+            prepare_actors=prepare_actors,
+            on_progress=update,
+            save_to_results_store=save,
+        )
+    csv_path, parquet_path = write_tables(summary.results, out)
+    report = write_report(
+        summary.results,
+        out,
+        inputs=paths,
+        seconds=summary.seconds,
+        screened_now=summary.screened_now,
+        skipped=summary.skipped,
+    )
+    n_ok = sum(r.outcome == OutcomeValues.SCREENED for r in summary.results)
+    console.print(
+        f"{summary.planned} studies planned, {summary.skipped} already done, {summary.screened_now} screened now "
+        f"({summary.studies_per_s:.2f} studies/s). Job total: {n_ok} screened, {len(summary.results) - n_ok} not screened."
+    )
+    console.print(f"Results: {csv_path}, {parquet_path}\nReport:  {report}")
 
 
 def _screen_over_http(

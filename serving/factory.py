@@ -6,6 +6,9 @@ from models.predictor import OnnxPredictor
 from models.registry import resolve
 from serving.screening import StudyScreener
 from serving.settings import ModelSettings, Settings
+from serving.sources import StudySource
+from serving.sources.dicomweb import DicomWebSource
+from serving.sources.local import LocalFolderSource
 
 
 def build_predictor(model: ModelSettings) -> OnnxPredictor:
@@ -22,3 +25,19 @@ def build_screener(settings: Settings) -> StudyScreener:
         max_frames_per_image=settings.screening.max_frames_per_image,
         batch_size=settings.screening.batch_size,
     )
+
+
+def build_source(settings: Settings) -> StudySource:
+    """The configured study source (local folder or DICOMweb), with the models' acceptance rules."""
+    if settings.store.kind == "dicomweb" and settings.store.dicomweb is not None:
+        web = settings.store.dicomweb
+        return DicomWebSource(
+            web.url,
+            username=web.username,
+            password=web.password.get_secret_value() if web.password else None,
+            token=web.token.get_secret_value() if web.token else None,
+            timeout_s=web.timeout_s,
+            retries=web.retries,
+            manifests=[resolve(m.id, m.version).manifest for m in settings.models],
+        )
+    return LocalFolderSource(settings.store.path)

@@ -41,6 +41,8 @@ CREATE TABLE IF NOT EXISTS jobs (
     error_detail TEXT
 );
 CREATE INDEX IF NOT EXISTS jobs_status ON jobs (status);
+CREATE INDEX IF NOT EXISTS jobs_study ON jobs (study_instance_uid);
+CREATE TABLE IF NOT EXISTS seen_studies (study_instance_uid TEXT PRIMARY KEY, first_seen TEXT NOT NULL);
 """
 
 
@@ -187,6 +189,22 @@ class ResultsStore:
                 "SELECT * FROM jobs WHERE status IN ('QUEUED', 'RUNNING') ORDER BY created_at"
             ).fetchall()
         return [JobRecord(*r) for r in rows]
+
+    def has_screening_for(self, study_instance_uid: str) -> bool:
+        """A study already screened, or queued/running: automatic triggers must not add another."""
+        with self._lock:
+            row = self._db.execute(
+                "SELECT 1 FROM screenings WHERE study_instance_uid = ? UNION ALL "
+                "SELECT 1 FROM jobs WHERE study_instance_uid = ? AND status IN ('QUEUED', 'RUNNING') LIMIT 1",
+                (study_instance_uid, study_instance_uid),
+            ).fetchone()
+        return row is not None
+
+    def mark_seen(self, study_instance_uid: str) -> bool:
+        """Remember a study the poller saw; True only the first time."""
+        with self._lock:
+            cur = self._db.execute("INSERT OR IGNORE INTO seen_studies VALUES (?, ?)", (study_instance_uid, _now()))
+        return cur.rowcount == 1
 
     def count(self) -> int:
         with self._lock:

@@ -24,6 +24,7 @@ from typing import BinaryIO
 
 import numpy as np
 from numpy.typing import NDArray
+from pydicom.dataset import Dataset
 
 from models.errors import InferenceFailed, InputRejected, ReasonCode
 from models.manifest import LoadedManifest, ModelManifest, OutputRoleValues
@@ -68,6 +69,7 @@ class PreparedImage:
     tensors: NDArray[np.float32]  # (frames, C, H, W)
     frame_indices: list[int]
     image_shape: tuple[int, int]  # rows, columns of the decoded frame
+    header: Dataset | None = None  # the instance without pixel data: evidence for the SR
 
 
 @dataclass
@@ -176,6 +178,10 @@ class StudyScreener:
             frames = decode_frames(ds, frame_indices=indices, target_size=pipeline.size)
             tensors = np.stack([pipeline(f) for f in frames]).astype(np.float32, copy=False)
             rows, cols = frames[0].pixels.shape[:2]
+            evidence = ds.copy()
+            for keyword in ("PixelData", "FloatPixelData", "DoubleFloatPixelData"):
+                if keyword in evidence:
+                    delattr(evidence, keyword)
             return PreparedImage(
                 label=item.label,
                 study_instance_uid=study_uid,
@@ -184,6 +190,7 @@ class StudyScreener:
                 tensors=tensors,
                 frame_indices=indices,
                 image_shape=(rows, cols),
+                header=evidence,
             )
         except InputRejected as exc:
             return RejectedImage(item.label, study_uid, sop_uid, exc.reason, exc.detail)

@@ -20,21 +20,26 @@ import time
 import uuid
 from collections.abc import Sequence
 from dataclasses import dataclass, field
+from datetime import UTC, datetime, timedelta
 from enum import StrEnum
 from pathlib import Path
 from typing import Protocol
 
 import numpy as np
 from numpy.typing import NDArray
+from pydicom.dataset import Dataset
 
 from models.errors import InferenceFailed, SourceError, StudyNotFound
-from models.results import ScreeningResult
+from models.results import OutcomeValues, ScreeningResult
+from serving.dicom_sr import build_sr
+from serving.dimse import StoreScp
 from serving.metrics import ServiceMetrics
 from serving.phi import study_ref
 from serving.results_store import JobRecord, ResultsStore
 from serving.screening import InstanceInput, ModelOutputs, PreparedImage, RejectedImage, StudyScreener
-from serving.settings import ApiSettings
-from serving.sources.local import LocalFolderSource
+from serving.settings import ApiSettings, PollerSettings, ScpSettings
+from serving.sources import StudySource
+from serving.sources.dicomweb import DicomWebSource
 
 logger = logging.getLogger(__name__)
 
@@ -78,6 +83,22 @@ class PreparedStudy:
     rejected: list[RejectedImage] = field(default_factory=list)
 
 
+class ResultWriter(Protocol):
+    """Writes a committed result somewhere else (the PACS: an SR in the study)."""
+
+    def write(self, result: ScreeningResult, evidence: list[Dataset]) -> None: ...
+
+
+class SrToStore:
+    """TID 1500 SR of each screened study, stored into the same study by STOW-RS."""
+
+    def __init__(self, source: DicomWebSource) -> None:
+        self.source = source
+
+    def write(self, result: ScreeningResult, evidence: list[Dataset]) -> None:
+        self.source.store([build_sr(result, evidence)])
+
+
 class Pipeline(Protocol):
     """The heavy stages, wherever they run (threads here, Serve deployments in ``serving.app``)."""
 
@@ -92,15 +113,12 @@ def spooled_instances(spool_dir: Path) -> list[InstanceInput]:
     return [InstanceInput(p, f"upload/{p.name}") for p in sorted(spool_dir.glob("*.dcm"))]
 
 
-def prepare_request(screener: StudyScreener, source: LocalFolderSource, request: StudyRequest) -> PreparedStudy:
+def prepare_request(screener: StudyScreener, source: StudySource, request: StudyRequest) -> PreparedStudy:
     """Stage 1 for one study request (blocking; run it in a thread or a fetcher replica)."""
     if request.spool_dir:
         items = spooled_instances(Path(request.spool_dir))
     else:
-        items = [
-            InstanceInput(p, str(p.relative_to(source.root)))
-            for p in source.instances(request.study_instance_uid or "")
-        ]
+        items = source.instances(request.study_instance_uid or "")
     out = PreparedStudy()
     for item in items:
         prepared = screener.prepare(item)
@@ -114,7 +132,7 @@ def prepare_request(screener: StudyScreener, source: LocalFolderSource, request:
 class LocalPipeline:
     """Runs the screener's stages in worker threads of this process."""
 
-    def __init__(self, screener: StudyScreener, source: LocalFolderSource) -> None:
+    def __init__(self, screener: StudyScreener, source: StudySource) -> None:
         self.screener = screener
         self.source = source
 
@@ -157,7 +175,19 @@ class ScreeningService:
         store: ResultsStore,
         settings: ApiSettings,
         metrics: ServiceMetrics | None = None,
+        *,
+        writer: ResultWriter | None = None,
+        scp: ScpSettings | None = None,
+        poller: PollerSettings | None = None,
+        poll_source: DicomWebSource | None = None,
     ) -> None:
+        self.writer = writer
+        self.scp_settings = scp
+        self.poller_settings = poller
+        self.poll_source = poll_source
+        self._scp: StoreScp | None = None
+        self._poller: asyncio.Task[None] | None = None
+        self._loop: asyncio.AbstractEventLoop | None = None
         self.pipeline = pipeline
         self.screener = screener  # only ``assemble`` (cheap, pure) runs here
         self.store = store
@@ -187,12 +217,29 @@ class ScreeningService:
         if resumed:
             logger.info("resumed %d unfinished screening jobs", resumed)
         self._dispatcher = asyncio.create_task(self._dispatch())
+        self._loop = asyncio.get_running_loop()
+        if self.scp_settings is not None and self.scp_settings.enabled:
+            self._scp = StoreScp(
+                self.scp_settings.ae_title,
+                self.scp_settings.port,
+                self.settings.spool_dir,
+                self._on_scp_stable,
+                stable_age_s=self.scp_settings.stable_age_s,
+                host=self.scp_settings.host,
+            )
+            self._scp.start()
+        if self.poller_settings is not None and self.poller_settings.enabled and self.poll_source is not None:
+            self._poller = asyncio.create_task(self._poll_forever())
         self.ready = all(bool(m["ready"]) for m in info)
 
     async def drain(self, timeout_s: float = 30.0) -> bool:
         """Stop admitting, wait for in-flight studies; queued jobs stay persisted for the next start."""
         self._draining = True
         self.ready = False
+        if self._scp is not None:
+            await asyncio.to_thread(self._scp.stop)
+        if self._poller is not None:
+            self._poller.cancel()
         if self._dispatcher:
             self._dispatcher.cancel()
         if self._inflight:
@@ -225,6 +272,57 @@ class ScreeningService:
         job = _Job(uuid.uuid4().hex, priority, request)
         self._enqueue(job)
         return job.id
+
+    def submit_automatic(self, study_instance_uid: str, trigger: str) -> str | None:
+        """A trigger that fires on its own (webhook, poller): never screens a study twice.
+
+        Returns the job id, or None when the study was already screened or is queued."""
+        if self.store.has_screening_for(study_instance_uid):
+            self.metrics.triggers.labels(trigger, "duplicate").inc()
+            return None
+        job_id = self.submit(StudyRequest(study_instance_uid=study_instance_uid), PriorityValues.ROUTINE)
+        self.metrics.triggers.labels(trigger, "submitted").inc()
+        return job_id
+
+    def _on_scp_stable(self, study_instance_uid: str, folder: Path) -> None:
+        """From the SCP's watcher thread: hand the spooled study to the event loop."""
+        if self._loop is None:
+            return
+
+        def submit() -> None:
+            if self.store.has_screening_for(study_instance_uid):
+                self.metrics.triggers.labels("c-store", "duplicate").inc()
+                shutil.rmtree(folder, ignore_errors=True)
+                return
+            try:
+                self.submit(StudyRequest(spool_dir=str(folder)), PriorityValues.ROUTINE)
+                self.metrics.triggers.labels("c-store", "submitted").inc()
+            except (QueueFull, ServiceDraining):
+                self.metrics.triggers.labels("c-store", "refused").inc()  # the spool stays for an operator
+
+        self._loop.call_soon_threadsafe(submit)
+
+    async def _poll_forever(self) -> None:
+        assert self.poller_settings is not None and self.poll_source is not None
+        while True:
+            try:
+                await self.poll_once()
+            except SourceError as exc:
+                logger.warning("poller: store unavailable (%s)", type(exc).__name__)
+            await asyncio.sleep(self.poller_settings.interval_s)
+
+    async def poll_once(self) -> int:
+        """One QIDO-RS sweep over the lookback window; returns how many studies were submitted."""
+        assert self.poller_settings is not None and self.poll_source is not None
+        today = datetime.now(UTC).date()
+        window = f"{(today - timedelta(days=self.poller_settings.lookback_days)).strftime('%Y%m%d')}-{today.strftime('%Y%m%d')}"
+        submitted = 0
+        for modality in self.poller_settings.modalities:
+            uids = await asyncio.to_thread(self.poll_source.search_studies, modality=modality, study_date=window)
+            for uid in uids:
+                if self.store.mark_seen(uid) and self.submit_automatic(uid, "poller"):
+                    submitted += 1
+        return submitted
 
     def submit_upload(self, files: Sequence[bytes], priority: PriorityValues) -> str:
         """Spool uploaded instances to disk first (they must survive a restart), then submit."""
@@ -279,7 +377,7 @@ class ScreeningService:
         self.store.update_job(job.id, JobStatusValues.RUNNING)
         start = time.monotonic()
         try:
-            result = await asyncio.wait_for(self._screen(job), timeout=self.settings.request_timeout_s)
+            result, evidence = await asyncio.wait_for(self._screen(job), timeout=self.settings.request_timeout_s)
         except TimeoutError:
             self._fail(job, "TIMEOUT", f"not finished within {self.settings.request_timeout_s:.0f} s")
             return
@@ -295,9 +393,18 @@ class ScreeningService:
             return
         elapsed = time.monotonic() - start
         result = result.model_copy(update={"duration_ms": round(elapsed * 1000.0, 1)})
-        self.store.finish_job(job.id, result)
+        self.store.finish_job(job.id, result)  # committed before any delivery
         if job.request.spool_dir:
             shutil.rmtree(job.request.spool_dir, ignore_errors=True)
+        if self.writer is not None and result.outcome == OutcomeValues.SCREENED:
+            try:
+                await asyncio.to_thread(self.writer.write, result, evidence)
+                self.metrics.result_writes.labels("ok").inc()
+            except Exception as exc:
+                self.metrics.result_writes.labels("failed").inc()
+                logger.warning(
+                    "result not written back to the store (%s)", type(exc).__name__, extra={"request_id": job.id}
+                )
         self.metrics.stage_seconds.labels("total").observe(elapsed + queued_s)
         self.metrics.screenings.labels(result.outcome.value, job.priority.value).inc()
         logger.info(
@@ -315,7 +422,7 @@ class ScreeningService:
         self.metrics.screenings.labels("FAILED", job.priority.value).inc()
         logger.warning("screening failed", extra={"request_id": job.id, "reason": reason})
 
-    async def _screen(self, job: _Job) -> ScreeningResult:
+    async def _screen(self, job: _Job) -> tuple[ScreeningResult, list[Dataset]]:
         t0 = time.monotonic()
         prepared = await self.pipeline.prepare_study(job.request)
         self.metrics.stage_seconds.labels("prepare").observe(time.monotonic() - t0)
@@ -336,7 +443,8 @@ class ScreeningService:
         uid = next((u for u in uids if u), "")
         if not uid and job.request.study_instance_uid:
             uid = job.request.study_instance_uid
-        return self.screener.assemble(uid, list(paired), prepared.rejected)
+        evidence = [i.header for i in prepared.prepared if i.header is not None]
+        return self.screener.assemble(uid, list(paired), prepared.rejected), evidence
 
     # -- queries ---------------------------------------------------------------------------
 

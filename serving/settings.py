@@ -30,9 +30,49 @@ class ModelSettings(_Strict):
     intra_op_threads: int | None = None
 
 
+class DicomWebSettings(_Strict):
+    url: str
+    username: str | None = None
+    password: SecretStr | None = None
+    token: SecretStr | None = None
+    timeout_s: float = 10.0
+    retries: int = 3
+
+
 class StoreSettings(_Strict):
-    kind: Literal["local"] = "local"
+    """Where studies are read from: a local folder (embedded default) or a DICOMweb server."""
+
+    kind: Literal["local", "dicomweb"] = "local"
     path: Path = Path("var/store")
+    dicomweb: DicomWebSettings | None = None
+    write_results: bool = False  # store the SR back into the study (STOW-RS)
+
+    @model_validator(mode="after")
+    def _dicomweb_needs_url(self) -> StoreSettings:
+        if self.kind == "dicomweb" and self.dicomweb is None:
+            raise ValueError("store.dicomweb: url required when kind is dicomweb")
+        if self.write_results and self.kind != "dicomweb":
+            raise ValueError("store.write_results needs a DICOMweb store")
+        return self
+
+
+class ScpSettings(_Strict):
+    """C-STORE SCP receiving pushed studies (PACS/Orthanc routing, modalities)."""
+
+    enabled: bool = False
+    ae_title: str = "DXASSIST"
+    host: str = "127.0.0.1"
+    port: int = 11112
+    stable_age_s: float = 3.0
+
+
+class PollerSettings(_Strict):
+    """QIDO-RS poller catching studies a push missed; never screens a study twice."""
+
+    enabled: bool = False
+    interval_s: float = 60.0
+    modalities: list[str] = Field(default_factory=lambda: ["CR", "DX", "ES"])
+    lookback_days: int = 1
 
 
 class ResultsSettings(_Strict):
@@ -70,6 +110,8 @@ class Settings(_Strict):
     security: SecuritySettings = SecuritySettings()
     screening: ScreeningSettings = ScreeningSettings()
     api: ApiSettings = ApiSettings()
+    scp: ScpSettings = ScpSettings()
+    poller: PollerSettings = PollerSettings()
 
     @model_validator(mode="after")
     def _no_dev_secrets_in_prod(self) -> Settings:
@@ -87,6 +129,9 @@ class Settings(_Strict):
         key = os.environ.get("DXASSIST_STUDY_REF_KEY")
         if key:
             data.setdefault("security", {})["study_ref_key"] = key
+        store_password = os.environ.get("DXASSIST_STORE_PASSWORD")
+        if store_password and isinstance(data.get("store", {}).get("dicomweb"), dict):
+            data["store"]["dicomweb"]["password"] = store_password
         tokens = os.environ.get("DXASSIST_API_TOKENS")
         if tokens:
             data.setdefault("api", {})["tokens"] = [t.strip() for t in tokens.split(",") if t.strip()]

@@ -77,6 +77,7 @@ def render_cxr(
     xx = (xx - 0.5 - shift) / scale + 0.5
     yy = (yy - 0.5) / scale + 0.5
 
+    case = CxrCase(labels=dict.fromkeys(LABELS, 0), chestxray14=[])
     img = np.full((h, w), 0.04, np.float32)
     body = _ellipse(xx, yy, 0.5, 0.62, 0.47, 0.62) <= 1.0
     img[body] = 0.42 + rng.uniform(-0.04, 0.04)
@@ -112,6 +113,10 @@ def render_cxr(
     img[heart] = np.maximum(img[heart], 0.5)
     media = (np.abs(xx - 0.5) < 0.055) & (yy > 0.08) & (yy < heart_cy)
     img[media] = np.maximum(img[media], 0.5)
+    if want["cardiomegaly"]:
+        case.labels["cardiomegaly"] = 1
+        case.chestxray14.append("Cardiomegaly")
+        case.boxes.append(("Cardiomegaly", (heart_cx - heart_ax, heart_cy - heart_ay, 2 * heart_ax, 2 * heart_ay)))
     spine = np.abs(xx - 0.5) < 0.03
     img[spine & body] += 0.05
 
@@ -129,8 +134,6 @@ def render_cxr(
         clav &= (side * (xx - 0.5) > 0.03) & (side * (xx - 0.5) < 0.3)
         ribs[clav] = 0.12
     img += ribs * body
-
-    case = CxrCase(labels=dict.fromkeys(LABELS, 0), chestxray14=[])
 
     def box_of(mask: NDArray[np.bool_]) -> tuple[float, float, float, float]:
         ys, xs = np.nonzero(mask)
@@ -176,7 +179,7 @@ def render_cxr(
             py, px = lung_idx[rng.integers(len(lung_idx))]
             cyn, cxn = py / h, px / w
             mass = rng.random() < 0.3
-            r = rng.uniform(0.035, 0.06) if mass else rng.uniform(0.014, 0.03)
+            r = rng.uniform(0.035, 0.06) if mass else rng.uniform(0.017, 0.03)
             d = _ellipse(xx, yy, cxn, cyn, r, r * rng.uniform(0.85, 1.15))
             blob = np.clip(1.2 - d, 0, 1) ** 0.6
             img += (rng.uniform(0.18, 0.3) * blob).astype(np.float32)

@@ -1,1 +1,14 @@
-"""Where studies come from (``StudySource`` implementations)."""
+"""Where studies come from. Every source answers ``instances(study_uid)`` with the instances
+(as bytes or paths) a model may need; the same contract tests run against all of them."""
+
+from __future__ import annotations
+
+from typing import Protocol
+
+from serving.screening import InstanceInput
+
+
+class StudySource(Protocol):
+    def instances(self, study_instance_uid: str) -> list[InstanceInput]:
+        """Raises ``StudyNotFound`` or ``SourceUnavailable`` (messages carry no UIDs)."""
+        ...

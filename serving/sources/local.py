@@ -13,6 +13,7 @@ from pathlib import Path
 
 from models.errors import InputRejected, StudyNotFound
 from models.pixels import read_dataset
+from serving.screening import InstanceInput
 
 logger = logging.getLogger(__name__)
 
@@ -63,9 +64,12 @@ class LocalFolderSource:
             out.setdefault(entry.study_instance_uid, []).append(entry.path)
         return {k: sorted(v) for k, v in out.items()}
 
-    def instances(self, study_instance_uid: str) -> list[Path]:
+    def files(self, study_instance_uid: str) -> list[Path]:
         """Files of one study. Raises ``StudyNotFound`` (message carries no UID)."""
         files = self.studies().get(study_instance_uid)
         if not study_instance_uid or not files:
             raise StudyNotFound("study not found in the local store")
         return files
+
+    def instances(self, study_instance_uid: str) -> list[InstanceInput]:
+        return [InstanceInput(p, str(p.relative_to(self.root))) for p in self.files(study_instance_uid)]

@@ -49,7 +49,7 @@ CELLS = [
         "if not (STORE / 'Data_Entry.csv').exists():\n"
         "    generate_cxr_dataset(STORE, N_STUDIES, seed=4242, size=(384, 384))\n"
         "studies = LocalFolderSource(STORE).studies()\n"
-        "labels = {row['Image Index']: row['Finding Labels'] for row in csv.DictReader(open(STORE / 'Data_Entry.csv'))}\n"
+        "labels = {row['Image Index']: row['Finding Labels'] for row in csv.DictReader((STORE / 'Data_Entry.csv').read_text().splitlines())}\n"
         "labelled = sum(1 for files in studies.values() for f in files if f.name in labels)\n"
         "print(f'{len(studies)} studies in the store, {labelled} labelled images')"
     ),

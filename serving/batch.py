@@ -1,0 +1,291 @@
+"""Batch screening jobs: thousands of archived studies at full machine speed, on Ray Data.
+
+    plan (headers only, grouped by study) -> skip what the ledger says is done
+    -> Ray Data: Prepare actors (read, QA/route, decode incl. reduced J2K, preprocess)
+    -> Infer actor(s) (the same OnnxPredictor + run_model as the online path)
+    -> driver: assemble per study (StudyScreener.assemble), ledger, results store, progress
+
+Decode/preprocess run in their own actors and overlap with inference. The same code runs on a
+laptop or on a cluster (``address``). The ledger (SQLite in the job folder) makes a job
+resumable: an interrupted job restarted with the same output folder skips finished studies.
+"""
+
+from __future__ import annotations
+
+import logging
+import pickle  # nosec: rows are this job's own objects passed between its own actors
+import sqlite3
+import time
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from models.errors import InferenceFailed, InputRejected, ReasonCode
+from models.pixels import read_dataset
+from models.results import ScreeningResult
+from serving.screening import InstanceInput, ModelOutputs, PreparedImage, RejectedImage, StudyScreener, run_model
+from serving.settings import Settings
+from serving.sources.local import candidate_files
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass
+class PlannedStudy:
+    key: str  # Study Instance UID, or "file:<n>" for an unreadable file
+    files: list[Path]
+
+
+def plan_studies(inputs: list[Path]) -> list[PlannedStudy]:
+    """Group input files by Study Instance UID (headers only). Unreadable files stand alone."""
+    studies: dict[str, PlannedStudy] = {}
+    n = 0
+    for root in inputs:
+        for path in candidate_files(root):
+            try:
+                uid = str(read_dataset(path, header_only=True).get("StudyInstanceUID", ""))
+            except InputRejected:
+                uid = ""
+            key = uid or f"file:{n}"
+            n += 1
+            studies.setdefault(key, PlannedStudy(key, [])).files.append(path)
+    return list(studies.values())
+
+
+class Ledger:
+    """Per-study progress of one job (the job folder's ``ledger.sqlite3``)."""
+
+    def __init__(self, path: Path) -> None:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        self._db = sqlite3.connect(path, isolation_level=None)
+        self._db.execute("PRAGMA journal_mode=WAL")
+        self._db.execute(
+            "CREATE TABLE IF NOT EXISTS studies (study_key TEXT PRIMARY KEY, outcome TEXT NOT NULL, reason TEXT,"
+            " result_json TEXT NOT NULL, finished_at TEXT NOT NULL)"
+        )
+
+    def done(self) -> set[str]:
+        return {row[0] for row in self._db.execute("SELECT study_key FROM studies")}
+
+    def record(self, key: str, result: ScreeningResult) -> bool:
+        """Record a finished study once; returns False if it was already recorded."""
+        cur = self._db.execute(
+            "INSERT OR IGNORE INTO studies VALUES (?, ?, ?, ?, ?)",
+            (
+                key,
+                result.outcome.value,
+                result.reason.value if result.reason else None,
+                result.model_dump_json(),
+                datetime.now(UTC).isoformat(timespec="seconds"),
+            ),
+        )
+        return cur.rowcount == 1
+
+    def results(self) -> list[tuple[str, ScreeningResult]]:
+        rows = self._db.execute("SELECT study_key, result_json FROM studies ORDER BY rowid").fetchall()
+        return [(k, ScreeningResult.model_validate_json(j)) for k, j in rows]
+
+    def close(self) -> None:
+        self._db.close()
+
+
+def _screener(settings: Settings, *, sessions: bool) -> StudyScreener:
+    from models.registry import resolve
+    from serving.factory import build_predictor
+
+    if sessions:
+        return StudyScreener(
+            [build_predictor(m) for m in settings.models],
+            study_ref_key=settings.security.study_ref_key.get_secret_value().encode(),
+            max_frames_per_image=settings.screening.max_frames_per_image,
+            batch_size=settings.screening.batch_size,
+        )
+    return StudyScreener(
+        [],
+        manifests=[resolve(m.id, m.version) for m in settings.models],
+        study_ref_key=settings.security.study_ref_key.get_secret_value().encode(),
+        max_frames_per_image=settings.screening.max_frames_per_image,
+        batch_size=settings.screening.batch_size,
+    )
+
+
+class PrepareStage:
+    """Ray Data callable class: rows {study, path} -> rows {study, prepared (pickled)}."""
+
+    def __init__(self, settings_path: str | None) -> None:
+        self.screener = _screener(Settings.load(settings_path), sessions=False)
+
+    def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        out = []
+        for path in batch["path"]:
+            out.append(pickle.dumps(self.screener.prepare(InstanceInput(str(path), str(path)))))
+        return {"study": batch["study"], "path": batch["path"], "prepared": np.array(out, dtype=object)}
+
+
+class InferStage:
+    """Ray Data callable class: runs each prepared image through its model (one ORT call per model)."""
+
+    def __init__(self, settings_path: str | None, threads: int | None = None) -> None:
+        settings = Settings.load(settings_path)
+        if threads:
+            settings = settings.model_copy(
+                update={"models": [m.model_copy(update={"intra_op_threads": threads}) for m in settings.models]}
+            )
+        self.screener = _screener(settings, sessions=True)
+
+    def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        items = [pickle.loads(p) for p in batch["prepared"]]  # noqa: S301 - our own rows
+        outputs: list[Any] = [None] * len(items)
+        by_model: dict[str, list[int]] = {}
+        for i, item in enumerate(items):
+            if isinstance(item, PreparedImage):
+                by_model.setdefault(item.model_id, []).append(i)
+        for model_id, idx in by_model.items():
+            tensors = [items[i].tensors for i in idx]
+            sizes = [len(t) for t in tensors]
+            try:
+                out = run_model(self.screener.predictors[model_id], np.concatenate(tensors), max(sum(sizes), 1))
+            except InferenceFailed as exc:
+                for i in idx:
+                    outputs[i] = exc
+                continue
+            start = 0
+            for i, n in zip(idx, sizes, strict=True):
+                maps = None if out.maps is None else out.maps[start : start + n]
+                outputs[i] = ModelOutputs(out.scores[start : start + n], maps, out.map_role, len(idx))
+                start += n
+        for item in items:
+            if isinstance(item, PreparedImage):
+                item.tensors = item.tensors[:0]  # the driver needs no pixels
+        return {
+            "study": batch["study"],
+            "path": batch["path"],
+            "item": np.array([pickle.dumps(x) for x in items], dtype=object),
+            "output": np.array([pickle.dumps(x) for x in outputs], dtype=object),
+        }
+
+
+@dataclass
+class JobSummary:
+    planned: int
+    skipped: int
+    screened_now: int
+    seconds: float
+    studies_per_s: float
+    out_dir: Path
+    results: list[ScreeningResult] = field(default_factory=list)
+
+
+def run_batch_job(
+    inputs: list[Path],
+    out_dir: Path,
+    *,
+    settings_path: str | None = None,
+    address: str | None = None,
+    prepare_actors: int = 1,
+    infer_actors: int = 1,
+    infer_threads: int | None = None,
+    batch_size: int = 4,
+    stop_after: int | None = None,
+    on_progress: Callable[[int, int], None] | None = None,
+    save_to_results_store: bool = True,
+) -> JobSummary:
+    """Screen every study under ``inputs``; resumable via ``out_dir/ledger.sqlite3``.
+
+    Args:
+        stop_after: stop (as if interrupted) after this many newly finished studies.
+        on_progress: called with (finished, total) after each study.
+    """
+    import ray
+
+    settings = Settings.load(settings_path)
+    ledger = Ledger(out_dir / "ledger.sqlite3")
+    planned = plan_studies(inputs)
+    done = ledger.done()
+    todo = [s for s in planned if s.key not in done]
+    expected = {s.key: len(s.files) for s in todo}
+    started_ray = False
+    if not ray.is_initialized():
+        ray.init(address=address, include_dashboard=False, logging_level=logging.WARNING, log_to_driver=False)
+        started_ray = True
+    ctx = ray.data.DataContext.get_current()
+    ctx.enable_progress_bars = False
+    ctx.verbose_stats_logs = False
+    screener = _screener(settings, sessions=False)
+    store = None
+    if save_to_results_store:
+        from serving.results_store import ResultsStore
+
+        store = ResultsStore(settings.results.sqlite_path)
+    start = time.perf_counter()
+    finished = 0
+    try:
+        if todo:
+            rows = [{"study": s.key, "path": str(p)} for s in todo for p in s.files]
+            ds = ray.data.from_items(rows, override_num_blocks=max(1, len(rows) // batch_size))
+            ds = ds.map_batches(
+                PrepareStage,
+                fn_constructor_args=(settings_path,),
+                batch_size=batch_size,
+                concurrency=prepare_actors,
+                num_cpus=0.5,
+            )
+            ds = ds.map_batches(
+                InferStage,
+                fn_constructor_args=(settings_path, infer_threads),
+                batch_size=batch_size,
+                concurrency=infer_actors,
+                num_cpus=1,
+            )
+            pending: dict[str, list[tuple[Any, Any]]] = {}
+            for batch in _iter(ds):
+                for study, item_blob, out_blob in zip(batch["study"], batch["item"], batch["output"], strict=True):
+                    pending.setdefault(study, []).append((pickle.loads(item_blob), pickle.loads(out_blob)))  # noqa: S301
+                    if len(pending[study]) < expected[study]:
+                        continue
+                    parts = pending.pop(study)
+                    prepared = [(i, o) for i, o in parts if isinstance(i, PreparedImage)]
+                    rejected = [i for i, _ in parts if isinstance(i, RejectedImage)]
+                    uid = study if not study.startswith("file:") else ""
+                    result = screener.assemble(uid, prepared, rejected)
+                    if ledger.record(study, result) and store is not None:
+                        store.save(result)
+                    finished += 1
+                    if on_progress:
+                        on_progress(finished, len(todo))
+                    if stop_after is not None and finished >= stop_after:
+                        raise _Stop
+    except _Stop:
+        logger.info("batch job stopped after %d studies (resumable)", finished)
+    finally:
+        elapsed = time.perf_counter() - start
+        if store is not None:
+            store.close()
+        if started_ray:
+            ray.shutdown()
+    results = [r for _, r in ledger.results()]
+    ledger.close()
+    return JobSummary(
+        planned=len(planned),
+        skipped=len(planned) - len(todo),
+        screened_now=finished,
+        seconds=elapsed,
+        studies_per_s=finished / elapsed if elapsed > 0 else 0.0,
+        out_dir=out_dir,
+        results=results,
+    )
+
+
+class _Stop(Exception):
+    pass
+
+
+def _iter(ds: Any) -> Iterator[dict[str, np.ndarray]]:
+    yield from ds.iter_batches(batch_size=None, batch_format="numpy", prefetch_batches=2)
+
+
+__all__ = ["JobSummary", "Ledger", "ReasonCode", "plan_studies", "run_batch_job"]
