@@ -12,6 +12,7 @@ resumable: an interrupted job restarted with the same output folder skips finish
 
 from __future__ import annotations
 
+import json
 import logging
 import pickle  # nosec: rows are this job's own objects passed between its own actors
 import sqlite3
@@ -24,7 +25,7 @@ from typing import Any
 
 import numpy as np
 
-from models.errors import InferenceFailed, InputRejected, ReasonCode
+from models.errors import InferenceFailed, InputRejected, ReasonCode, SourceError
 from models.pixels import read_dataset
 from models.results import ScreeningResult
 from serving.screening import InstanceInput, ModelOutputs, PreparedImage, RejectedImage, StudyScreener, run_model
@@ -37,7 +38,12 @@ logger = logging.getLogger(__name__)
 @dataclass
 class PlannedStudy:
     key: str  # Study Instance UID, or "file:<n>" for an unreadable file
-    files: list[Path]
+    files: list[Path]  # empty: fetch the study from the configured store
+
+
+def plan_from_store(uids: list[str]) -> list[PlannedStudy]:
+    """Studies named by UID, fetched from the configured store (DICOMweb) by the job."""
+    return [PlannedStudy(uid, []) for uid in dict.fromkeys(u.strip() for u in uids if u.strip())]
 
 
 def plan_studies(inputs: list[Path]) -> list[PlannedStudy]:
@@ -67,6 +73,10 @@ class Ledger:
             "CREATE TABLE IF NOT EXISTS studies (study_key TEXT PRIMARY KEY, outcome TEXT NOT NULL, reason TEXT,"
             " result_json TEXT NOT NULL, finished_at TEXT NOT NULL)"
         )
+        # studies that could not be fetched (store down...): not done, retried by the next run
+        self._db.execute(
+            "CREATE TABLE IF NOT EXISTS errors (study_key TEXT PRIMARY KEY, error TEXT NOT NULL, at TEXT NOT NULL)"
+        )
 
     def done(self) -> set[str]:
         return {row[0] for row in self._db.execute("SELECT study_key FROM studies")}
@@ -84,6 +94,16 @@ class Ledger:
             ),
         )
         return cur.rowcount == 1
+
+    def record_error(self, key: str, error: str) -> None:
+        self._db.execute(
+            "INSERT OR REPLACE INTO errors VALUES (?, ?, ?)",
+            (key, error, datetime.now(UTC).isoformat(timespec="seconds")),
+        )
+
+    def errors(self) -> dict[str, str]:
+        done = self.done()
+        return {k: e for k, e in self._db.execute("SELECT study_key, error FROM errors") if k not in done}
 
     def results(self) -> list[tuple[str, ScreeningResult]]:
         rows = self._db.execute("SELECT study_key, result_json FROM studies ORDER BY rowid").fetchall()
@@ -114,20 +134,44 @@ def _screener(settings: Settings, *, sessions: bool) -> StudyScreener:
 
 
 class PrepareStage:
-    """Ray Data callable class: rows {study, path} -> rows {study, prepared (pickled)}."""
+    """Ray Data callable class: one row per study -> its prepared images (pickled list).
+
+    A row names files, or (no files) a study to fetch from the configured store. A store error
+    becomes the row's ``error`` (the study is retried by the next run, not marked done)."""
 
     def __init__(self, settings_path: str | None) -> None:
-        self.screener = _screener(Settings.load(settings_path), sessions=False)
+        from serving.factory import build_source
+
+        settings = Settings.load(settings_path)
+        self.screener = _screener(settings, sessions=False)
+        self.source = build_source(settings) if settings.store.kind != "local" else None
+
+    def _items(self, study: str, files: list[str]) -> list[InstanceInput]:
+        if files:
+            return [InstanceInput(f, f) for f in files]
+        if self.source is None:
+            raise SourceError("no study store configured for UID inputs")
+        return self.source.instances(study)
 
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
-        out = []
-        for path in batch["path"]:
-            out.append(pickle.dumps(self.screener.prepare(InstanceInput(str(path), str(path)))))
-        return {"study": batch["study"], "path": batch["path"], "prepared": np.array(out, dtype=object)}
+        prepared, errors = [], []
+        for study, files in zip(batch["study"], batch["files"], strict=True):
+            try:
+                items = self._items(str(study), json.loads(str(files)))
+                prepared.append(pickle.dumps([self.screener.prepare(i) for i in items]))
+                errors.append("")
+            except SourceError as exc:
+                prepared.append(pickle.dumps([]))
+                errors.append(f"{type(exc).__name__}: {exc}")
+        return {
+            "study": batch["study"],
+            "prepared": np.array(prepared, dtype=object),
+            "error": np.array(errors, dtype=object),
+        }
 
 
 class InferStage:
-    """Ray Data callable class: runs each prepared image through its model (one ORT call per model)."""
+    """Ray Data callable class: one ORT call per model for all images of the batch's studies."""
 
     def __init__(self, settings_path: str | None, threads: int | None = None) -> None:
         settings = Settings.load(settings_path)
@@ -138,35 +182,40 @@ class InferStage:
         self.screener = _screener(settings, sessions=True)
 
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
-        items = [pickle.loads(p) for p in batch["prepared"]]  # noqa: S301 - our own rows
-        outputs: list[Any] = [None] * len(items)
-        by_model: dict[str, list[int]] = {}
-        for i, item in enumerate(items):
-            if isinstance(item, PreparedImage):
-                by_model.setdefault(item.model_id, []).append(i)
-        for model_id, idx in by_model.items():
-            tensors = [items[i].tensors for i in idx]
+        studies = [pickle.loads(p) for p in batch["prepared"]]  # noqa: S301 - our own rows
+        flat = [
+            (si, ii)
+            for si, items in enumerate(studies)
+            for ii, item in enumerate(items)
+            if isinstance(item, PreparedImage)
+        ]
+        outputs: dict[tuple[int, int], Any] = {}
+        by_model: dict[str, list[tuple[int, int]]] = {}
+        for key in flat:
+            by_model.setdefault(studies[key[0]][key[1]].model_id, []).append(key)
+        for model_id, keys in by_model.items():
+            tensors = [studies[s][i].tensors for s, i in keys]
             sizes = [len(t) for t in tensors]
             try:
                 out = run_model(self.screener.predictors[model_id], np.concatenate(tensors), max(sum(sizes), 1))
             except InferenceFailed as exc:
-                for i in idx:
-                    outputs[i] = exc
+                outputs.update(dict.fromkeys(keys, exc))
                 continue
             start = 0
-            for i, n in zip(idx, sizes, strict=True):
+            for key, n in zip(keys, sizes, strict=True):
                 maps = None if out.maps is None else out.maps[start : start + n]
-                outputs[i] = ModelOutputs(out.scores[start : start + n], maps, out.map_role, len(idx))
+                outputs[key] = ModelOutputs(out.scores[start : start + n], maps, out.map_role, len(keys))
                 start += n
-        for item in items:
-            if isinstance(item, PreparedImage):
-                item.tensors = item.tensors[:0]  # the driver needs no pixels
-        return {
-            "study": batch["study"],
-            "path": batch["path"],
-            "item": np.array([pickle.dumps(x) for x in items], dtype=object),
-            "output": np.array([pickle.dumps(x) for x in outputs], dtype=object),
-        }
+        paired = []
+        for si, items in enumerate(studies):
+            pairs = []
+            for ii, item in enumerate(items):
+                if isinstance(item, PreparedImage):
+                    item.tensors = item.tensors[:0]  # the driver needs no pixels
+                    item.header = None
+                pairs.append((item, outputs.get((si, ii))))
+            paired.append(pickle.dumps(pairs))
+        return {"study": batch["study"], "paired": np.array(paired, dtype=object), "error": batch["error"]}
 
 
 @dataclass
@@ -178,12 +227,14 @@ class JobSummary:
     studies_per_s: float
     out_dir: Path
     results: list[ScreeningResult] = field(default_factory=list)
+    errors: dict[str, str] = field(default_factory=dict)  # study key -> why it could not be fetched
 
 
 def run_batch_job(
     inputs: list[Path],
     out_dir: Path,
     *,
+    study_uids: list[str] | None = None,
     settings_path: str | None = None,
     address: str | None = None,
     prepare_actors: int = 1,
@@ -204,10 +255,9 @@ def run_batch_job(
 
     settings = Settings.load(settings_path)
     ledger = Ledger(out_dir / "ledger.sqlite3")
-    planned = plan_studies(inputs)
+    planned = plan_studies(inputs) + plan_from_store(study_uids or [])
     done = ledger.done()
     todo = [s for s in planned if s.key not in done]
-    expected = {s.key: len(s.files) for s in todo}
     started_ray = False
     if not ray.is_initialized():
         ray.init(address=address, include_dashboard=False, logging_level=logging.WARNING, log_to_driver=False)
@@ -225,7 +275,7 @@ def run_batch_job(
     finished = 0
     try:
         if todo:
-            rows = [{"study": s.key, "path": str(p)} for s in todo for p in s.files]
+            rows = [{"study": s.key, "files": json.dumps([str(p) for p in s.files])} for s in todo]
             ds = ray.data.from_items(rows, override_num_blocks=max(1, len(rows) // batch_size))
             ds = ds.map_batches(
                 PrepareStage,
@@ -241,15 +291,15 @@ def run_batch_job(
                 concurrency=infer_actors,
                 num_cpus=1,
             )
-            pending: dict[str, list[tuple[Any, Any]]] = {}
             for batch in _iter(ds):
-                for study, item_blob, out_blob in zip(batch["study"], batch["item"], batch["output"], strict=True):
-                    pending.setdefault(study, []).append((pickle.loads(item_blob), pickle.loads(out_blob)))  # noqa: S301
-                    if len(pending[study]) < expected[study]:
+                for study, paired_blob, error in zip(batch["study"], batch["paired"], batch["error"], strict=True):
+                    study = str(study)
+                    if error:
+                        ledger.record_error(study, str(error))
                         continue
-                    parts = pending.pop(study)
-                    prepared = [(i, o) for i, o in parts if isinstance(i, PreparedImage)]
-                    rejected = [i for i, _ in parts if isinstance(i, RejectedImage)]
+                    pairs = pickle.loads(paired_blob)  # noqa: S301 - our own rows
+                    prepared = [(i, o) for i, o in pairs if isinstance(i, PreparedImage)]
+                    rejected = [i for i, _ in pairs if isinstance(i, RejectedImage)]
                     uid = study if not study.startswith("file:") else ""
                     result = screener.assemble(uid, prepared, rejected)
                     if ledger.record(study, result) and store is not None:
@@ -268,6 +318,7 @@ def run_batch_job(
         if started_ray:
             ray.shutdown()
     results = [r for _, r in ledger.results()]
+    errors = ledger.errors()
     ledger.close()
     return JobSummary(
         planned=len(planned),
@@ -277,6 +328,7 @@ def run_batch_job(
         studies_per_s=finished / elapsed if elapsed > 0 else 0.0,
         out_dir=out_dir,
         results=results,
+        errors=errors,
     )
 
 

@@ -110,7 +110,12 @@ def _run_screen(
 
 @app.command()
 def screen(
-    paths: Annotated[list[Path], typer.Argument(help="DICOM files or folders")],
+    paths: Annotated[list[Path] | None, typer.Argument(help="DICOM files or folders")] = None,
+    uids: Annotated[
+        Path | None, typer.Option(help="batch job: file of StudyInstanceUIDs (one a line) to fetch from the store")
+    ] = None,
+    query_modality: Annotated[str | None, typer.Option(help="batch job: QIDO-RS search of the store, modality")] = None,
+    query_dates: Annotated[str | None, typer.Option(help="batch job: QIDO-RS StudyDate, YYYYMMDD-YYYYMMDD")] = None,
     out: Annotated[
         Path | None,
         typer.Option(help="run as a batch job on Ray: results, ledger and report in this folder (resumable)"),
@@ -124,14 +129,50 @@ def screen(
 ) -> None:
     """Screen DICOM files or folders and print the findings (with --out: a resumable batch job)."""
     install_logging(logging.WARNING)
+    paths = paths or []
+    from_store = uids is not None or query_modality is not None or query_dates is not None
     if out is None:
+        if from_store or not paths:
+            console.print("[red]--uids/--query-* need --out (a batch job); give files or folders otherwise[/red]")
+            raise typer.Exit(2)
         _run_screen(paths, _load_settings(settings), as_json=as_json, per_file=per_file, save=save)
         return
-    _run_batch(paths, out, settings, address=address, prepare_actors=prepare_actors, save=save)
+    study_uids: list[str] = []
+    if uids is not None:
+        study_uids += uids.read_text().split()
+    if query_modality or query_dates:
+        study_uids += _query_store(_load_settings(settings), query_modality, query_dates)
+    _run_batch(paths, out, settings, address=address, prepare_actors=prepare_actors, save=save, study_uids=study_uids)
+
+
+def _query_store(cfg: Settings, modality: str | None, dates: str | None) -> list[str]:
+    from serving.factory import build_source
+    from serving.sources.dicomweb import DicomWebSource
+
+    source = build_source(cfg)
+    if not isinstance(source, DicomWebSource):
+        console.print("[red]--query-* needs store.kind: dicomweb in the settings[/red]")
+        raise typer.Exit(2)
+    with source:
+        found: list[str] = []
+        offset = 0
+        while True:
+            page = source.search_studies(modality=modality, study_date=dates, limit=500, offset=offset)
+            found += page
+            if len(page) < 500:
+                return found
+            offset += 500
 
 
 def _run_batch(
-    paths: list[Path], out: Path, settings: Path | None, *, address: str | None, prepare_actors: int, save: bool
+    paths: list[Path],
+    out: Path,
+    settings: Path | None,
+    *,
+    address: str | None,
+    prepare_actors: int,
+    save: bool,
+    study_uids: list[str] | None = None,
 ) -> None:
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 
@@ -164,6 +205,7 @@ def _run_batch(
         summary = run_batch_job(
             paths,
             out,
+            study_uids=study_uids,
             settings_path=str(settings) if settings else None,
             address=address,
             prepare_actors=prepare_actors,
@@ -184,6 +226,8 @@ def _run_batch(
         f"{summary.planned} studies planned, {summary.skipped} already done, {summary.screened_now} screened now "
         f"({summary.studies_per_s:.2f} studies/s). Job total: {n_ok} screened, {len(summary.results) - n_ok} not screened."
     )
+    if summary.errors:
+        console.print(f"[yellow]{len(summary.errors)} studies could not be fetched; run again to retry them[/yellow]")
     console.print(f"Results: {csv_path}, {parquet_path}\nReport:  {report}")
 
 

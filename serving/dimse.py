@@ -30,6 +30,41 @@ from serving.screening import InstanceInput
 
 logger = logging.getLogger(__name__)
 
+#: Transfer syntaxes offered/accepted for storage: studies travel as stored (the PACS never
+#: has to transcode; decoding happens here, with pylibjpeg).
+TRANSFER_SYNTAXES = [
+    "1.2.840.10008.1.2.1",  # explicit VR little endian
+    "1.2.840.10008.1.2",  # implicit VR little endian
+    "1.2.840.10008.1.2.1.99",  # deflated explicit VR little endian
+    "1.2.840.10008.1.2.5",  # RLE lossless
+    "1.2.840.10008.1.2.4.50",  # JPEG baseline
+    "1.2.840.10008.1.2.4.51",  # JPEG extended
+    "1.2.840.10008.1.2.4.57",  # JPEG lossless
+    "1.2.840.10008.1.2.4.70",  # JPEG lossless SV1
+    "1.2.840.10008.1.2.4.80",  # JPEG-LS lossless
+    "1.2.840.10008.1.2.4.81",  # JPEG-LS near-lossless
+    "1.2.840.10008.1.2.4.90",  # JPEG 2000 lossless
+    "1.2.840.10008.1.2.4.91",  # JPEG 2000
+    "1.2.840.10008.1.2.4.201",  # HTJ2K lossless
+    "1.2.840.10008.1.2.4.203",  # HTJ2K
+]
+#: SOP classes retrieved by C-GET, each proposed once per transfer syntax (an acceptor picks one
+#: syntax per context, so one context per syntax is what lets the PACS send without transcoding).
+GET_IMAGE_CLASSES = [
+    "1.2.840.10008.5.1.4.1.1.1",  # CR
+    "1.2.840.10008.5.1.4.1.1.1.1",  # DX for presentation
+    "1.2.840.10008.5.1.4.1.1.1.1.1",  # DX for processing
+    "1.2.840.10008.5.1.4.1.1.7",  # secondary capture
+    "1.2.840.10008.5.1.4.1.1.77.1.1",  # VL endoscopic
+    "1.2.840.10008.5.1.4.1.1.77.1.1.1",  # video endoscopic
+    "1.2.840.10008.5.1.4.1.1.77.1.4",  # VL photographic
+]
+GET_OTHER_CLASSES = [
+    "1.2.840.10008.5.1.4.1.1.88.11",  # basic text SR
+    "1.2.840.10008.5.1.4.1.1.88.22",  # enhanced SR
+    "1.2.840.10008.5.1.4.1.1.88.33",  # comprehensive SR
+    "1.2.840.10008.5.1.4.1.1.88.34",  # comprehensive 3D SR
+]
 VERIFICATION = "1.2.840.10008.1.1"
 STUDY_ROOT_FIND = "1.2.840.10008.5.1.4.1.2.2.1"
 STUDY_ROOT_GET = "1.2.840.10008.5.1.4.1.2.2.3"
@@ -58,7 +93,8 @@ class StoreScp:
 
     def start(self) -> None:
         ae = AE(ae_title=self.ae_title)
-        ae.supported_contexts = StoragePresentationContexts
+        for context in StoragePresentationContexts:
+            ae.add_supported_context(str(context.abstract_syntax), TRANSFER_SYNTAXES)
         ae.add_supported_context(VERIFICATION)
         server = ae.start_server(
             (self.host, self.port), block=False, evt_handlers=[(evt.EVT_C_STORE, self._handle_store)]
@@ -117,11 +153,17 @@ class DimseSource:
         self.calling_aet = calling_aet
         self.timeout_s = timeout_s
 
-    def _ae(self, contexts: list[str]) -> AE:
+    def _ae(self, contexts: list[str], storage: bool = False) -> AE:
         ae = AE(ae_title=self.calling_aet)
         ae.acse_timeout = ae.dimse_timeout = ae.network_timeout = self.timeout_s
         for context in contexts:
             ae.add_requested_context(context)
+        if storage:
+            for sop_class in GET_IMAGE_CLASSES:
+                for syntax in TRANSFER_SYNTAXES[:13]:  # 7 x 13 + 4 + 1 <= 128 contexts
+                    ae.add_requested_context(sop_class, [syntax])
+            for sop_class in GET_OTHER_CLASSES:
+                ae.add_requested_context(sop_class, TRANSFER_SYNTAXES[:2])
         return ae
 
     def search_studies(
@@ -155,13 +197,10 @@ class DimseSource:
             received.append(bytes(event.encoded_dataset()))
             return 0x0000
 
-        contexts: list[str] = [STUDY_ROOT_GET]
-        roles: list[SCP_SCU_RoleSelectionNegotiation] = []
-        for ctx in StoragePresentationContexts[:100]:  # association limit: 128 contexts
-            syntax = str(ctx.abstract_syntax)
-            contexts.append(syntax)
-            roles.append(build_role(syntax, scp_role=True))
-        assoc = self._ae(contexts).associate(
+        roles: list[SCP_SCU_RoleSelectionNegotiation] = [
+            build_role(sop_class, scp_role=True) for sop_class in GET_IMAGE_CLASSES + GET_OTHER_CLASSES
+        ]
+        assoc = self._ae([STUDY_ROOT_GET], storage=True).associate(
             self.host,
             self.port,
             ae_title=self.called_aet,

@@ -42,7 +42,6 @@ CREATE TABLE IF NOT EXISTS jobs (
 );
 CREATE INDEX IF NOT EXISTS jobs_status ON jobs (status);
 CREATE INDEX IF NOT EXISTS jobs_study ON jobs (study_instance_uid);
-CREATE TABLE IF NOT EXISTS seen_studies (study_instance_uid TEXT PRIMARY KEY, first_seen TEXT NOT NULL);
 """
 
 

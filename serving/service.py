@@ -320,7 +320,8 @@ class ScreeningService:
         for modality in self.poller_settings.modalities:
             uids = await asyncio.to_thread(self.poll_source.search_studies, modality=modality, study_date=window)
             for uid in uids:
-                if self.store.mark_seen(uid) and self.submit_automatic(uid, "poller"):
+                # not "seen once": a study whose job failed (store down) is offered again next sweep
+                if self.submit_automatic(uid, "poller"):
                     submitted += 1
         return submitted
 

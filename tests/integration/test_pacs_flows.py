@@ -140,6 +140,29 @@ def test_pushed_study_is_screened_and_its_sr_lands_in_the_same_study(tmp_path: P
             time.sleep(3.0)  # Orthanc sees the study change again; the Lua guard must stop a loop
             assert _sr_count(orthanc, cxr[1]) == 1
             assert store.count() == 1
+            # a DIMSE peer sees it too: findscu finds one SR series in the study
+            found = subprocess.run(
+                [
+                    "findscu",
+                    "-S",
+                    "-aec",
+                    orthanc.aet,
+                    "-k",
+                    "QueryRetrieveLevel=SERIES",
+                    "-k",
+                    f"StudyInstanceUID={cxr[1]}",
+                    "-k",
+                    "Modality=SR",
+                    "-k",
+                    "SeriesDescription",
+                    "127.0.0.1",
+                    str(orthanc.dicom_port),
+                ],
+                capture_output=True,
+                text=True,
+                check=True,
+            )
+            assert found.stderr.count("dxassist AI findings") == 1
             latest = store.latest(cxr[1])
             assert latest is not None and latest.outcome == "SCREENED"
         assert elapsed < 30

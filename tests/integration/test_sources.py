@@ -3,6 +3,7 @@ against real peers (a real Orthanc; a closed port; a server that accepts and nev
 
 from __future__ import annotations
 
+import io
 import socket
 import threading
 import time
@@ -16,6 +17,7 @@ import pytest
 from models.errors import SourceUnavailable, StudyNotFound
 from models.pixels import load_frames
 from models.registry import resolve
+from serving.dimse import DimseSource
 from serving.sources.dicomweb import DicomWebSource
 from serving.sources.local import LocalFolderSource
 from tests.conftest import write_synthetic_cxr
@@ -24,19 +26,22 @@ from tests.integration.conftest import OrthancServer
 pytestmark = pytest.mark.integration
 
 
-def _study(folder: Path) -> tuple[str, Path]:
-    cxr = write_synthetic_cxr(folder / "cxr.dcm", seed=71)
+def _study(folder: Path, encoding: str = "explicit") -> tuple[str, Path]:
+    cxr = write_synthetic_cxr(folder / "cxr.dcm", seed=71, encoding=encoding, bits=16)
     return str(pydicom.dcmread(cxr, stop_before_pixels=True).StudyInstanceUID), cxr
 
 
-@pytest.fixture(params=["local", "dicomweb"])
+@pytest.fixture(params=["local", "dicomweb", "dimse"])
 def source_and_study(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[tuple[object, str, Path]]:
-    uid, cxr = _study(tmp_path / "files")
+    uid, cxr = _study(tmp_path / "files", encoding="j2k")  # compressed: must come back as stored
     if request.param == "local":
         yield LocalFolderSource(tmp_path / "files"), uid, cxr
         return
     orthanc: OrthancServer = request.getfixturevalue("orthanc")
     orthanc.upload(cxr)
+    if request.param == "dimse":
+        yield DimseSource("127.0.0.1", orthanc.dicom_port, orthanc.aet), uid, cxr
+        return
     source = DicomWebSource(
         orthanc.dicomweb, username=orthanc.user, password=orthanc.password, manifests=[resolve("cxr-triage").manifest]
     )
@@ -48,7 +53,10 @@ def test_source_returns_the_study_instances_as_stored(source_and_study: tuple) -
     source, uid, original = source_and_study
     items = source.instances(uid)
     assert len(items) == 1
-    got = load_frames(items[0].source)[0].pixels
+    src = items[0].source
+    data = Path(src).read_bytes() if isinstance(src, str | Path) else src
+    assert pydicom.dcmread(io.BytesIO(data)).file_meta.TransferSyntaxUID == "1.2.840.10008.1.2.4.90"
+    got = load_frames(data)[0].pixels
     np.testing.assert_array_equal(got, load_frames(original)[0].pixels)
 
 
