@@ -74,6 +74,9 @@ class ScreeningResult(_Frozen):
     study_instance_uid: str
     study_ref: str
     outcome: OutcomeValues
+    #: identifiers for the EMR (PHI: delivered and stored, never logged)
+    patient_id: str = ""
+    accession_number: str = ""
     reason: ReasonCode | None = None
     reason_detail: str | None = None
     priority: TriagePriorityValues | None = None

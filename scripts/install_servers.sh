@@ -6,8 +6,15 @@ command -v Orthanc >/dev/null || need+=(orthanc)
 [ -e /usr/share/orthanc/plugins/libOrthancDicomWeb.so ] || need+=(orthanc-dicomweb)
 command -v storescu >/dev/null || need+=(dcmtk)
 command -v dciodvfy >/dev/null || need+=(dicom3tools)
+command -v node >/dev/null || need+=(nodejs npm)
 if [ ${#need[@]} -gt 0 ]; then
   if [ "$(id -u)" != "0" ]; then echo "install as root: apt-get install ${need[*]}" >&2; exit 1; fi
   apt-get update -qq
   DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends "${need[@]}"
+fi
+
+# A real FHIR R4 server for the EMR tests: Medplum's FHIR router (npm, pinned by the lockfile).
+here="$(cd "$(dirname "$0")/.." && pwd)"
+if [ ! -d "$here/tests/fhir_server/node_modules/@medplum/fhir-router" ]; then
+  (cd "$here/tests/fhir_server" && npm ci --no-audit --no-fund --loglevel=error)
 fi

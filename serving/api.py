@@ -9,11 +9,12 @@ import asyncio
 import hmac
 import re
 from collections.abc import Awaitable, Callable
+from datetime import UTC, datetime
 from typing import Annotated, Any
 
 from fastapi import Depends, FastAPI, File, HTTPException, Request, Response, UploadFile
 from fastapi.responses import JSONResponse, PlainTextResponse
-from pydantic import BaseModel, ConfigDict, Field, field_validator
+from pydantic import AfterValidator, BaseModel, ConfigDict, Field
 
 from models.results import OutcomeValues, ScreeningResult, TriagePriorityValues
 from serving.service import PriorityValues, QueueFull, ScreeningService, ServiceDraining, StudyRequest
@@ -21,34 +22,31 @@ from serving.service import PriorityValues, QueueFull, ScreeningService, Service
 _UID = re.compile(r"^[0-9]+(\.[0-9]+)*$")
 
 
+def _check_uid(value: str) -> str:
+    if not _UID.match(value):
+        raise ValueError("not a DICOM UID (digits and dots)")
+    return value
+
+
+StudyUid = Annotated[
+    str,
+    Field(min_length=1, max_length=64, description="Study Instance UID in the configured store"),
+    AfterValidator(_check_uid),
+]
+
+
 class ScreeningRequestBody(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
-    study_instance_uid: str = Field(
-        min_length=1, max_length=64, description="Study Instance UID in the configured store"
-    )
+    study_instance_uid: StudyUid
     priority: PriorityValues = PriorityValues.ROUTINE
-
-    @field_validator("study_instance_uid")
-    @classmethod
-    def _uid(cls, value: str) -> str:
-        if not _UID.match(value):
-            raise ValueError("not a DICOM UID (digits and dots)")
-        return value
 
 
 class StableStudyEvent(BaseModel):
     """Sent by the PACS when a study is complete (Orthanc's OnStableStudy Lua hook)."""
 
     model_config = ConfigDict(extra="ignore")
-    study_instance_uid: str = Field(min_length=1, max_length=64)
-
-    @field_validator("study_instance_uid")
-    @classmethod
-    def _uid(cls, value: str) -> str:
-        if not _UID.match(value):
-            raise ValueError("not a DICOM UID (digits and dots)")
-        return value
+    study_instance_uid: StudyUid
 
 
 class ScreeningJob(BaseModel):
@@ -66,10 +64,13 @@ class WorklistItem(BaseModel):
     study_instance_uid: str
     study_ref: str
     ai_priority: TriagePriorityValues | None
+    requested_priority: str | None
     outcome: OutcomeValues
     reason: str | None
     positive_findings: list[str]
     screened_at: str
+    rank: int = Field(description="0 is read first: STAT requested, then URGENT, ABNORMAL, ROUTINE")
+    rank_reason: str
 
 
 class Health(BaseModel):
@@ -78,7 +79,22 @@ class Health(BaseModel):
     queue: dict[str, int] = Field(default_factory=dict)
 
 
-_PRIORITY_ORDER = {TriagePriorityValues.URGENT: 0, TriagePriorityValues.ABNORMAL: 1, TriagePriorityValues.ROUTINE: 2}
+_AI_RANK = {TriagePriorityValues.URGENT: 1, TriagePriorityValues.ABNORMAL: 2, TriagePriorityValues.ROUTINE: 3}
+
+
+def worklist_rank(
+    result: ScreeningResult, requested: str | None, screened_at: str, now: datetime, ageing_minutes: float
+) -> tuple[int, str]:
+    """Reading rank (0 first) and why. A STAT request is 0 whatever the AI says (never lowered);
+    otherwise the AI level (NOT_SCREENED reads as routine), raised one level per ageing period."""
+    if requested == "stat":
+        return 0, "STAT requested"
+    base = _AI_RANK.get(result.priority, 3) if result.priority else 3
+    waited = (now - datetime.fromisoformat(screened_at)).total_seconds() / 60.0
+    steps = int(waited // ageing_minutes)
+    rank = max(1, base - steps)
+    label = f"AI {result.priority}" if result.priority else f"not screened ({result.reason})"
+    return rank, label if rank == base else f"{label}, aged {int(waited)} min"
 
 
 def create_api(get_service: Callable[[], Awaitable[ScreeningService]]) -> FastAPI:
@@ -195,22 +211,28 @@ def create_api(get_service: Callable[[], Awaitable[ScreeningService]]) -> FastAP
 
     @api.get("/v1/worklist", response_model=list[WorklistItem], dependencies=[Auth])
     async def worklist(svc: Service, limit: int = 200) -> list[WorklistItem]:
-        """Screened studies, most urgent first (then newest). AI priority only ever raises urgency."""
+        """Screened studies in reading order: the AI only raises priority, never lowers a requested
+        one; waiting studies move up one level per ``ageing_minutes`` so none waits forever."""
         await remember(svc)
-        items = [
-            WorklistItem(
-                study_instance_uid=r.study_instance_uid,
-                study_ref=r.study_ref,
-                ai_priority=r.priority,
-                outcome=r.outcome,
-                reason=r.reason.value if r.reason else None,
-                positive_findings=[f.key for f in r.positive_findings],
-                screened_at=created,
+        now = datetime.now(UTC)
+        items = []
+        for created, requested, r in svc.store.latest_per_study(limit):
+            rank, why = worklist_rank(r, requested, created, now, svc.settings.ageing_minutes)
+            items.append(
+                WorklistItem(
+                    study_instance_uid=r.study_instance_uid,
+                    study_ref=r.study_ref,
+                    ai_priority=r.priority,
+                    requested_priority=requested,
+                    outcome=r.outcome,
+                    reason=r.reason.value if r.reason else None,
+                    positive_findings=[f.key for f in r.positive_findings],
+                    screened_at=created,
+                    rank=rank,
+                    rank_reason=why,
+                )
             )
-            for created, r in svc.store.latest_per_study(limit)
-        ]
-        items.sort(key=lambda i: i.screened_at, reverse=True)
-        items.sort(key=lambda i: _PRIORITY_ORDER.get(i.ai_priority, 3) if i.ai_priority else 3)
+        items.sort(key=lambda i: (i.rank, i.screened_at))  # oldest first within a level
         return items
 
     @api.get("/healthz", response_model=Health)

@@ -22,13 +22,13 @@ from ray.serve.handle import DeploymentHandle
 
 from models.registry import resolve
 from serving.api import LazyService, create_api
-from serving.factory import build_predictor
+from serving.factory import build_predictor, build_sinks, build_source
 from serving.phi import install_logging
 from serving.results_store import ResultsStore
 from serving.screening import ModelOutputs, StudyScreener, run_model
 from serving.service import PreparedStudy, ScreeningService, StudyRequest, prepare_request
 from serving.settings import ModelSettings, Settings
-from serving.sources.local import LocalFolderSource
+from serving.sources.dicomweb import DicomWebSource
 
 logger = logging.getLogger(__name__)
 
@@ -58,7 +58,7 @@ class StudyFetcher:
         install_logging()
         settings = Settings.load(settings_path)
         self.screener = _screener_without_sessions(settings)
-        self.source = LocalFolderSource(settings.store.path)
+        self.source = build_source(settings)
 
     async def prepare(self, request: StudyRequest) -> PreparedStudy:
         return await asyncio.to_thread(prepare_request, self.screener, self.source, request)
@@ -163,7 +163,20 @@ class Ingress:
         store = ResultsStore(Path(settings.results.sqlite_path))
         pipeline = ServePipeline(fetcher, models)
         screener = _screener_without_sessions(settings)
-        _service["lazy"] = LazyService(lambda: ScreeningService(pipeline, screener, store, settings.api))
+        source = build_source(settings)
+        poll_source = source if isinstance(source, DicomWebSource) else None
+        _service["lazy"] = LazyService(
+            lambda: ScreeningService(
+                pipeline,
+                screener,
+                store,
+                settings.api,
+                sinks=build_sinks(settings),
+                scp=settings.scp,
+                poller=settings.poller,
+                poll_source=poll_source,
+            )
+        )
 
     async def check_health(self) -> None:
         service = _service["lazy"].started

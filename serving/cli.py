@@ -31,6 +31,8 @@ from serving.sources.local import candidate_files
 app = typer.Typer(add_completion=False, no_args_is_help=True, help=__doc__)
 models_app = typer.Typer(no_args_is_help=True, help="Registered model versions.")
 app.add_typer(models_app, name="models")
+outbox_app = typer.Typer(no_args_is_help=True, help="Deliveries of results to the EMR and the PACS.")
+app.add_typer(outbox_app, name="outbox")
 console = Console(soft_wrap=False, width=120)
 
 SettingsOpt = Annotated[
@@ -378,6 +380,38 @@ def models_register(
         console.print(f"[red]refused:[/red] {exc}")
         raise typer.Exit(1) from exc
     console.print(f"registered {target}")
+
+
+@outbox_app.command("status")
+def outbox_status(settings: SettingsOpt = None) -> None:
+    """Pending, delivered and dead-lettered deliveries, per sink."""
+    from serving.outbox import Outbox
+
+    cfg = _load_settings(settings)
+    outbox = Outbox(cfg.results.sqlite_path)
+    status = outbox.status()
+    table = Table(box=None)
+    for col in ("sink", "pending", "done", "dead"):
+        table.add_column(col)
+    for sink, counts in sorted(status.by_sink.items()):
+        table.add_row(sink, str(counts.get("PENDING", 0)), str(counts.get("DONE", 0)), str(counts.get("DEAD", 0)))
+    console.print(table)
+    for delivery_id, sink, error in outbox.dead():
+        console.print(f"dead: #{delivery_id} {sink}: {error}")
+    outbox.close()
+
+
+@outbox_app.command("retry")
+def outbox_retry(
+    ids: Annotated[list[int] | None, typer.Argument(help="delivery ids (default: every dead-lettered one)")] = None,
+    settings: SettingsOpt = None,
+) -> None:
+    """Put dead-lettered deliveries back in the queue; the running service delivers them."""
+    from serving.outbox import Outbox
+
+    outbox = Outbox(_load_settings(settings).results.sqlite_path)
+    console.print(f"{outbox.retry_dead(ids or None)} deliveries queued again")
+    outbox.close()
 
 
 if __name__ == "__main__":

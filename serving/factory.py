@@ -4,8 +4,10 @@ from __future__ import annotations
 
 from models.predictor import OnnxPredictor
 from models.registry import resolve
+from serving.outbox import Sink
 from serving.screening import StudyScreener
 from serving.settings import ModelSettings, Settings
+from serving.sinks import DicomSrSink, FhirSink, Hl7MllpSink
 from serving.sources import StudySource
 from serving.sources.dicomweb import DicomWebSource
 from serving.sources.local import LocalFolderSource
@@ -41,3 +43,19 @@ def build_source(settings: Settings) -> StudySource:
             manifests=[resolve(m.id, m.version).manifest for m in settings.models],
         )
     return LocalFolderSource(settings.store.path)
+
+
+def build_sinks(settings: Settings) -> dict[str, Sink]:
+    """The configured result sinks (FHIR, HL7 MLLP, SR back to the store), by outbox name."""
+    sinks: dict[str, Sink] = {}
+    emr = settings.emr
+    if emr.fhir is not None:
+        token = emr.fhir.token.get_secret_value() if emr.fhir.token else None
+        sinks["fhir"] = FhirSink(emr.fhir.url, token=token, timeout_s=emr.fhir.timeout_s)
+    if emr.hl7 is not None:
+        sinks["hl7"] = Hl7MllpSink(emr.hl7.host, emr.hl7.port, timeout_s=emr.hl7.timeout_s)
+    if settings.store.write_results:
+        source = build_source(settings)
+        if isinstance(source, DicomWebSource):
+            sinks["dicom-sr"] = DicomSrSink(source)
+    return sinks

@@ -70,3 +70,6 @@ def install_logging(level: int = logging.INFO, *, json_lines: bool = True) -> No
     root.addHandler(handler)
     root.setLevel(level)
     logging.getLogger("pydicom").setLevel(logging.ERROR)
+    # these log request URLs / association details: DICOMweb paths carry Study Instance UIDs
+    for noisy in ("httpx", "httpcore", "pynetdicom", "uvicorn.access"):
+        logging.getLogger(noisy).setLevel(logging.WARNING)

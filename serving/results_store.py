@@ -8,11 +8,17 @@ from __future__ import annotations
 
 import sqlite3
 import threading
+from collections.abc import Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime
+from io import BytesIO
 from pathlib import Path
 
+from pydicom import dcmread
+from pydicom.dataset import Dataset
+
 from models.results import ScreeningResult
+from serving.outbox import SCHEMA as OUTBOX_SCHEMA
 
 _SCHEMA = """
 CREATE TABLE IF NOT EXISTS screenings (
@@ -42,6 +48,11 @@ CREATE TABLE IF NOT EXISTS jobs (
 );
 CREATE INDEX IF NOT EXISTS jobs_status ON jobs (status);
 CREATE INDEX IF NOT EXISTS jobs_study ON jobs (study_instance_uid);
+CREATE TABLE IF NOT EXISTS evidence (
+    screening_id INTEGER NOT NULL,
+    header BLOB NOT NULL            -- the screened instance without pixel data (for the SR)
+);
+CREATE INDEX IF NOT EXISTS evidence_screening ON evidence (screening_id);
 """
 
 
@@ -65,6 +76,12 @@ def _now() -> str:
     return datetime.now(UTC).isoformat(timespec="milliseconds")
 
 
+def _header_bytes(ds: Dataset) -> bytes:
+    buffer = BytesIO()
+    ds.save_as(buffer, enforce_file_format=False)
+    return buffer.getvalue()
+
+
 class ResultsStore:
     """Append-only record of screening results. Thread-safe (one connection, a lock)."""
 
@@ -76,25 +93,29 @@ class ResultsStore:
         self._db.execute("PRAGMA journal_mode=WAL")
         self._db.execute("PRAGMA synchronous=FULL")
         self._db.executescript(_SCHEMA)
+        self._db.executescript(OUTBOX_SCHEMA)
+
+    def _insert(self, result: ScreeningResult) -> int:
+        cur = self._db.execute(
+            "INSERT INTO screenings (created_at, study_instance_uid, study_ref, outcome, reason, priority, models,"
+            " result_json) VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
+            (
+                _now(),
+                result.study_instance_uid,
+                result.study_ref,
+                result.outcome.value,
+                result.reason.value if result.reason else None,
+                result.priority.value if result.priority else None,
+                ",".join(result.models),
+                result.model_dump_json(),
+            ),
+        )
+        return int(cur.lastrowid or 0)
 
     def save(self, result: ScreeningResult) -> int:
         """Commit a result (durable before return); returns its row id."""
         with self._lock:
-            cur = self._db.execute(
-                "INSERT INTO screenings (created_at, study_instance_uid, study_ref, outcome, reason, priority, models,"
-                " result_json) VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
-                (
-                    _now(),
-                    result.study_instance_uid,
-                    result.study_ref,
-                    result.outcome.value,
-                    result.reason.value if result.reason else None,
-                    result.priority.value if result.priority else None,
-                    ",".join(result.models),
-                    result.model_dump_json(),
-                ),
-            )
-            return int(cur.lastrowid or 0)
+            return self._insert(result)
 
     def latest(self, study_instance_uid: str) -> ScreeningResult | None:
         with self._lock:
@@ -109,15 +130,16 @@ class ResultsStore:
             row = self._db.execute("SELECT result_json FROM screenings WHERE id = ?", (screening_id,)).fetchone()
         return ScreeningResult.model_validate_json(row[0]) if row else None
 
-    def latest_per_study(self, limit: int = 200) -> list[tuple[str, ScreeningResult]]:
-        """(created_at, result) of the newest screening of each study, newest first."""
+    def latest_per_study(self, limit: int = 200) -> list[tuple[str, str | None, ScreeningResult]]:
+        """(created_at, requested priority or None, result) of each study's newest screening."""
         with self._lock:
             rows = self._db.execute(
-                "SELECT created_at, result_json FROM screenings WHERE id IN "
-                "(SELECT MAX(id) FROM screenings GROUP BY study_instance_uid) ORDER BY id DESC LIMIT ?",
+                "SELECT s.created_at, j.priority, s.result_json FROM screenings s LEFT JOIN jobs j"
+                " ON j.screening_id = s.id WHERE s.id IN"
+                " (SELECT MAX(id) FROM screenings GROUP BY study_instance_uid) ORDER BY s.id DESC LIMIT ?",
                 (limit,),
             ).fetchall()
-        return [(r[0], ScreeningResult.model_validate_json(r[1])) for r in rows]
+        return [(r[0], r[1], ScreeningResult.model_validate_json(r[2])) for r in rows]
 
     # -- jobs ------------------------------------------------------------------------------
 
@@ -146,26 +168,30 @@ class ResultsStore:
                 (status, _now(), screening_id, error_reason, error_detail, job_id),
             )
 
-    def finish_job(self, job_id: str, result: ScreeningResult) -> int:
-        """Store the result and mark the job DONE in one transaction (no result without its job)."""
+    def finish_job(
+        self,
+        job_id: str,
+        result: ScreeningResult,
+        *,
+        evidence: Sequence[Dataset] = (),
+        sinks: Sequence[str] = (),
+    ) -> int:
+        """One transaction: the result, its evidence headers, one outbox row per sink, job DONE.
+
+        No result exists without its pending deliveries, and no delivery without its result."""
         with self._lock:
             self._db.execute("BEGIN IMMEDIATE")
             try:
-                cur = self._db.execute(
-                    "INSERT INTO screenings (created_at, study_instance_uid, study_ref, outcome, reason, priority,"
-                    " models, result_json) VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
-                    (
-                        _now(),
-                        result.study_instance_uid,
-                        result.study_ref,
-                        result.outcome.value,
-                        result.reason.value if result.reason else None,
-                        result.priority.value if result.priority else None,
-                        ",".join(result.models),
-                        result.model_dump_json(),
-                    ),
-                )
-                screening_id = int(cur.lastrowid or 0)
+                screening_id = self._insert(result)
+                for header in evidence:
+                    self._db.execute("INSERT INTO evidence VALUES (?, ?)", (screening_id, _header_bytes(header)))
+                now = _now()
+                for sink in sinks:
+                    self._db.execute(
+                        "INSERT INTO deliveries (screening_id, sink, status, attempts, next_at, created_at, updated_at)"
+                        " VALUES (?, ?, 'PENDING', 0, ?, ?, ?)",
+                        (screening_id, sink, now, now, now),
+                    )
                 self._db.execute(
                     "UPDATE jobs SET status = 'DONE', updated_at = ?, screening_id = ? WHERE id = ?",
                     (_now(), screening_id, job_id),
@@ -175,6 +201,15 @@ class ResultsStore:
                 self._db.execute("ROLLBACK")
                 raise
         return screening_id
+
+    def for_delivery(self, screening_id: int) -> tuple[ScreeningResult, list[Dataset]] | None:
+        """The result and its evidence headers, as the outbox needs them."""
+        result = self.result(screening_id)
+        if result is None:
+            return None
+        with self._lock:
+            blobs = self._db.execute("SELECT header FROM evidence WHERE screening_id = ?", (screening_id,)).fetchall()
+        return result, [dcmread(BytesIO(b[0])) for b in blobs]
 
     def job(self, job_id: str) -> JobRecord | None:
         with self._lock:

@@ -288,10 +288,13 @@ class StudyScreener:
                 duration_ms=round(duration_ms, 1),
             )
         findings = sorted(best.values(), key=lambda f: (f.model_id, f.key))
+        header = next((image.header for image, _ in prepared if image.header is not None), None)
         return ScreeningResult(
             study_instance_uid=study_instance_uid,
             study_ref=sref,
             outcome=OutcomeValues.SCREENED,
+            patient_id=str(header.get("PatientID", "")) if header is not None else "",
+            accession_number=str(header.get("AccessionNumber", "")) if header is not None else "",
             priority=triage_priority(findings),
             findings=findings,
             images=images,

@@ -18,7 +18,7 @@ import logging
 import shutil
 import time
 import uuid
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
 from enum import StrEnum
@@ -31,9 +31,9 @@ from pydicom.dataset import Dataset
 
 from models.errors import InferenceFailed, SourceError, StudyNotFound
 from models.results import OutcomeValues, ScreeningResult
-from serving.dicom_sr import build_sr
 from serving.dimse import StoreScp
 from serving.metrics import ServiceMetrics
+from serving.outbox import Outbox, OutboxWorker, Sink
 from serving.phi import study_ref
 from serving.results_store import JobRecord, ResultsStore
 from serving.screening import InstanceInput, ModelOutputs, PreparedImage, RejectedImage, StudyScreener
@@ -81,22 +81,6 @@ class StudyRequest:
 class PreparedStudy:
     prepared: list[PreparedImage] = field(default_factory=list)
     rejected: list[RejectedImage] = field(default_factory=list)
-
-
-class ResultWriter(Protocol):
-    """Writes a committed result somewhere else (the PACS: an SR in the study)."""
-
-    def write(self, result: ScreeningResult, evidence: list[Dataset]) -> None: ...
-
-
-class SrToStore:
-    """TID 1500 SR of each screened study, stored into the same study by STOW-RS."""
-
-    def __init__(self, source: DicomWebSource) -> None:
-        self.source = source
-
-    def write(self, result: ScreeningResult, evidence: list[Dataset]) -> None:
-        self.source.store([build_sr(result, evidence)])
 
 
 class Pipeline(Protocol):
@@ -176,12 +160,14 @@ class ScreeningService:
         settings: ApiSettings,
         metrics: ServiceMetrics | None = None,
         *,
-        writer: ResultWriter | None = None,
+        sinks: Mapping[str, Sink] | None = None,
         scp: ScpSettings | None = None,
         poller: PollerSettings | None = None,
         poll_source: DicomWebSource | None = None,
     ) -> None:
-        self.writer = writer
+        self.sinks = dict(sinks or {})
+        self.outbox = Outbox(store.path) if self.sinks else None
+        self._delivery: asyncio.Task[None] | None = None
         self.scp_settings = scp
         self.poller_settings = poller
         self.poll_source = poll_source
@@ -230,6 +216,8 @@ class ScreeningService:
             self._scp.start()
         if self.poller_settings is not None and self.poller_settings.enabled and self.poll_source is not None:
             self._poller = asyncio.create_task(self._poll_forever())
+        if self.outbox is not None:  # also delivers what a previous process left pending
+            self._delivery = asyncio.create_task(self._deliver_forever())
         self.ready = all(bool(m["ready"]) for m in info)
 
     async def drain(self, timeout_s: float = 30.0) -> bool:
@@ -240,6 +228,12 @@ class ScreeningService:
             await asyncio.to_thread(self._scp.stop)
         if self._poller is not None:
             self._poller.cancel()
+        if self._delivery is not None:
+            self._delivery.cancel()
+        for sink in self.sinks.values():
+            close = getattr(sink, "close", None)
+            if close is not None:
+                close()
         if self._dispatcher:
             self._dispatcher.cancel()
         if self._inflight:
@@ -301,6 +295,16 @@ class ScreeningService:
                 self.metrics.triggers.labels("c-store", "refused").inc()  # the spool stays for an operator
 
         self._loop.call_soon_threadsafe(submit)
+
+    async def _deliver_forever(self, interval_s: float = 0.2) -> None:
+        assert self.outbox is not None
+        worker = OutboxWorker(self.outbox, self.sinks, self.store.for_delivery)
+        while True:
+            try:
+                await asyncio.to_thread(worker.run_once)
+            except Exception:  # keep delivering; the rows stay pending
+                logger.exception("outbox pass failed")
+            await asyncio.sleep(interval_s)
 
     async def _poll_forever(self) -> None:
         assert self.poller_settings is not None and self.poll_source is not None
@@ -394,18 +398,11 @@ class ScreeningService:
             return
         elapsed = time.monotonic() - start
         result = result.model_copy(update={"duration_ms": round(elapsed * 1000.0, 1)})
-        self.store.finish_job(job.id, result)  # committed before any delivery
+        # the result, its evidence and one outbox row per sink, committed together before any delivery
+        sinks = list(self.sinks) if result.outcome == OutcomeValues.SCREENED else []
+        self.store.finish_job(job.id, result, evidence=evidence, sinks=sinks)
         if job.request.spool_dir:
             shutil.rmtree(job.request.spool_dir, ignore_errors=True)
-        if self.writer is not None and result.outcome == OutcomeValues.SCREENED:
-            try:
-                await asyncio.to_thread(self.writer.write, result, evidence)
-                self.metrics.result_writes.labels("ok").inc()
-            except Exception as exc:
-                self.metrics.result_writes.labels("failed").inc()
-                logger.warning(
-                    "result not written back to the store (%s)", type(exc).__name__, extra={"request_id": job.id}
-                )
         self.metrics.stage_seconds.labels("total").observe(elapsed + queued_s)
         self.metrics.screenings.labels(result.outcome.value, job.priority.value).inc()
         logger.info(

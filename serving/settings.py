@@ -56,6 +56,25 @@ class StoreSettings(_Strict):
         return self
 
 
+class FhirSettings(_Strict):
+    url: str  # base, e.g. https://emr.example/fhir/R4
+    token: SecretStr | None = None
+    timeout_s: float = 10.0
+
+
+class Hl7Settings(_Strict):
+    host: str
+    port: int
+    timeout_s: float = 10.0
+
+
+class EmrSettings(_Strict):
+    """Where findings go (each through the durable outbox). None configured: results stay local."""
+
+    fhir: FhirSettings | None = None
+    hl7: Hl7Settings | None = None
+
+
 class ScpSettings(_Strict):
     """C-STORE SCP receiving pushed studies (PACS/Orthanc routing, modalities)."""
 
@@ -100,6 +119,8 @@ class ApiSettings(_Strict):
     request_timeout_s: float = Field(default=120.0, gt=0)
     max_upload_bytes: int = Field(default=256 * 1024 * 1024, ge=1024)
     spool_dir: Path = Path("var/spool")
+    #: worklist ageing: a study moves up one level per this many minutes of waiting
+    ageing_minutes: float = Field(default=60.0, gt=0)
 
 
 class Settings(_Strict):
@@ -112,6 +133,7 @@ class Settings(_Strict):
     api: ApiSettings = ApiSettings()
     scp: ScpSettings = ScpSettings()
     poller: PollerSettings = PollerSettings()
+    emr: EmrSettings = EmrSettings()
 
     @model_validator(mode="after")
     def _no_dev_secrets_in_prod(self) -> Settings:
@@ -132,6 +154,9 @@ class Settings(_Strict):
         store_password = os.environ.get("DXASSIST_STORE_PASSWORD")
         if store_password and isinstance(data.get("store", {}).get("dicomweb"), dict):
             data["store"]["dicomweb"]["password"] = store_password
+        fhir_token = os.environ.get("DXASSIST_FHIR_TOKEN")
+        if fhir_token and isinstance(data.get("emr", {}).get("fhir"), dict):
+            data["emr"]["fhir"]["token"] = fhir_token
         tokens = os.environ.get("DXASSIST_API_TOKENS")
         if tokens:
             data.setdefault("api", {})["tokens"] = [t.strip() for t in tokens.split(",") if t.strip()]

@@ -87,3 +87,23 @@ def test_models_list_and_verify() -> None:
     assert listed.exit_code == 0 and "cxr-triage" in listed.output and "endoscopy-polyp" in listed.output
     verified = runner.invoke(app, ["models", "verify"])
     assert verified.exit_code == 0 and "FAIL" not in verified.output
+
+
+def test_outbox_status_and_retry_of_dead_letters(tmp_path: Path, settings_file: Path) -> None:
+    from models.results import ScreeningResult
+    from serving.outbox import Outbox
+    from serving.results_store import ResultsStore
+
+    store = ResultsStore(tmp_path / "results.sqlite3")
+    store.add_job("j1", "routine", "1.2.3", None)
+    store.finish_job(
+        "j1", ScreeningResult(study_instance_uid="1.2.3", study_ref="r", outcome="SCREENED"), sinks=["fhir", "hl7"]
+    )
+    outbox = Outbox(tmp_path / "results.sqlite3")
+    (delivery_id, _, sink, _), _ = outbox.due()
+    outbox.mark(delivery_id, sink, 1, "DEAD", "receiver rejected the message (AR)")
+    status = runner.invoke(app, ["outbox", "status", "--settings", str(settings_file)])
+    assert status.exit_code == 0 and "dead: #1 fhir: receiver rejected the message (AR)" in status.output
+    retried = runner.invoke(app, ["outbox", "retry", "--settings", str(settings_file)])
+    assert retried.exit_code == 0 and "1 deliveries queued again" in retried.output
+    assert outbox.status().pending == 2 and outbox.status().dead == 0

@@ -28,8 +28,9 @@ from serving.api import LazyService, create_api
 from serving.dimse import DimseSource
 from serving.results_store import ResultsStore
 from serving.screening import StudyScreener
-from serving.service import LocalPipeline, ScreeningService, SrToStore
+from serving.service import LocalPipeline, ScreeningService
 from serving.settings import ApiSettings, PollerSettings, ScpSettings
+from serving.sinks import DicomSrSink
 from serving.sources.dicomweb import DicomWebSource
 from tests.conftest import write_synthetic_cxr
 from tests.integration.conftest import OrthancServer, free_port, start_orthanc
@@ -65,7 +66,7 @@ def dxassist(
             screener,
             store,
             ApiSettings(spool_dir=tmp_path / "spool", tokens=[TOKEN]),  # type: ignore[list-item]
-            writer=SrToStore(source()),
+            sinks={"dicom-sr": DicomSrSink(source())},
             scp=ScpSettings(enabled=scp_port is not None, port=scp_port or 11112, stable_age_s=1.0),
             poller=PollerSettings(enabled=poll, interval_s=0.5, modalities=["CR"], lookback_days=36500),
             poll_source=source(),

@@ -1,0 +1,222 @@
+"""Durable outbox: every result is committed before any delivery, each sink retries on its own.
+
+Rows live in the results database (SQLite, WAL, synchronous=FULL) and are written in the same
+transaction as the result (``ResultsStore.finish_job``), so a crash can lose neither. One
+worker delivers due rows in order, one at a time, which serialises delivery per study (the
+FHIR conditional-create race does not arise). A retryable failure backs off exponentially; a
+permanent one (HL7 AR, FHIR 4xx) goes to the dead-letter list for ``dxassist outbox retry``.
+Every attempt leaves an audit row. Receivers deduplicate by the stable keys each sink uses
+(FHIR resource ids, HL7 MSH-10 = the delivery id), so a re-send is harmless.
+"""
+
+from __future__ import annotations
+
+import logging
+import sqlite3
+import threading
+from collections.abc import Mapping
+from dataclasses import dataclass
+from datetime import UTC, datetime, timedelta
+from pathlib import Path
+from typing import Protocol
+
+from pydicom.dataset import Dataset
+
+from models.errors import DeliveryFailed
+from models.results import ScreeningResult
+
+logger = logging.getLogger(__name__)
+
+SCHEMA = """
+CREATE TABLE IF NOT EXISTS deliveries (
+    id INTEGER PRIMARY KEY AUTOINCREMENT,
+    screening_id INTEGER NOT NULL,
+    sink TEXT NOT NULL,
+    status TEXT NOT NULL,            -- PENDING, DONE, DEAD
+    attempts INTEGER NOT NULL DEFAULT 0,
+    next_at TEXT NOT NULL,
+    last_error TEXT,
+    created_at TEXT NOT NULL,
+    updated_at TEXT NOT NULL,
+    UNIQUE (screening_id, sink)
+);
+CREATE INDEX IF NOT EXISTS deliveries_due ON deliveries (status, next_at);
+CREATE TABLE IF NOT EXISTS delivery_audit (
+    id INTEGER PRIMARY KEY AUTOINCREMENT,
+    delivery_id INTEGER NOT NULL,
+    sink TEXT NOT NULL,
+    attempt INTEGER NOT NULL,
+    outcome TEXT NOT NULL,           -- DELIVERED, RETRY, DEAD
+    detail TEXT,
+    at TEXT NOT NULL
+);
+"""
+
+
+class PermanentDeliveryError(DeliveryFailed):
+    """The receiver refused the content (HL7 AR, FHIR 4xx): retrying would not help."""
+
+
+class Sink(Protocol):
+    """Delivers one result; raises ``DeliveryFailed`` (retry) or ``PermanentDeliveryError``."""
+
+    name: str
+
+    def deliver(self, delivery_id: int, result: ScreeningResult, evidence: list[Dataset]) -> None: ...
+
+
+def _now() -> datetime:
+    return datetime.now(UTC)
+
+
+def _iso(moment: datetime) -> str:
+    """The timestamp format of the results database (compared as text)."""
+    return moment.isoformat(timespec="milliseconds")
+
+
+@dataclass(frozen=True)
+class OutboxStatus:
+    pending: int
+    done: int
+    dead: int
+    by_sink: dict[str, dict[str, int]]
+
+
+class Outbox:
+    """Reads and updates the deliveries of a results database (its own connection)."""
+
+    def __init__(self, path: Path, *, base_backoff_s: float = 1.0, max_backoff_s: float = 300.0) -> None:
+        self._db = sqlite3.connect(path, check_same_thread=False, isolation_level=None)
+        self._db.execute("PRAGMA journal_mode=WAL")
+        self._db.execute("PRAGMA synchronous=FULL")
+        self._db.execute("PRAGMA busy_timeout=5000")
+        self._db.executescript(SCHEMA)
+        self._lock = threading.Lock()
+        self.base_backoff_s = base_backoff_s
+        self.max_backoff_s = max_backoff_s
+
+    def due(self, limit: int = 50) -> list[tuple[int, int, str, int]]:
+        """(delivery id, screening id, sink, attempts) of pending rows that are due, oldest first."""
+        with self._lock:
+            rows = self._db.execute(
+                "SELECT id, screening_id, sink, attempts FROM deliveries WHERE status = 'PENDING' AND next_at <= ?"
+                " ORDER BY id LIMIT ?",
+                (_iso(_now()), limit),
+            ).fetchall()
+        return [(int(a), int(b), str(c), int(d)) for a, b, c, d in rows]
+
+    def _audit(self, delivery_id: int, sink: str, attempt: int, outcome: str, detail: str | None) -> None:
+        self._db.execute(
+            "INSERT INTO delivery_audit (delivery_id, sink, attempt, outcome, detail, at) VALUES (?, ?, ?, ?, ?, ?)",
+            (delivery_id, sink, attempt, outcome, detail, _iso(_now())),
+        )
+
+    def mark(self, delivery_id: int, sink: str, attempts: int, outcome: str, detail: str | None = None) -> None:
+        now = _now()
+        with self._lock:
+            self._db.execute("BEGIN IMMEDIATE")
+            try:
+                if outcome == "DELIVERED":
+                    status, next_at = "DONE", now
+                elif outcome == "DEAD":
+                    status, next_at = "DEAD", now
+                else:
+                    status = "PENDING"
+                    next_at = now + timedelta(
+                        seconds=min(self.max_backoff_s, self.base_backoff_s * 2 ** (attempts - 1))
+                    )
+                self._db.execute(
+                    "UPDATE deliveries SET status = ?, attempts = ?, next_at = ?, last_error = ?, updated_at = ?"
+                    " WHERE id = ?",
+                    (status, attempts, _iso(next_at), detail, _iso(now), delivery_id),
+                )
+                self._audit(delivery_id, sink, attempts, outcome, detail)
+                self._db.execute("COMMIT")
+            except BaseException:
+                self._db.execute("ROLLBACK")
+                raise
+
+    def status(self) -> OutboxStatus:
+        with self._lock:
+            rows = self._db.execute("SELECT sink, status, COUNT(*) FROM deliveries GROUP BY sink, status").fetchall()
+        by_sink: dict[str, dict[str, int]] = {}
+        for sink, status, n in rows:
+            by_sink.setdefault(sink, {})[status] = n
+        total = {s: sum(v.get(s, 0) for v in by_sink.values()) for s in ("PENDING", "DONE", "DEAD")}
+        return OutboxStatus(total["PENDING"], total["DONE"], total["DEAD"], by_sink)
+
+    def dead(self) -> list[tuple[int, str, str | None]]:
+        with self._lock:
+            return self._db.execute(
+                "SELECT id, sink, last_error FROM deliveries WHERE status = 'DEAD' ORDER BY id"
+            ).fetchall()
+
+    def retry_dead(self, ids: list[int] | None = None) -> int:
+        """Put dead-lettered deliveries back in the queue (all, or the given ids)."""
+        with self._lock:
+            if ids:
+                marks = ",".join("?" * len(ids))
+                cur = self._db.execute(
+                    f"UPDATE deliveries SET status = 'PENDING', next_at = ? WHERE status = 'DEAD' AND id IN ({marks})",  # noqa: S608
+                    (_iso(_now()), *ids),
+                )
+            else:
+                cur = self._db.execute(
+                    "UPDATE deliveries SET status = 'PENDING', next_at = ? WHERE status = 'DEAD'", (_iso(_now()),)
+                )
+        return cur.rowcount
+
+    def audit_count(self, outcome: str | None = None) -> int:
+        with self._lock:
+            if outcome:
+                return int(
+                    self._db.execute("SELECT COUNT(*) FROM delivery_audit WHERE outcome = ?", (outcome,)).fetchone()[0]
+                )
+            return int(self._db.execute("SELECT COUNT(*) FROM delivery_audit").fetchone()[0])
+
+    def close(self) -> None:
+        self._db.close()
+
+
+class OutboxWorker:
+    """Delivers due rows through the configured sinks (call ``run_once`` from a loop or thread)."""
+
+    def __init__(self, outbox: Outbox, sinks: Mapping[str, Sink], load: ResultLoader) -> None:
+        self.outbox = outbox
+        self.sinks = dict(sinks)
+        self.load = load
+
+    def run_once(self) -> int:
+        """Attempt every due delivery once; returns how many were delivered."""
+        delivered = 0
+        for delivery_id, screening_id, sink_name, attempts in self.outbox.due():
+            sink = self.sinks.get(sink_name)
+            attempt = attempts + 1
+            if sink is None:
+                self.outbox.mark(delivery_id, sink_name, attempt, "RETRY", "sink not configured")
+                continue
+            loaded = self.load(screening_id)
+            if loaded is None:
+                self.outbox.mark(delivery_id, sink_name, attempt, "DEAD", "result missing")
+                continue
+            result, evidence = loaded
+            try:
+                sink.deliver(delivery_id, result, evidence)
+            except PermanentDeliveryError as exc:
+                self.outbox.mark(delivery_id, sink_name, attempt, "DEAD", str(exc))
+                logger.warning(
+                    "delivery refused, dead-lettered", extra={"study_ref": result.study_ref, "stage": sink_name}
+                )
+            except DeliveryFailed as exc:
+                self.outbox.mark(delivery_id, sink_name, attempt, "RETRY", str(exc))
+            except Exception as exc:  # a bug in a sink must not stop the others
+                self.outbox.mark(delivery_id, sink_name, attempt, "RETRY", type(exc).__name__)
+                logger.exception("sink raised unexpectedly", extra={"stage": sink_name})
+            else:
+                self.outbox.mark(delivery_id, sink_name, attempt, "DELIVERED")
+                delivered += 1
+        return delivered
+
+
+class ResultLoader(Protocol):
+    def __call__(self, screening_id: int) -> tuple[ScreeningResult, list[Dataset]] | None: ...
