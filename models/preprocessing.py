@@ -23,6 +23,12 @@ class Pipeline:
     size: int
     fn: Callable[[PixelFrame], NDArray[np.float32]]
 
+    @property
+    def decode_size(self) -> int:
+        """Long side to decode to (JPEG 2000 resolution levels): twice the model input, so the
+        final area resize, not the codec's low-pass, does the anti-aliasing (as at full size)."""
+        return 2 * self.size
+
     def __call__(self, frame: PixelFrame) -> NDArray[np.float32]:
         return self.fn(frame)
 

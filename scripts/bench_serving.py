@@ -77,7 +77,7 @@ def in_process(predictor: OnnxPredictor, files: list[Path]) -> list[float]:
     times = []
     for path in files:
         start = time.perf_counter()
-        frame = load_frames(path, target_size=pipeline.size)[0]
+        frame = load_frames(path, target_size=pipeline.decode_size)[0]
         predictor.predict(pipeline(frame)[np.newaxis])
         times.append(time.perf_counter() - start)
     return times

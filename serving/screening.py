@@ -175,7 +175,7 @@ class StudyScreener:
             manifest = route(header, self.manifests)
             pipeline = get_pipeline(manifest.input.preprocessing)
             indices = _sample_frames(header.number_of_frames, self.max_frames_per_image)
-            frames = decode_frames(ds, frame_indices=indices, target_size=pipeline.size)
+            frames = decode_frames(ds, frame_indices=indices, target_size=pipeline.decode_size)
             tensors = np.stack([pipeline(f) for f in frames]).astype(np.float32, copy=False)
             rows, cols = frames[0].pixels.shape[:2]
             evidence = ds.copy()

@@ -31,6 +31,7 @@ from pydicom.dataset import Dataset
 
 from models.errors import InferenceFailed, SourceError, StudyNotFound
 from models.results import OutcomeValues, ScreeningResult
+from serving.dicom_sc import overlay_for
 from serving.dimse import StoreScp
 from serving.metrics import ServiceMetrics
 from serving.outbox import Outbox, OutboxWorker, Sink
@@ -442,7 +443,12 @@ class ScreeningService:
         if not uid and job.request.study_instance_uid:
             uid = job.request.study_instance_uid
         evidence = [i.header for i in prepared.prepared if i.header is not None]
-        return self.screener.assemble(uid, list(paired), prepared.rejected), evidence
+        result = self.screener.assemble(uid, list(paired), prepared.rejected)
+        if "dicom-sr" in self.sinks:  # an overlay for viewers that cannot show the SR
+            overlay = overlay_for(result, list(paired), self.screener.loaded)
+            if overlay is not None:
+                evidence.append(overlay)
+        return result, evidence
 
     # -- queries ---------------------------------------------------------------------------
 

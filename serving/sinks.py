@@ -21,6 +21,7 @@ from pydicom.dataset import Dataset
 
 from models.errors import DeliveryFailed, SourceError
 from models.results import Finding, ScreeningResult
+from serving.dicom_sc import is_own_overlay
 from serving.dicom_sr import build_sr
 from serving.outbox import PermanentDeliveryError
 from serving.sources.dicomweb import DicomWebSource
@@ -262,7 +263,8 @@ class Hl7MllpSink:
 
 
 class DicomSrSink:
-    """The TID 1500 SR into the same study (STOW-RS)."""
+    """The TID 1500 SR, and the heatmap Secondary Capture when there is one, into the same study
+    (one STOW-RS request)."""
 
     name = "dicom-sr"
 
@@ -275,9 +277,11 @@ class DicomSrSink:
     def deliver(self, delivery_id: int, result: ScreeningResult, evidence: list[Dataset]) -> None:
         if not result.findings:
             return
-        if not evidence:
+        images = [e for e in evidence if not is_own_overlay(e)]
+        overlays = [e for e in evidence if is_own_overlay(e)]
+        if not images:
             raise PermanentDeliveryError("no evidence headers kept for this result")
         try:
-            self.source.store([build_sr(result, evidence)])
+            self.source.store([build_sr(result, images), *overlays])
         except SourceError as exc:
             raise DeliveryFailed(f"store unavailable ({type(exc).__name__})") from exc

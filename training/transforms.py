@@ -37,7 +37,7 @@ class ApplyModelPreprocessd(MapTransform):
     def __call__(self, data: Mapping[Hashable, Any]) -> dict[Hashable, Any]:
         d = dict(data)
         for key in self.key_iterator(d):
-            frame = load_frames(d[key], frame_indices=[self.frame_index], target_size=self.pipeline.size)[0]
+            frame = load_frames(d[key], frame_indices=[self.frame_index], target_size=self.pipeline.decode_size)[0]
             d[key] = self.pipeline(frame)
         return d
 

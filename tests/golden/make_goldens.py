@@ -66,7 +66,7 @@ def write_inputs() -> None:
 def compute(name: str) -> np.ndarray:
     file, pipeline_name = CASES[name]
     pipeline = PIPELINES[pipeline_name]
-    frame = load_frames(INPUTS / file, target_size=pipeline.size)[0]
+    frame = load_frames(INPUTS / file, target_size=pipeline.decode_size)[0]
     return pipeline(frame)
 
 

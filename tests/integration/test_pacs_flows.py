@@ -119,6 +119,12 @@ def _sr_count(orthanc: OrthancServer, study_uid: str) -> int:
         return len(found.json())
 
 
+def _overlay_series(orthanc: OrthancServer, study_uid: str) -> int:
+    with orthanc.client() as c:
+        query = {"StudyInstanceUID": study_uid, "SeriesDescription": "dxassist AI overlay*"}
+        return len(c.post("/tools/find", json={"Level": "Series", "Query": query}).json())
+
+
 @pytest.fixture
 def cxr(tmp_path: Path) -> tuple[Path, str]:
     path = write_synthetic_cxr(tmp_path / "in" / "cxr.dcm", seed=91, findings={"pneumothorax": True})
@@ -166,6 +172,8 @@ def test_pushed_study_is_screened_and_its_sr_lands_in_the_same_study(tmp_path: P
             assert found.stderr.count("dxassist AI findings") == 1
             latest = store.latest(cxr[1])
             assert latest is not None and latest.outcome == "SCREENED"
+            # viewers without SR support get the heatmap overlay when a finding is positive
+            assert _overlay_series(orthanc, cxr[1]) == (1 if latest.positive_findings else 0)
         assert elapsed < 30
     finally:
         proc.terminate()

@@ -49,3 +49,25 @@ def test_not_screened_result_has_no_sr(screened: tuple) -> None:
     result, header = screened
     with pytest.raises(ValueError, match="only SCREENED"):
         build_sr(result.model_copy(update={"outcome": "NOT_SCREENED", "findings": []}), [header])
+
+
+def test_heatmap_secondary_capture_is_valid_and_labelled(screened: tuple, tmp_path: Path) -> None:
+    import numpy as np
+
+    from serving.dicom_sc import BANNER, build_sc, render_overlay
+
+    result, header = screened
+    image = np.random.default_rng(0).random((1, 224, 224), dtype=np.float32)
+    heat = np.zeros((7, 7), np.float32)
+    heat[2, 5] = 1.0
+    overlay = render_overlay(image, heat, "Pneumothorax 0.97")
+    assert overlay.shape == (512, 512, 3) and overlay.dtype == np.uint8
+    assert overlay[:24].mean() < overlay[24:].mean()  # the banner strip is drawn
+    sc = build_sc(result, header, overlay)
+    path = tmp_path / "sc.dcm"
+    sc.save_as(path, enforce_file_format=True)
+    check = subprocess.run(["dciodvfy", str(path)], capture_output=True, text=True)
+    assert [line for line in (check.stdout + check.stderr).splitlines() if line.startswith("Error")] == []
+    back = pydicom.dcmread(path)
+    assert back.StudyInstanceUID == header.StudyInstanceUID and back.BurnedInAnnotation == "YES"
+    assert "NOT FOR DIAGNOSIS" in BANNER and back.SOPClassUID == "1.2.840.10008.5.1.4.1.1.7"
