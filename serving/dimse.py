@@ -12,7 +12,6 @@ association survives; nothing is logged but counts and study refs.
 from __future__ import annotations
 
 import logging
-import shutil
 import threading
 import time
 import uuid
@@ -21,7 +20,6 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from pydicom.dataset import Dataset
-from pydicom.filebase import DicomBytesIO
 from pynetdicom import AE, StoragePresentationContexts, build_role, evt
 from pynetdicom.pdu_primitives import SCP_SCU_RoleSelectionNegotiation
 
@@ -222,14 +220,3 @@ class DimseSource:
         if final not in (0x0000, 0xB000) or not received:
             raise SourceUnavailable(f"C-GET ended with status 0x{final or 0:04X} after {len(received)} instances")
         return [InstanceInput(data, f"instance {n + 1}") for n, data in enumerate(received)]
-
-
-def dataset_bytes(ds: Dataset) -> bytes:
-    buffer = DicomBytesIO()
-    ds.save_as(buffer, enforce_file_format=True)
-    return buffer.getvalue()
-
-
-def move_folder(src: Path, dst_root: Path) -> Path:
-    dst_root.mkdir(parents=True, exist_ok=True)
-    return Path(shutil.move(str(src), str(dst_root / src.name)))

@@ -38,7 +38,29 @@ class CxrWithCam(nn.Module):
 
 
 def polyp_network() -> FlexibleUNet:
-    return FlexibleUNet(in_channels=3, out_channels=1, backbone="efficientnet-b0", pretrained=False, spatial_dims=2)
+    net = FlexibleUNet(in_channels=3, out_channels=1, backbone="efficientnet-b0", pretrained=False, spatial_dims=2)
+    # MONAI's EfficientNet keeps TensorFlow's BatchNorm momentum (0.01): after a few hundred steps
+    # the running statistics are still near their start and eval-mode output collapses to
+    # background (Dice 0 while training Dice rises). PyTorch's default momentum fixes that.
+    for module in net.modules():
+        if isinstance(module, nn.BatchNorm2d):
+            module.momentum = 0.1
+    return net
+
+
+@torch.no_grad()
+def recalibrate_batchnorm(model: nn.Module, batches: list[torch.Tensor]) -> None:
+    """Re-estimate BatchNorm running statistics on training images (cumulative average)."""
+    norms = [m for m in model.modules() if isinstance(m, nn.BatchNorm2d)]
+    for m in norms:
+        m.reset_running_stats()
+        m.momentum = None  # cumulative moving average over the passes below
+    model.train()
+    for x in batches:
+        model(x)
+    for m in norms:
+        m.momentum = 0.1
+    model.eval()
 
 
 class PolypWithScore(nn.Module):

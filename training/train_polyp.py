@@ -32,7 +32,7 @@ from training.config import TrainConfig
 from training.datasets import KvasirSegDataset
 from training.evaluate import auroc_with_ci, dice_iou, sens_spec, threshold_for_sensitivity
 from training.export_onnx import export_onnx, parity_check, save_weights, stage_model
-from training.networks import PolypWithScore, polyp_network
+from training.networks import PolypWithScore, polyp_network, recalibrate_batchnorm
 from training.transforms import ApplyModelPreprocessd, polyp_train_augment
 
 logger = logging.getLogger("training.train_polyp")
@@ -152,6 +152,11 @@ def train(cfg: TrainConfig, out: Path, *, register: bool = False) -> dict[str, o
     assert best_state is not None
     model.load_state_dict(best_state)
     model = model.to(memory_format=torch.contiguous_format).float().eval()
+    calibration = [
+        torch.as_tensor(np.stack([train_ds[i]["image"] for i in range(j, min(j + 8, len(train_ds)))]))
+        for j in range(0, min(len(train_ds), 160), 8)
+    ]
+    recalibrate_batchnorm(model, calibration)
 
     s_val, _, t_val = _predict(model, val_loader)
     y_val = np.asarray(t_val.reshape(len(t_val), -1).any(axis=1), dtype=np.float32)
