@@ -64,7 +64,10 @@ class StudyFetcher:
         return await asyncio.to_thread(prepare_request, self.screener, self.source, request)
 
 
-@serve.deployment(name="model", ray_actor_options={"num_cpus": 1}, max_ongoing_requests=32, health_check_period_s=30)
+# Logical CPU reservations fit one 2-core machine (0.1 + 0.5 + 2 x 0.5): ORT sets its own
+# threads; configs/serve/gpu.yaml reserves more on bigger nodes. Over-reserving leaves replicas
+# unscheduled and the app DEPLOYING forever.
+@serve.deployment(name="model", ray_actor_options={"num_cpus": 0.5}, max_ongoing_requests=32, health_check_period_s=30)
 class ModelDeployment:
     """One model: a verified ``OnnxPredictor`` behind ``@serve.batch``.
 
@@ -143,14 +146,30 @@ class ServePipeline:
 _service: dict[str, LazyService] = {}
 
 
+# The class that @serve.ingress builds is pickled by value (it is created at import time), so its
+# methods would write into a pickled copy of ``_service``. Module-level functions travel by
+# reference: every access to the replica's service goes through these three.
+def _install_service(lazy: LazyService) -> None:
+    _service["lazy"] = lazy
+
+
+def _current_service() -> LazyService | None:
+    return _service.get("lazy")
+
+
 async def _get_service() -> ScreeningService:
-    return await _service["lazy"]()
+    lazy = _current_service()
+    if lazy is None:
+        raise RuntimeError("ingress not initialised")
+    return await lazy()
 
 
 fastapi_app = create_api(_get_service)
 
 
-@serve.deployment(name="ingress", max_ongoing_requests=256, graceful_shutdown_timeout_s=60)
+@serve.deployment(
+    name="ingress", ray_actor_options={"num_cpus": 0.1}, max_ongoing_requests=256, graceful_shutdown_timeout_s=60
+)
 @serve.ingress(fastapi_app)
 class Ingress:
     """HTTP API + admission/priority/persistence; holds no model session."""
@@ -165,28 +184,30 @@ class Ingress:
         screener = _screener_without_sessions(settings)
         source = build_source(settings)
         poll_source = source if isinstance(source, DicomWebSource) else None
-        _service["lazy"] = LazyService(
-            lambda: ScreeningService(
-                pipeline,
-                screener,
-                store,
-                settings.api,
-                sinks=build_sinks(settings),
-                scp=settings.scp,
-                poller=settings.poller,
-                poll_source=poll_source,
+        _install_service(
+            LazyService(
+                lambda: ScreeningService(
+                    pipeline,
+                    screener,
+                    store,
+                    settings.api,
+                    sinks=build_sinks(settings),
+                    scp=settings.scp,
+                    poller=settings.poller,
+                    poll_source=poll_source,
+                )
             )
         )
 
     async def check_health(self) -> None:
-        service = _service["lazy"].started
-        if service is not None and service.dispatcher_failed():
+        lazy = _current_service()
+        if lazy is not None and lazy.started is not None and lazy.started.dispatcher_failed():
             raise RuntimeError("dispatcher stopped")
 
     async def __del__(self) -> None:
-        service = _service.get("lazy")
-        if service is not None and service.started is not None:
-            await service.started.drain(timeout_s=50)
+        lazy = _current_service()
+        if lazy is not None and lazy.started is not None:
+            await lazy.started.drain(timeout_s=50)
 
 
 def build_app(args: dict[str, Any]) -> Any:

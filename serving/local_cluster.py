@@ -27,7 +27,10 @@ def wait_ready(base_url: str, timeout_s: float = 180.0) -> None:
         except httpx.HTTPError as exc:
             last = type(exc).__name__
         time.sleep(0.5)
-    raise TimeoutError(f"service not ready after {timeout_s:.0f} s (last: {last})")
+    raise TimeoutError(
+        f"service not ready after {timeout_s:.0f} s (last: {last}); check `serve status`: a replica that "
+        "cannot be scheduled (CPU/GPU reservations above the machine) keeps the app DEPLOYING"
+    )
 
 
 @contextmanager
