@@ -63,7 +63,7 @@ def _print_results(results: list[ScreeningResult]) -> None:
                 table.add_column(col)
             for f in result.findings:
                 where = ""
-                if f.region:
+                if f.region and f.positive:  # a map of a negative finding points at noise
                     r = f.region
                     where = f"x {r.x:.2f}-{r.x + r.width:.2f}, y {r.y:.2f}-{r.y + r.height:.2f}"
                     if f.frame_index is not None:
