@@ -92,11 +92,10 @@ def http_run(base: str, token: str, uids: list[str], concurrency: int) -> tuple[
         with httpx.Client(base_url=base, headers=headers, timeout=120) as client:
             start = time.perf_counter()
             job = client.post("/v1/screenings", json={"study_instance_uid": uid, "priority": "routine"}).json()
-            while True:
-                body = client.get(f"/v1/screenings/{job['screening_id']}").json()
+            while True:  # long-poll: the answer comes when the screening ends
+                body = client.get(f"/v1/screenings/{job['screening_id']}", params={"wait": 30}).json()
                 if body["status"] in ("DONE", "FAILED"):
                     break
-                time.sleep(0.002)
             if body["status"] != "DONE":
                 raise RuntimeError(body)
             return time.perf_counter() - start

@@ -204,9 +204,12 @@ def create_api(get_service: Callable[[], Awaitable[ScreeningService]]) -> FastAP
         return {"screening_id": job_id, "duplicate": job_id is None}
 
     @api.get("/v1/screenings/{screening_id}", response_model=ScreeningJob, dependencies=[Auth])
-    async def get_screening(screening_id: str, svc: Service) -> ScreeningJob:
-        """Status (QUEUED, RUNNING, DONE, FAILED) and, once DONE, the result."""
+    async def get_screening(screening_id: str, svc: Service, wait: float = 0.0) -> ScreeningJob:
+        """Status (QUEUED, RUNNING, DONE, FAILED) and, once DONE, the result. ``wait`` (seconds,
+        at most 60) holds the answer until the screening ends: no polling needed."""
         await remember(svc)
+        if wait > 0:
+            await svc.wait_for(screening_id, min(wait, 60.0))
         return _job_view(svc, screening_id)
 
     @api.get("/v1/worklist", response_model=list[WorklistItem], dependencies=[Auth])

@@ -185,6 +185,7 @@ class ScreeningService:
             PriorityValues.ROUTINE: asyncio.Queue(settings.max_queued_routine),
         }
         self._inflight: set[asyncio.Task[None]] = set()
+        self._done_events: dict[str, asyncio.Event] = {}
         self._wakeup = asyncio.Event()
         self._dispatcher: asyncio.Task[None] | None = None
         self._draining = False
@@ -377,7 +378,29 @@ class ScreeningService:
         self._inflight.discard(task)
         self._wakeup.set()
 
+    async def wait_for(self, job_id: str, timeout_s: float) -> None:
+        """Return when the job is DONE/FAILED (this process) or after ``timeout_s``."""
+        record = self.store.job(job_id)
+        if record is None or record.status in (JobStatusValues.DONE, JobStatusValues.FAILED):
+            return
+        event = self._done_events.setdefault(job_id, asyncio.Event())
+        try:
+            await asyncio.wait_for(event.wait(), timeout=timeout_s)
+        except TimeoutError:
+            pass
+
+    def _signal_done(self, job_id: str) -> None:
+        event = self._done_events.pop(job_id, None)
+        if event is not None:
+            event.set()
+
     async def _run(self, job: _Job) -> None:
+        try:
+            await self._run_job(job)
+        finally:
+            self._signal_done(job.id)
+
+    async def _run_job(self, job: _Job) -> None:
         queued_s = time.monotonic() - job.enqueued
         self.metrics.stage_seconds.labels("queue").observe(queued_s)
         self.store.update_job(job.id, JobStatusValues.RUNNING)

@@ -211,3 +211,17 @@ def test_restart_resumes_unfinished_jobs(tmp_path: Path, predictor: OnnxPredicto
     with running(tmp_path, predictor, store_dir, db=db) as (client, _):
         assert [wait_for(client, j)["status"] for j in ids] == ["DONE", "DONE"]
     assert ResultsStore(db).count() == 2  # each study screened once, nothing lost
+
+
+def test_long_poll_returns_when_the_screening_ends(tmp_path: Path, predictor: OnnxPredictor, store_dir: Path) -> None:
+    with running(tmp_path, predictor, store_dir, gate=True) as (client, pipe):
+        job = client.post("/v1/screenings", json={"study_instance_uid": uid_of(store_dir / "s41.dcm")}).json()
+        start = time.monotonic()
+        assert client.get(f"/v1/screenings/{job['screening_id']}", params={"wait": 0.3}).json()["status"] in (
+            "QUEUED",
+            "RUNNING",
+        )
+        assert time.monotonic() - start >= 0.3  # held while the gate keeps it running
+        client.portal.call(pipe().gate.set)  # type: ignore[union-attr]
+        body = client.get(f"/v1/screenings/{job['screening_id']}", params={"wait": 20}).json()
+        assert body["status"] == "DONE" and time.monotonic() - start < 10
