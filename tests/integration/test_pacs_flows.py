@@ -221,3 +221,21 @@ def test_dimse_c_get_source_retrieves_the_study(orthanc: OrthancServer, cxr: tup
 
     with pytest.raises(StudyNotFound):
         source.instances("1.2.826.0.1.3680043.8.498.999")
+
+
+def test_modality_pushes_straight_to_the_scp(tmp_path: Path, orthanc: OrthancServer, cxr: tuple[Path, str]) -> None:
+    """storescu as a modality, pushing to dxassist's C-STORE SCP; the SR lands in Orthanc."""
+    scp_port = free_port()
+    with dxassist(tmp_path, orthanc, scp_port=scp_port) as (_, store):
+        start = time.monotonic()
+        storescu(cxr[0], scp_port, "DXASSIST")
+        deadline = time.monotonic() + 30
+        while store.latest(cxr[1]) is None:
+            assert time.monotonic() < deadline, "pushed study was not screened"
+            time.sleep(0.2)
+        assert store.latest(cxr[1]).outcome == "SCREENED"  # type: ignore[union-attr]
+        wait_for_sr(orthanc, cxr[1])  # STOW creates the study in the PACS with the SR
+        assert time.monotonic() - start < 30
+        storescu(cxr[0], scp_port, "DXASSIST")  # the same study pushed again: not screened twice
+        time.sleep(2.5)
+        assert store.count() == 1
