@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import hashlib
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import onnx
@@ -14,6 +14,9 @@ from onnx import TensorProto, helper, numpy_helper
 
 from models.synthetic.cxr import render_cxr
 from models.synthetic.dicom_writer import DicomSpec, write_image
+
+if TYPE_CHECKING:
+    from models.predictor import OnnxPredictor
 
 CANARY_NAME = "ZZCANARY^PHI"
 CANARY_ID = "CANARY-123"
@@ -88,6 +91,19 @@ def tiny_manifest_dict(sha256: str, *, labels: int = 2, size: int = 32, file: st
         ],
         "provenance": {"trained_on": "nothing (hand-set weights)", "training_config": "none", "created": "2026-11-23"},
     }
+
+
+@pytest.fixture(scope="session")
+def predictor(tmp_path_factory: pytest.TempPathFactory) -> OnnxPredictor:
+    """A tiny 224-input model (mean pixel -> two labels): fast, deterministic service tests."""
+    from models.manifest import load_manifest
+    from models.predictor import OnnxPredictor
+
+    d = tmp_path_factory.mktemp("tiny224")
+    onnx_path = build_tiny_onnx(d / "tiny.onnx", size=224)
+    sha = hashlib.sha256(onnx_path.read_bytes()).hexdigest()
+    (d / "manifest.yaml").write_text(yaml.safe_dump(tiny_manifest_dict(sha, size=224), sort_keys=False))
+    return OnnxPredictor(load_manifest(d), providers="cpu")
 
 
 @pytest.fixture

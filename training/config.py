@@ -55,3 +55,13 @@ class TrainConfig(_Strict):
                 node = node.setdefault(p, {})
             node[leaf] = value
         return cls.model_validate(data)
+
+
+def optimiser_and_schedule(params, cfg: TrainConfig, steps_per_epoch: int):  # type: ignore[no-untyped-def]
+    """AdamW + one-cycle LR, the recipe both reference models use (import torch lazily)."""
+    import torch
+
+    optim = torch.optim.AdamW(params, lr=cfg.train.lr, weight_decay=1e-4)
+    steps = cfg.train.epochs * max(1, steps_per_epoch)
+    sched = torch.optim.lr_scheduler.OneCycleLR(optim, max_lr=cfg.train.lr, total_steps=steps, pct_start=0.15)
+    return optim, sched

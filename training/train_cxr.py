@@ -28,7 +28,7 @@ from models.manifest import LoadedManifest, load_manifest
 from models.predictor import OnnxPredictor
 from models.registry import REGISTRY_ROOT, register_version
 from models.synthetic.cxr import LABELS, generate_cxr_dataset
-from training.config import TrainConfig
+from training.config import TrainConfig, optimiser_and_schedule
 from training.datasets import ChestXray14Dataset
 from training.evaluate import LabelMetrics, evaluate_multilabel, threshold_for_sensitivity
 from training.export_onnx import (
@@ -120,9 +120,7 @@ def train(
         load_weights(net, init_from.directory / prov.weights_file, prov.weights_sha256)
         logger.info("fine-tuning from %s", init_from.manifest.ref)
     net = net.to(memory_format=torch.channels_last)
-    optim = torch.optim.AdamW(net.parameters(), lr=cfg.train.lr, weight_decay=1e-4)
-    steps = cfg.train.epochs * max(1, len(train_loader))
-    sched = torch.optim.lr_scheduler.OneCycleLR(optim, max_lr=cfg.train.lr, total_steps=steps, pct_start=0.15)
+    optim, sched = optimiser_and_schedule(net.parameters(), cfg, len(train_loader))
     loss_fn = torch.nn.BCEWithLogitsLoss()
     best, best_state, history = -1.0, None, []
     for epoch in range(cfg.train.epochs):

@@ -28,7 +28,7 @@ from monai.utils import set_determinism
 
 from models.registry import register_version
 from models.synthetic.endoscopy import generate_kvasir_folder
-from training.config import TrainConfig
+from training.config import TrainConfig, optimiser_and_schedule
 from training.datasets import KvasirSegDataset
 from training.evaluate import auroc_with_ci, dice_iou, sens_spec, threshold_for_sensitivity
 from training.export_onnx import export_onnx, parity_check, save_weights, stage_model
@@ -113,9 +113,7 @@ def train(cfg: TrainConfig, out: Path, *, register: bool = False) -> dict[str, o
 
     net = polyp_network().to(memory_format=torch.channels_last)
     model = PolypWithScore(net)
-    optim = torch.optim.AdamW(model.parameters(), lr=cfg.train.lr, weight_decay=1e-4)
-    steps = cfg.train.epochs * max(1, len(train_loader))
-    sched = torch.optim.lr_scheduler.OneCycleLR(optim, max_lr=cfg.train.lr, total_steps=steps, pct_start=0.15)
+    optim, sched = optimiser_and_schedule(model.parameters(), cfg, len(train_loader))
     seg_loss = DiceCELoss(sigmoid=True)
     score_loss = torch.nn.BCEWithLogitsLoss()
     best, best_state, history = -1.0, None, []

@@ -5,7 +5,6 @@ a FHIR R4 server (Medplum's router on node, validating every write) and an HL7 M
 from __future__ import annotations
 
 import asyncio
-import hashlib
 import shutil
 import subprocess
 import threading
@@ -18,10 +17,8 @@ from pathlib import Path
 import hl7
 import httpx
 import pytest
-import yaml
 from fastapi.testclient import TestClient
 
-from models.manifest import load_manifest
 from models.predictor import OnnxPredictor
 from serving.api import LazyService, create_api
 from serving.outbox import Outbox, OutboxWorker
@@ -31,7 +28,7 @@ from serving.service import LocalPipeline, ScreeningService
 from serving.settings import ApiSettings
 from serving.sinks import FhirSink, Hl7MllpSink, fhir_resources, oru_r01
 from serving.sources.local import LocalFolderSource
-from tests.conftest import build_tiny_onnx, tiny_manifest_dict, write_synthetic_cxr
+from tests.conftest import write_synthetic_cxr
 from tests.integration.conftest import free_port
 
 pytestmark = pytest.mark.integration
@@ -118,16 +115,6 @@ def mllp_listener(answers: list[str] | None = None) -> Iterator[MllpListener]:
     yield state
     loop.call_soon_threadsafe(stop.set)
     thread.join(5)
-
-
-@pytest.fixture(scope="module")
-def predictor(tmp_path_factory: pytest.TempPathFactory) -> OnnxPredictor:
-    d = tmp_path_factory.mktemp("model")
-    onnx_path = build_tiny_onnx(d / "tiny.onnx", size=224)
-    (d / "manifest.yaml").write_text(
-        yaml.safe_dump(tiny_manifest_dict(hashlib.sha256(onnx_path.read_bytes()).hexdigest(), size=224))
-    )
-    return OnnxPredictor(load_manifest(d), providers="cpu")
 
 
 def test_fhir_report_is_valid_linked_and_idempotent(fhir_server: str, predictor: OnnxPredictor, tmp_path: Path) -> None:

@@ -4,7 +4,6 @@ timeouts, restart resume, readiness and metrics. Real files, real model sessions
 from __future__ import annotations
 
 import asyncio
-import hashlib
 import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
@@ -12,12 +11,10 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-import yaml
 from fastapi.testclient import TestClient
 from numpy.typing import NDArray
 from pydantic import SecretStr
 
-from models.manifest import load_manifest
 from models.predictor import OnnxPredictor
 from serving.api import LazyService, create_api
 from serving.results_store import ResultsStore
@@ -25,7 +22,7 @@ from serving.screening import ModelOutputs, StudyScreener
 from serving.service import LocalPipeline, PreparedStudy, ScreeningService, StudyRequest
 from serving.settings import ApiSettings
 from serving.sources.local import LocalFolderSource
-from tests.conftest import build_tiny_onnx, tiny_manifest_dict, write_synthetic_cxr
+from tests.conftest import write_synthetic_cxr
 
 
 class GatedPipeline:
@@ -47,16 +44,6 @@ class GatedPipeline:
 
     async def model_info(self) -> list[dict[str, object]]:
         return await self.inner.model_info()
-
-
-@pytest.fixture(scope="module")
-def predictor(tmp_path_factory: pytest.TempPathFactory) -> OnnxPredictor:
-    d = tmp_path_factory.mktemp("model")
-    onnx_path = build_tiny_onnx(d / "tiny.onnx", size=224)
-    (d / "manifest.yaml").write_text(
-        yaml.safe_dump(tiny_manifest_dict(hashlib.sha256(onnx_path.read_bytes()).hexdigest(), size=224))
-    )
-    return OnnxPredictor(load_manifest(d), providers="cpu")
 
 
 @pytest.fixture
