@@ -213,3 +213,7 @@ def test_every_finding_delivered_exactly_once_through_emr_outage_and_restart(
         assert len(listener.received) >= 5  # the AE and the silent one were sent again, same MSH-10
         assert set(listener.received) == listener.accepted
         assert outbox.audit_count("DELIVERED") == 8 and outbox.audit_count("RETRY") >= 2
+        for sink in restarted.sinks.values():
+            sink.close()  # type: ignore[attr-defined]
+        worker.outbox.close()
+        outbox.close()
