@@ -25,7 +25,7 @@ from typing import Any
 
 import numpy as np
 
-from models.errors import InferenceFailed, InputRejected, ReasonCode, SourceError
+from models.errors import InferenceFailed, InputRejected, SourceError
 from models.pixels import read_dataset
 from models.results import ScreeningResult
 from serving.screening import InstanceInput, ModelOutputs, PreparedImage, RejectedImage, StudyScreener, run_model
@@ -338,6 +338,3 @@ class _Stop(Exception):
 
 def _iter(ds: Any) -> Iterator[dict[str, np.ndarray]]:
     yield from ds.iter_batches(batch_size=None, batch_format="numpy", prefetch_batches=2)
-
-
-__all__ = ["JobSummary", "Ledger", "ReasonCode", "plan_studies", "run_batch_job"]

@@ -137,8 +137,8 @@ class StoreScp:
             for uid, arrival in handed:
                 try:
                     self.on_stable(uid, arrival.folder)
-                except Exception:
-                    logger.exception("stable-study hand-off failed; the spooled study is kept")
+                except Exception as exc:
+                    logger.error("stable-study hand-off failed (%s); the spooled study is kept", type(exc).__name__)
 
 
 class DimseSource:

@@ -211,7 +211,7 @@ class OutboxWorker:
                 self.outbox.mark(delivery_id, sink_name, attempt, "RETRY", str(exc))
             except Exception as exc:  # a bug in a sink must not stop the others
                 self.outbox.mark(delivery_id, sink_name, attempt, "RETRY", type(exc).__name__)
-                logger.exception("sink raised unexpectedly", extra={"stage": sink_name})
+                logger.error("sink raised unexpectedly (%s)", type(exc).__name__, extra={"stage": sink_name})
             else:
                 self.outbox.mark(delivery_id, sink_name, attempt, "DELIVERED")
                 delivered += 1

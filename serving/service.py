@@ -35,7 +35,6 @@ from serving.dicom_sc import overlay_for
 from serving.dimse import StoreScp
 from serving.metrics import ServiceMetrics
 from serving.outbox import Outbox, OutboxWorker, Sink
-from serving.phi import study_ref
 from serving.results_store import JobRecord, ResultsStore
 from serving.screening import InstanceInput, ModelOutputs, PreparedImage, RejectedImage, StudyScreener
 from serving.settings import ApiSettings, PollerSettings, ScpSettings
@@ -304,8 +303,9 @@ class ScreeningService:
         while True:
             try:
                 await asyncio.to_thread(worker.run_once)
-            except Exception:  # keep delivering; the rows stay pending
-                logger.exception("outbox pass failed")
+            except Exception as exc:  # keep delivering; the rows stay pending
+                # type only: library messages can carry URLs with UIDs
+                logger.error("outbox pass failed (%s)", type(exc).__name__)
             await asyncio.sleep(interval_s)
 
     async def _poll_forever(self) -> None:
@@ -417,7 +417,10 @@ class ScreeningService:
             self._fail(job, "SOURCE_UNAVAILABLE", type(exc).__name__)
             return
         except Exception as exc:  # the service stays up; the job records why
-            logger.exception("screening job failed", extra={"stage": "screen"})
+            # type only, no traceback: library messages can quote URLs/UIDs (patient data)
+            logger.error(
+                "screening job failed (%s)", type(exc).__name__, extra={"request_id": job.id, "stage": "screen"}
+            )
             self._fail(job, "INTERNAL_ERROR", type(exc).__name__)
             return
         elapsed = time.monotonic() - start
@@ -484,9 +487,6 @@ class ScreeningService:
 
     def queue_depth(self) -> dict[str, int]:
         return {p.value: q.qsize() for p, q in self._queues.items()} | {"inflight": len(self._inflight)}
-
-    def study_ref(self, uid: str) -> str:
-        return study_ref(uid, self.screener.study_ref_key)
 
 
 def _request_of(record: JobRecord) -> StudyRequest:

@@ -30,7 +30,7 @@ from models.registry import REGISTRY_ROOT, register_version
 from models.synthetic.cxr import LABELS, generate_cxr_dataset
 from training.config import TrainConfig, optimiser_and_schedule
 from training.datasets import ChestXray14Dataset
-from training.evaluate import LabelMetrics, evaluate_multilabel, threshold_for_sensitivity
+from training.evaluate import evaluate_multilabel, threshold_for_sensitivity
 from training.export_onnx import (
     export_onnx,
     load_weights,
@@ -273,6 +273,3 @@ def main() -> None:
 
 if __name__ == "__main__":
     main()
-
-
-__all__ = ["LabelMetrics", "train"]

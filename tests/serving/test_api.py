@@ -212,3 +212,30 @@ def test_long_poll_returns_when_the_screening_ends(tmp_path: Path, predictor: On
         client.portal.call(pipe().gate.set)  # type: ignore[union-attr]
         body = client.get(f"/v1/screenings/{job['screening_id']}", params={"wait": 20}).json()
         assert body["status"] == "DONE" and time.monotonic() - start < 10
+
+
+class FailingPipeline(GatedPipeline):
+    """Fails the way a library would: the exception message quotes a URL with the study UID."""
+
+    async def prepare_study(self, request: StudyRequest) -> PreparedStudy:
+        raise RuntimeError(f"GET http://pacs/dicom-web/studies/{request.study_instance_uid}/instances failed")
+
+
+def test_unexpected_failure_is_recorded_without_patient_data_in_logs(
+    tmp_path: Path, predictor: OnnxPredictor, store_dir: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    import logging
+
+    uid = uid_of(store_dir / "s41.dcm")
+    screener = StudyScreener([predictor], study_ref_key=b"k")
+    pipeline = FailingPipeline(LocalPipeline(screener, LocalFolderSource(store_dir)), None)
+    service = ScreeningService(
+        pipeline, screener, ResultsStore(tmp_path / "r.sqlite3"), ApiSettings(spool_dir=tmp_path / "s")
+    )
+    with caplog.at_level(logging.DEBUG), TestClient(create_api(LazyService(lambda: service))) as client:
+        job = client.post("/v1/screenings", json={"study_instance_uid": uid}).json()["screening_id"]
+        body = wait_for(client, job)
+        client.portal.call(service.drain, 5.0)
+    assert body["status"] == "FAILED" and body["error_reason"] == "INTERNAL_ERROR"
+    assert "screening job failed (RuntimeError)" in caplog.text
+    assert uid not in caplog.text and uid not in (body["error_detail"] or "")
