@@ -19,7 +19,7 @@ $(VENV)/.serve-installed: pyproject.toml | $(BIN)/python
 $(VENV)/.dev-installed: pyproject.toml | $(BIN)/python
 	scripts/install_servers.sh
 	$(BIN)/pip install -q "torch==2.14.1" "torchvision==0.29.1"
-	$(BIN)/pip install -q -e ".[data,train,dev]"
+	$(BIN)/pip install -q -e ".[data,train,dev,postgres]"
 	touch $@
 
 demo: $(VENV)/.serve-installed

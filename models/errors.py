@@ -14,8 +14,9 @@
     │   ├── ModelIntegrityError  checksum or signature mismatch: fatal before any session exists
     │   ├── ManifestError        manifest malformed or inconsistent with the artifact
     │   └── InferenceFailed      runtime failure or non-finite output (never read as "negative")
-    └── SinkError
-        └── DeliveryFailed       retriable; the outbox keeps the result
+    ├── SinkError
+    │   └── DeliveryFailed       retriable; the outbox keeps the result
+    └── ResultsDatabaseError     the results database (SQLite/PostgreSQL) is unreachable or failed
 
 Messages never carry patient values (names, IDs, accession numbers, UIDs). They name the
 parameter or attribute and the reason; callers add their own request id.
@@ -105,3 +106,7 @@ class SinkError(DxAssistError):
 
 class DeliveryFailed(SinkError):
     """Delivery failed; the result stays in the outbox for a retry."""
+
+
+class ResultsDatabaseError(DxAssistError):
+    """The results database cannot be reached or failed a statement (never names the DSN)."""

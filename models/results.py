@@ -80,6 +80,9 @@ class ScreeningResult(_Frozen):
     reason: ReasonCode | None = None
     reason_detail: str | None = None
     priority: TriagePriorityValues | None = None
+    #: the priority the study was requested with (stat/routine), when it came through the service:
+    #: a priority update to the EMR/RIS is sent only when the AI's raises it
+    requested_priority: str | None = None
     findings: list[Finding] = Field(default_factory=list)
     images: list[ImageResult] = Field(default_factory=list)
     models: list[str] = Field(default_factory=list)

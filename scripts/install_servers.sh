@@ -7,6 +7,7 @@ command -v Orthanc >/dev/null || need+=(orthanc)
 command -v storescu >/dev/null || need+=(dcmtk)
 command -v dciodvfy >/dev/null || need+=(dicom3tools)
 command -v node >/dev/null || need+=(nodejs npm)
+ls /usr/lib/postgresql/*/bin/postgres >/dev/null 2>&1 || need+=(postgresql)  # the PostgreSQL outbox tests
 if [ ${#need[@]} -gt 0 ]; then
   if [ "$(id -u)" != "0" ]; then echo "install as root: apt-get install ${need[*]}" >&2; exit 1; fi
   apt-get update -qq

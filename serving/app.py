@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import asyncio
 import logging
-from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -179,7 +178,7 @@ class Ingress:
     ) -> None:
         install_logging()
         settings = Settings.load(settings_path)
-        store = ResultsStore(Path(settings.results.sqlite_path))
+        store = ResultsStore(settings.results.target)
         pipeline = ServePipeline(fetcher, models)
         screener = _screener_without_sessions(settings)
         source = build_source(settings)
@@ -208,6 +207,7 @@ class Ingress:
         lazy = _current_service()
         if lazy is not None and lazy.started is not None:
             await lazy.started.drain(timeout_s=50)
+            lazy.started.close()
 
 
 def build_app(args: dict[str, Any]) -> Any:

@@ -270,7 +270,7 @@ def run_batch_job(
     if save_to_results_store:
         from serving.results_store import ResultsStore
 
-        store = ResultsStore(settings.results.sqlite_path)
+        store = ResultsStore(settings.results.target)
     start = time.perf_counter()
     finished = 0
     try:

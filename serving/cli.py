@@ -95,7 +95,7 @@ def _run_screen(
         raise typer.Exit(3) from exc
     results = screen_paths(screener, files, group_by_study=not per_file)
     if save:
-        store = ResultsStore(settings.results.sqlite_path)
+        store = ResultsStore(settings.results.target)
         for r in results:
             store.save(r)
         store.close()
@@ -106,7 +106,7 @@ def _run_screen(
         n_ok = sum(r.outcome == OutcomeValues.SCREENED for r in results)
         console.print(f"\n{len(results)} studies: {n_ok} screened, {len(results) - n_ok} not screened.")
         if save:
-            console.print(f"Results saved to {settings.results.sqlite_path}")
+            console.print(f"Results saved to {settings.results.where}")
     return results
 
 
@@ -327,7 +327,7 @@ def demo(
     console.print(
         f"\n{len(results)} files screened through the HTTP API: {n_ok} screened, {len(results) - n_ok} not screened."
     )
-    console.print(f"Results saved to {cfg.results.sqlite_path}")
+    console.print(f"Results saved to {cfg.results.where}")
 
 
 def _free_port() -> int:
@@ -388,7 +388,7 @@ def outbox_status(settings: SettingsOpt = None) -> None:
     from serving.outbox import Outbox
 
     cfg = _load_settings(settings)
-    outbox = Outbox(cfg.results.sqlite_path)
+    outbox = Outbox(cfg.results.target)
     status = outbox.status()
     table = Table(box=None)
     for col in ("sink", "pending", "done", "dead"):
@@ -409,7 +409,7 @@ def outbox_retry(
     """Put dead-lettered deliveries back in the queue; the running service delivers them."""
     from serving.outbox import Outbox
 
-    outbox = Outbox(_load_settings(settings).results.sqlite_path)
+    outbox = Outbox(_load_settings(settings).results.target)
     console.print(f"{outbox.retry_dead(ids or None)} deliveries queued again")
     outbox.close()
 

@@ -7,7 +7,7 @@ from models.registry import resolve
 from serving.outbox import Sink
 from serving.screening import StudyScreener
 from serving.settings import ModelSettings, Settings
-from serving.sinks import DicomSrSink, FhirSink, Hl7MllpSink
+from serving.sinks import DicomSrSink, FhirSink, FhirTriageSink, Hl7MllpSink, Hl7PriorityUpdateSink
 from serving.sources import StudySource
 from serving.sources.dicomweb import DicomWebSource
 from serving.sources.local import LocalFolderSource
@@ -52,8 +52,12 @@ def build_sinks(settings: Settings) -> dict[str, Sink]:
     if emr.fhir is not None:
         token = emr.fhir.token.get_secret_value() if emr.fhir.token else None
         sinks["fhir"] = FhirSink(emr.fhir.url, token=token, timeout_s=emr.fhir.timeout_s)
+        if emr.fhir.priority_updates:
+            sinks["fhir-triage"] = FhirTriageSink(emr.fhir.url, token=token, timeout_s=emr.fhir.timeout_s)
     if emr.hl7 is not None:
         sinks["hl7"] = Hl7MllpSink(emr.hl7.host, emr.hl7.port, timeout_s=emr.hl7.timeout_s)
+        if emr.hl7.priority_updates:
+            sinks["hl7-triage"] = Hl7PriorityUpdateSink(emr.hl7.host, emr.hl7.port, timeout_s=emr.hl7.timeout_s)
     if settings.store.write_results:
         source = build_source(settings)
         if isinstance(source, DicomWebSource):

@@ -1,9 +1,13 @@
 """Durable outbox: every result is committed before any delivery, each sink retries on its own.
 
-Rows live in the results database (SQLite, WAL, synchronous=FULL) and are written in the same
-transaction as the result (``ResultsStore.finish_job``), so a crash can lose neither. One
-worker delivers due rows in order, one at a time, which serialises delivery per study (the
-FHIR conditional-create race does not arise). A retryable failure backs off exponentially; a
+Rows live in the results database (SQLite by default, PostgreSQL when configured; see
+``serving.database``) and are written in the same transaction as the result
+(``ResultsStore.finish_job``), so a crash can lose neither. A worker *claims* due rows before
+sending: the claim moves their ``next_at`` one lease into the future in the same transaction
+that selected them (``FOR UPDATE SKIP LOCKED`` on PostgreSQL), so several workers (replicas,
+hosts sharing one PostgreSQL) never send the same delivery at once, and a worker that dies
+mid-send leaves rows that fall due again when the lease runs out. Each worker delivers its
+claimed rows in order, one at a time. A retryable failure backs off exponentially; a
 permanent one (HL7 AR, FHIR 4xx) goes to the dead-letter list for ``dxassist outbox retry``.
 Every attempt leaves an audit row. Receivers deduplicate by the stable keys each sink uses
 (FHIR resource ids, HL7 MSH-10 = the delivery id), so a re-send is harmless.
@@ -12,8 +16,6 @@ Every attempt leaves an audit row. Receivers deduplicate by the stable keys each
 from __future__ import annotations
 
 import logging
-import sqlite3
-import threading
 from collections.abc import Mapping
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
@@ -24,12 +26,13 @@ from pydicom.dataset import Dataset
 
 from models.errors import DeliveryFailed
 from models.results import ScreeningResult
+from serving.database import Database
 
 logger = logging.getLogger(__name__)
 
 SCHEMA = """
 CREATE TABLE IF NOT EXISTS deliveries (
-    id INTEGER PRIMARY KEY AUTOINCREMENT,
+    id {id},
     screening_id INTEGER NOT NULL,
     sink TEXT NOT NULL,
     status TEXT NOT NULL,            -- PENDING, DONE, DEAD
@@ -42,7 +45,7 @@ CREATE TABLE IF NOT EXISTS deliveries (
 );
 CREATE INDEX IF NOT EXISTS deliveries_due ON deliveries (status, next_at);
 CREATE TABLE IF NOT EXISTS delivery_audit (
-    id INTEGER PRIMARY KEY AUTOINCREMENT,
+    id {id},
     delivery_id INTEGER NOT NULL,
     sink TEXT NOT NULL,
     attempt INTEGER NOT NULL,
@@ -51,6 +54,13 @@ CREATE TABLE IF NOT EXISTS delivery_audit (
     at TEXT NOT NULL
 );
 """
+
+
+_DUE_SQLITE = (
+    "SELECT id, screening_id, sink, attempts FROM deliveries WHERE status = 'PENDING' AND next_at <= ?"
+    " ORDER BY id LIMIT ?"
+)
+_DUE_POSTGRES = _DUE_SQLITE + " FOR UPDATE SKIP LOCKED"
 
 
 class PermanentDeliveryError(DeliveryFailed):
@@ -83,26 +93,35 @@ class OutboxStatus:
 
 
 class Outbox:
-    """Reads and updates the deliveries of a results database (its own connection)."""
+    """Reads and updates the deliveries of a results database (its own connection).
 
-    def __init__(self, path: Path, *, base_backoff_s: float = 1.0, max_backoff_s: float = 300.0) -> None:
-        self._db = sqlite3.connect(path, check_same_thread=False, isolation_level=None)
-        self._db.execute("PRAGMA journal_mode=WAL")
-        self._db.execute("PRAGMA synchronous=FULL")
-        self._db.execute("PRAGMA busy_timeout=5000")
-        self._db.executescript(SCHEMA)
-        self._lock = threading.Lock()
+    ``target`` is the SQLite file or the ``postgresql://`` URL of the results database."""
+
+    def __init__(
+        self,
+        target: Path | str,
+        *,
+        base_backoff_s: float = 1.0,
+        max_backoff_s: float = 300.0,
+        lease_s: float = 120.0,
+    ) -> None:
+        self._db = Database(target)
+        self._lock = self._db.lock
+        self._db.create_schema(SCHEMA)
         self.base_backoff_s = base_backoff_s
         self.max_backoff_s = max_backoff_s
+        self.lease_s = lease_s
 
-    def due(self, limit: int = 50) -> list[tuple[int, int, str, int]]:
-        """(delivery id, screening id, sink, attempts) of pending rows that are due, oldest first."""
-        with self._lock:
-            rows = self._db.execute(
-                "SELECT id, screening_id, sink, attempts FROM deliveries WHERE status = 'PENDING' AND next_at <= ?"
-                " ORDER BY id LIMIT ?",
-                (_iso(_now()), limit),
-            ).fetchall()
+    def claim(self, limit: int = 50) -> list[tuple[int, int, str, int]]:
+        """Take due pending rows for this worker: (delivery id, screening id, sink, attempts),
+        oldest first. Until ``mark`` or the lease runs out, no other worker sees them."""
+        now = _now()
+        select = _DUE_POSTGRES if self._db.dialect == "postgresql" else _DUE_SQLITE
+        with self._db.transaction() as db:
+            rows = db.execute(select, (_iso(now), limit)).fetchall()
+            lease_end = _iso(now + timedelta(seconds=self.lease_s))
+            for row in rows:
+                db.execute("UPDATE deliveries SET next_at = ? WHERE id = ?", (lease_end, row[0]))
         return [(int(a), int(b), str(c), int(d)) for a, b, c, d in rows]
 
     def _audit(self, delivery_id: int, sink: str, attempt: int, outcome: str, detail: str | None) -> None:
@@ -113,32 +132,26 @@ class Outbox:
 
     def mark(self, delivery_id: int, sink: str, attempts: int, outcome: str, detail: str | None = None) -> None:
         now = _now()
-        with self._lock:
-            self._db.execute("BEGIN IMMEDIATE")
-            try:
-                if outcome == "DELIVERED":
-                    status, next_at = "DONE", now
-                elif outcome == "DEAD":
-                    status, next_at = "DEAD", now
-                else:
-                    status = "PENDING"
-                    next_at = now + timedelta(
-                        seconds=min(self.max_backoff_s, self.base_backoff_s * 2 ** (attempts - 1))
-                    )
-                self._db.execute(
-                    "UPDATE deliveries SET status = ?, attempts = ?, next_at = ?, last_error = ?, updated_at = ?"
-                    " WHERE id = ?",
-                    (status, attempts, _iso(next_at), detail, _iso(now), delivery_id),
-                )
-                self._audit(delivery_id, sink, attempts, outcome, detail)
-                self._db.execute("COMMIT")
-            except BaseException:
-                self._db.execute("ROLLBACK")
-                raise
+        if outcome == "DELIVERED":
+            status, next_at = "DONE", now
+        elif outcome == "DEAD":
+            status, next_at = "DEAD", now
+        else:
+            status = "PENDING"
+            next_at = now + timedelta(seconds=min(self.max_backoff_s, self.base_backoff_s * 2 ** (attempts - 1)))
+        with self._db.transaction() as db:
+            db.execute(
+                "UPDATE deliveries SET status = ?, attempts = ?, next_at = ?, last_error = ?, updated_at = ?"
+                " WHERE id = ?",
+                (status, attempts, _iso(next_at), detail, _iso(now), delivery_id),
+            )
+            self._audit(delivery_id, sink, attempts, outcome, detail)
 
     def status(self) -> OutboxStatus:
         with self._lock:
-            rows = self._db.execute("SELECT sink, status, COUNT(*) FROM deliveries GROUP BY sink, status").fetchall()
+            rows = self._db.execute(
+                "SELECT sink, status, COUNT(*) FROM deliveries GROUP BY sink, status ORDER BY sink, status"
+            ).fetchall()
         by_sink: dict[str, dict[str, int]] = {}
         for sink, status, n in rows:
             by_sink.setdefault(sink, {})[status] = n
@@ -147,15 +160,16 @@ class Outbox:
 
     def dead(self) -> list[tuple[int, str, str | None]]:
         with self._lock:
-            return self._db.execute(
+            rows = self._db.execute(
                 "SELECT id, sink, last_error FROM deliveries WHERE status = 'DEAD' ORDER BY id"
             ).fetchall()
+        return [(int(i), str(sink), error) for i, sink, error in rows]
 
     def retry_dead(self, ids: list[int] | None = None) -> int:
         """Put dead-lettered deliveries back in the queue (all, or the given ids)."""
         with self._lock:
             if ids:
-                marks = ",".join("?" * len(ids))
+                marks = ", ".join("?" * len(ids))
                 cur = self._db.execute(
                     f"UPDATE deliveries SET status = 'PENDING', next_at = ? WHERE status = 'DEAD' AND id IN ({marks})",  # noqa: S608
                     (_iso(_now()), *ids),
@@ -164,7 +178,7 @@ class Outbox:
                 cur = self._db.execute(
                     "UPDATE deliveries SET status = 'PENDING', next_at = ? WHERE status = 'DEAD'", (_iso(_now()),)
                 )
-        return cur.rowcount
+        return int(cur.rowcount)
 
     def audit_count(self, outcome: str | None = None) -> int:
         with self._lock:
@@ -189,7 +203,7 @@ class OutboxWorker:
     def run_once(self) -> int:
         """Attempt every due delivery once; returns how many were delivered."""
         delivered = 0
-        for delivery_id, screening_id, sink_name, attempts in self.outbox.due():
+        for delivery_id, screening_id, sink_name, attempts in self.outbox.claim():
             sink = self.sinks.get(sink_name)
             attempt = attempts + 1
             if sink is None:

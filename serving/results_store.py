@@ -1,4 +1,5 @@
-"""The embedded default results store: SQLite (WAL), one row per screening, JSON result body.
+"""The results store: one row per screening (JSON result body), the jobs, the evidence headers
+and the outbox, in SQLite (embedded default, WAL) or PostgreSQL (``serving.database``).
 
 The database holds PHI (it is the clinical record of what the AI said) and lives with the
 other PHI stores; nothing from it is logged.
@@ -6,8 +7,6 @@ other PHI stores; nothing from it is logged.
 
 from __future__ import annotations
 
-import sqlite3
-import threading
 from collections.abc import Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime
@@ -18,11 +17,12 @@ from pydicom import dcmread
 from pydicom.dataset import Dataset
 
 from models.results import ScreeningResult
+from serving.database import Database
 from serving.outbox import SCHEMA as OUTBOX_SCHEMA
 
 _SCHEMA = """
 CREATE TABLE IF NOT EXISTS screenings (
-    id INTEGER PRIMARY KEY AUTOINCREMENT,
+    id {id},
     created_at TEXT NOT NULL,
     study_instance_uid TEXT NOT NULL,
     study_ref TEXT NOT NULL,
@@ -50,7 +50,7 @@ CREATE INDEX IF NOT EXISTS jobs_status ON jobs (status);
 CREATE INDEX IF NOT EXISTS jobs_study ON jobs (study_instance_uid);
 CREATE TABLE IF NOT EXISTS evidence (
     screening_id INTEGER NOT NULL,
-    header BLOB NOT NULL            -- the screened instance without pixel data (for the SR)
+    header {blob} NOT NULL            -- the screened instance without pixel data (for the SR)
 );
 CREATE INDEX IF NOT EXISTS evidence_screening ON evidence (screening_id);
 """
@@ -83,20 +83,19 @@ def _header_bytes(ds: Dataset) -> bytes:
 
 
 class ResultsStore:
-    """Append-only record of screening results. Thread-safe (one connection, a lock)."""
+    """Append-only record of screening results. Thread-safe (one connection, a lock).
 
-    def __init__(self, path: Path) -> None:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        self.path = path
-        self._lock = threading.Lock()
-        self._db = sqlite3.connect(path, check_same_thread=False, isolation_level=None)
-        self._db.execute("PRAGMA journal_mode=WAL")
-        self._db.execute("PRAGMA synchronous=FULL")
-        self._db.executescript(_SCHEMA)
-        self._db.executescript(OUTBOX_SCHEMA)
+    ``target`` is a SQLite file path or a ``postgresql://`` URL."""
+
+    def __init__(self, target: Path | str) -> None:
+        self.target = target
+        self._db = Database(target)
+        self._lock = self._db.lock
+        self._db.create_schema(_SCHEMA)
+        self._db.create_schema(OUTBOX_SCHEMA)
 
     def _insert(self, result: ScreeningResult) -> int:
-        cur = self._db.execute(
+        return self._db.insert(
             "INSERT INTO screenings (created_at, study_instance_uid, study_ref, outcome, reason, priority, models,"
             " result_json) VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
             (
@@ -110,7 +109,6 @@ class ResultsStore:
                 result.model_dump_json(),
             ),
         )
-        return int(cur.lastrowid or 0)
 
     def save(self, result: ScreeningResult) -> int:
         """Commit a result (durable before return); returns its row id."""
@@ -179,27 +177,21 @@ class ResultsStore:
         """One transaction: the result, its evidence headers, one outbox row per sink, job DONE.
 
         No result exists without its pending deliveries, and no delivery without its result."""
-        with self._lock:
-            self._db.execute("BEGIN IMMEDIATE")
-            try:
-                screening_id = self._insert(result)
-                for header in evidence:
-                    self._db.execute("INSERT INTO evidence VALUES (?, ?)", (screening_id, _header_bytes(header)))
-                now = _now()
-                for sink in sinks:
-                    self._db.execute(
-                        "INSERT INTO deliveries (screening_id, sink, status, attempts, next_at, created_at, updated_at)"
-                        " VALUES (?, ?, 'PENDING', 0, ?, ?, ?)",
-                        (screening_id, sink, now, now, now),
-                    )
-                self._db.execute(
-                    "UPDATE jobs SET status = 'DONE', updated_at = ?, screening_id = ? WHERE id = ?",
-                    (_now(), screening_id, job_id),
+        with self._db.transaction() as db:
+            screening_id = self._insert(result)
+            for header in evidence:
+                db.execute("INSERT INTO evidence VALUES (?, ?)", (screening_id, _header_bytes(header)))
+            now = _now()
+            for sink in sinks:
+                db.execute(
+                    "INSERT INTO deliveries (screening_id, sink, status, attempts, next_at, created_at, updated_at)"
+                    " VALUES (?, ?, 'PENDING', 0, ?, ?, ?)",
+                    (screening_id, sink, now, now, now),
                 )
-                self._db.execute("COMMIT")
-            except BaseException:
-                self._db.execute("ROLLBACK")
-                raise
+            db.execute(
+                "UPDATE jobs SET status = 'DONE', updated_at = ?, screening_id = ? WHERE id = ?",
+                (_now(), screening_id, job_id),
+            )
         return screening_id
 
     def for_delivery(self, screening_id: int) -> tuple[ScreeningResult, list[Dataset]] | None:
@@ -209,7 +201,7 @@ class ResultsStore:
             return None
         with self._lock:
             blobs = self._db.execute("SELECT header FROM evidence WHERE screening_id = ?", (screening_id,)).fetchall()
-        return result, [dcmread(BytesIO(b[0])) for b in blobs]
+        return result, [dcmread(BytesIO(bytes(b[0]))) for b in blobs]
 
     def job(self, job_id: str) -> JobRecord | None:
         with self._lock:
@@ -234,16 +226,9 @@ class ResultsStore:
             ).fetchone()
         return row is not None
 
-    def mark_seen(self, study_instance_uid: str) -> bool:
-        """Remember a study the poller saw; True only the first time."""
-        with self._lock:
-            cur = self._db.execute("INSERT OR IGNORE INTO seen_studies VALUES (?, ?)", (study_instance_uid, _now()))
-        return cur.rowcount == 1
-
     def count(self) -> int:
         with self._lock:
             return int(self._db.execute("SELECT COUNT(*) FROM screenings").fetchone()[0])
 
     def close(self) -> None:
-        with self._lock:
-            self._db.close()
+        self._db.close()

@@ -166,7 +166,7 @@ class ScreeningService:
         poll_source: DicomWebSource | None = None,
     ) -> None:
         self.sinks = dict(sinks or {})
-        self.outbox = Outbox(store.path) if self.sinks else None
+        self.outbox = Outbox(store.target) if self.sinks else None
         self._delivery: asyncio.Task[None] | None = None
         self.scp_settings = scp
         self.poller_settings = poller
@@ -229,18 +229,31 @@ class ScreeningService:
             await asyncio.to_thread(self._scp.stop)
         if self._poller is not None:
             self._poller.cancel()
+        if self._dispatcher:
+            self._dispatcher.cancel()
+        finished = True
+        if self._inflight:
+            _done, pending = await asyncio.wait(self._inflight, timeout=timeout_s)
+            finished = not pending
         if self._delivery is not None:
-            self._delivery.cancel()
+            # the delivery loop sees ``_draining`` after its current pass; sinks close only then,
+            # never under a send (a row left mid-send stays claimed and falls due after its lease)
+            _done, pending = await asyncio.wait([self._delivery], timeout=timeout_s)
+            for task in pending:
+                task.cancel()
         for sink in self.sinks.values():
             close = getattr(sink, "close", None)
             if close is not None:
                 close()
-        if self._dispatcher:
-            self._dispatcher.cancel()
-        if self._inflight:
-            _done, pending = await asyncio.wait(self._inflight, timeout=timeout_s)
-            return not pending
-        return True
+        if self.outbox is not None and self._delivery is not None and self._delivery.done():
+            self.outbox.close()
+        return finished
+
+    def close(self) -> None:
+        """Release the database connections (after ``drain``, or for a service never started)."""
+        if self.outbox is not None:
+            self.outbox.close()
+        self.store.close()
 
     def dispatcher_failed(self) -> bool:
         """True when the dispatch loop ended other than by ``drain`` (health check fails)."""
@@ -300,7 +313,7 @@ class ScreeningService:
     async def _deliver_forever(self, interval_s: float = 0.2) -> None:
         assert self.outbox is not None
         worker = OutboxWorker(self.outbox, self.sinks, self.store.for_delivery)
-        while True:
+        while not self._draining:
             try:
                 await asyncio.to_thread(worker.run_once)
             except Exception as exc:  # keep delivering; the rows stay pending
@@ -424,7 +437,9 @@ class ScreeningService:
             self._fail(job, "INTERNAL_ERROR", type(exc).__name__)
             return
         elapsed = time.monotonic() - start
-        result = result.model_copy(update={"duration_ms": round(elapsed * 1000.0, 1)})
+        result = result.model_copy(
+            update={"duration_ms": round(elapsed * 1000.0, 1), "requested_priority": job.priority.value}
+        )
         # the result, its evidence and one outbox row per sink, committed together before any delivery
         sinks = list(self.sinks) if result.outcome == OutcomeValues.SCREENED else []
         self.store.finish_job(job.id, result, evidence=evidence, sinks=sinks)

@@ -60,12 +60,16 @@ class FhirSettings(_Strict):
     url: str  # base, e.g. https://emr.example/fhir/R4
     token: SecretStr | None = None
     timeout_s: float = 10.0
+    #: also send a Task proposing ASAP reading when a critical finding raises the priority
+    priority_updates: bool = False
 
 
 class Hl7Settings(_Strict):
     host: str
     port: int
     timeout_s: float = 10.0
+    #: also send ORM^O01 (XO, TQ1-9 ASAP) when a critical finding raises the priority
+    priority_updates: bool = False
 
 
 class EmrSettings(_Strict):
@@ -95,7 +99,27 @@ class PollerSettings(_Strict):
 
 
 class ResultsSettings(_Strict):
+    """Results, jobs and outbox: SQLite by default; PostgreSQL when ``url`` is set (from
+    ``DXASSIST_RESULTS_URL``, as ``postgresql://user:password@host/db``; it carries a secret)."""
+
     sqlite_path: Path = Path("var/results.sqlite3")
+    url: SecretStr | None = None
+
+    @model_validator(mode="after")
+    def _postgres_only(self) -> ResultsSettings:
+        if self.url is not None and not self.url.get_secret_value().startswith(("postgresql://", "postgres://")):
+            raise ValueError("results.url: only postgresql:// URLs are supported (SQLite uses sqlite_path)")
+        return self
+
+    @property
+    def target(self) -> Path | str:
+        """What ``ResultsStore``/``Outbox`` open: the PostgreSQL URL, else the SQLite file."""
+        return self.url.get_secret_value() if self.url is not None else self.sqlite_path
+
+    @property
+    def where(self) -> str:
+        """Where results go, for messages (never the URL: it holds a password)."""
+        return "the PostgreSQL results database" if self.url is not None else str(self.sqlite_path)
 
 
 class SecuritySettings(_Strict):
@@ -157,6 +181,9 @@ class Settings(_Strict):
         fhir_token = os.environ.get("DXASSIST_FHIR_TOKEN")
         if fhir_token and isinstance(data.get("emr", {}).get("fhir"), dict):
             data["emr"]["fhir"]["token"] = fhir_token
+        results_url = os.environ.get("DXASSIST_RESULTS_URL")
+        if results_url:
+            data.setdefault("results", {})["url"] = results_url
         tokens = os.environ.get("DXASSIST_API_TOKENS")
         if tokens:
             data.setdefault("api", {})["tokens"] = [t.strip() for t in tokens.split(",") if t.strip()]

@@ -20,7 +20,7 @@ import httpx
 from pydicom.dataset import Dataset
 
 from models.errors import DeliveryFailed, SourceError
-from models.results import Finding, ScreeningResult
+from models.results import Finding, ScreeningResult, TriagePriorityValues
 from serving.dicom_sc import is_own_overlay
 from serving.dicom_sr import build_sr
 from serving.outbox import PermanentDeliveryError
@@ -143,6 +143,39 @@ def _observation(
     return observation
 
 
+def raises_priority(result: ScreeningResult) -> bool:
+    """The AI raised this study's reading priority: a critical finding is positive and the study
+    was not already requested STAT (the AI never lowers a priority, so nothing is sent then)."""
+    return result.priority == TriagePriorityValues.URGENT and (result.requested_priority or "").lower() != "stat"
+
+
+def _triage_reason(result: ScreeningResult) -> str:
+    critical = ", ".join(f.display for f in result.positive_findings if f.critical)
+    return f"AI triage: critical finding(s) positive: {critical}. Preliminary, AI-generated; not a diagnosis."
+
+
+def fhir_triage_task(result: ScreeningResult) -> dict[str, Any]:
+    """A FHIR R4 Task proposing ASAP reading for the study's order, with the reason.
+
+    One Task per study (stable id): a re-screen rewrites it, never adds a second proposal."""
+    report_id = _id("report", result.study_instance_uid, *result.models)
+    return {
+        "resourceType": "Task",
+        "id": _id("triage", result.study_instance_uid),
+        "meta": {"security": [AI_ASSERTED]},
+        "status": "requested",
+        "intent": "proposal",
+        "priority": "asap",
+        "code": {"text": "Raise reading priority (AI worklist triage)"},
+        "businessStatus": {"text": f"AI triage {result.priority}"},
+        "focus": {"identifier": {"system": "urn:dxassist:accession", "value": result.accession_number or "unknown"}},
+        "for": {"identifier": {"system": "urn:dxassist:patient-id", "value": result.patient_id or "unknown"}},
+        "authoredOn": datetime.now(UTC).isoformat(timespec="seconds"),
+        "reasonCode": {"text": _triage_reason(result)},
+        "reasonReference": {"identifier": {"system": "urn:dxassist:report", "value": report_id}},
+    }
+
+
 class FhirSink:
     """DiagnosticReport + Observations + Device to a FHIR R4 server, idempotent by PUT on stable ids."""
 
@@ -166,7 +199,10 @@ class FhirSink:
     def deliver(self, delivery_id: int, result: ScreeningResult, evidence: list[Dataset]) -> None:
         if not result.findings:
             return  # NOT_SCREENED: nothing to report
-        for resource in fhir_resources(result):
+        self._put(fhir_resources(result))
+
+    def _put(self, resources: list[dict[str, Any]]) -> None:
+        for resource in resources:
             try:
                 response = self.client.put(f"/{resource['resourceType']}/{resource['id']}", json=resource)
             except httpx.HTTPError as exc:
@@ -179,6 +215,17 @@ class FhirSink:
 
     def close(self) -> None:
         self.client.close()
+
+
+class FhirTriageSink(FhirSink):
+    """The worklist priority update as a FHIR ``Task`` (``emr.fhir.priority_updates``); sends
+    only when the AI raised the priority."""
+
+    name = "fhir-triage"
+
+    def deliver(self, delivery_id: int, result: ScreeningResult, evidence: list[Dataset]) -> None:
+        if raises_priority(result):
+            self._put([fhir_triage_task(result)])
 
 
 def _hl7_text(value: str) -> str:
@@ -196,14 +243,19 @@ def _hl7_text(value: str) -> str:
     )
 
 
+def control_id(delivery_id: int, prefix: str = "DXA") -> str:
+    """MSH-10: the outbox delivery id, so the same on every retry and never reused."""
+    return f"{prefix}{delivery_id:012d}"
+
+
 def oru_r01(
     delivery_id: int, result: ScreeningResult, *, sending_app: str = "DXASSIST", receiving_app: str = "EMR"
 ) -> str:
     """HL7 v2.5 ORU^R01 with one OBX per finding; MSH-10 = the outbox delivery id."""
     now = datetime.now(UTC).strftime("%Y%m%d%H%M%S")
-    control_id = f"DXA{delivery_id:012d}"
+    control = control_id(delivery_id)
     segments = [
-        f"MSH|^~\\&|{sending_app}|DXASSIST|{receiving_app}|HOSPITAL|{now}||ORU^R01^ORU_R01|{control_id}|P|2.5|||AL|NE",
+        f"MSH|^~\\&|{sending_app}|DXASSIST|{receiving_app}|HOSPITAL|{now}||ORU^R01^ORU_R01|{control}|P|2.5|||AL|NE",
         f"PID|1||{_hl7_text(result.patient_id)}^^^HOSP^MR",
         f"ORC|RE||{_hl7_text(result.accession_number)}",
         f"OBR|1||{_hl7_text(result.accession_number)}|18748-4^Diagnostic imaging study^LN|||{now}|||||||||||||||{now}||RAD|P",
@@ -218,25 +270,51 @@ def oru_r01(
     return "\r".join(segments)
 
 
+def orm_priority_update(
+    delivery_id: int, result: ScreeningResult, *, sending_app: str = "DXASSIST", receiving_app: str = "RIS"
+) -> str:
+    """HL7 v2.5 ORM^O01 change-order request (ORC-1 XO) raising the order's priority to ASAP
+    (TQ1-9, table 0485), with the reason in OBR-13 and NTE. MSH-10 = ``DXP`` + the delivery id."""
+    now = datetime.now(UTC).strftime("%Y%m%d%H%M%S")
+    accession = _hl7_text(result.accession_number)
+    reason = _hl7_text(_triage_reason(result))
+    return "\r".join(
+        [
+            f"MSH|^~\\&|{sending_app}|DXASSIST|{receiving_app}|HOSPITAL|{now}||ORM^O01^ORM_O01|"
+            f"{control_id(delivery_id, 'DXP')}|P|2.5|||AL|NE",
+            f"PID|1||{_hl7_text(result.patient_id)}^^^HOSP^MR",
+            f"ORC|XO||{accession}||||||{now}",
+            "TQ1|1||||||||A^ASAP^HL70485",
+            f"OBR|1||{accession}|18748-4^Diagnostic imaging study^LN|||||||||{reason}",
+            f"NTE|1||{reason}",
+        ]
+    )
+
+
 class Hl7MllpSink:
     """ORU^R01 over MLLP. ACK AA: done; AE or no ACK: retry; AR: dead letter."""
 
     name = "hl7"
+    prefix = "DXA"
 
     def __init__(self, host: str, port: int, *, timeout_s: float = 10.0) -> None:
         self.host, self.port, self.timeout_s = host, port, timeout_s
 
+    def message(self, delivery_id: int, result: ScreeningResult) -> str | None:
+        """The message to send for this result, or None when there is nothing to send."""
+        return oru_r01(delivery_id, result) if result.findings else None
+
     def deliver(self, delivery_id: int, result: ScreeningResult, evidence: list[Dataset]) -> None:
-        if not result.findings:
+        message = self.message(delivery_id, result)
+        if message is None:
             return
-        message = oru_r01(delivery_id, result)
         try:
             ack = asyncio.run(self._send(message))
         except (OSError, TimeoutError, asyncio.IncompleteReadError) as exc:
             raise DeliveryFailed(f"MLLP peer unreachable or silent ({type(exc).__name__})") from exc
         code = str(ack.segment("MSA")[1]) if ack is not None else ""
         control = str(ack.segment("MSA")[2]) if ack is not None else ""
-        if control and control != f"DXA{delivery_id:012d}":
+        if control and control != control_id(delivery_id, self.prefix):
             raise DeliveryFailed("ACK does not acknowledge this message (MSA-2 mismatch)")
         if code in ("AA", "CA"):
             return
@@ -260,6 +338,17 @@ class Hl7MllpSink:
 
     def close(self) -> None:
         """Nothing held between deliveries (one connection per message)."""
+
+
+class Hl7PriorityUpdateSink(Hl7MllpSink):
+    """The worklist priority update as ORM^O01 over MLLP (``emr.hl7.priority_updates``); sends
+    only when the AI raised the priority. Same ACK rules as the ORU sink."""
+
+    name = "hl7-triage"
+    prefix = "DXP"
+
+    def message(self, delivery_id: int, result: ScreeningResult) -> str | None:
+        return orm_priority_update(delivery_id, result) if raises_priority(result) else None
 
 
 class DicomSrSink:

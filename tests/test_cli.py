@@ -100,7 +100,7 @@ def test_outbox_status_and_retry_of_dead_letters(tmp_path: Path, settings_file: 
         "j1", ScreeningResult(study_instance_uid="1.2.3", study_ref="r", outcome="SCREENED"), sinks=["fhir", "hl7"]
     )
     outbox = Outbox(tmp_path / "results.sqlite3")
-    (delivery_id, _, sink, _), _ = outbox.due()
+    (delivery_id, _, sink, _), _ = outbox.claim()
     outbox.mark(delivery_id, sink, 1, "DEAD", "receiver rejected the message (AR)")
     status = runner.invoke(app, ["outbox", "status", "--settings", str(settings_file)])
     assert status.exit_code == 0 and "dead: #1 fhir: receiver rejected the message (AR)" in status.output

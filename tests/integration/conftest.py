@@ -1,4 +1,5 @@
-"""Real servers for integration tests: Orthanc (Debian package, DICOMweb plugin) on 127.0.0.1.
+"""Real servers for integration tests on 127.0.0.1: Orthanc (Debian package, DICOMweb plugin)
+and PostgreSQL (Debian package; a private cluster per test session).
 
 Orthanc has no bind-address option and listens on every interface: ``scripts/run_tests.sh``
 runs the suite in a loopback-only network namespace. Each test gets a fresh Orthanc with its
@@ -7,10 +8,14 @@ own storage, started in under a second.
 
 from __future__ import annotations
 
+import glob
+import itertools
 import json
+import os
 import shutil
 import socket
 import subprocess
+import tempfile
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -117,3 +122,83 @@ def orthanc(tmp_path: Path) -> Iterator[OrthancServer]:
         proc.wait(timeout=10)
     except subprocess.TimeoutExpired:
         proc.kill()
+
+
+# -- PostgreSQL ------------------------------------------------------------------------------
+
+
+def _postgres_bin() -> Path:
+    found = sorted(glob.glob("/usr/lib/postgresql/*/bin/postgres"))
+    if not found:
+        pytest.fail("PostgreSQL is required (scripts/install_servers.sh installs Debian's postgresql)")
+    return Path(found[-1]).parent
+
+
+def _as_postgres_user(cmd: list[str]) -> list[str]:
+    """PostgreSQL refuses to run as root: the suite (root in CI) runs it as the ``postgres`` user."""
+    return ["runuser", "-u", "postgres", "--", *cmd] if os.geteuid() == 0 else cmd
+
+
+@dataclass
+class PostgresServer:
+    port: int
+    _names: Iterator[int]
+
+    def url(self, database: str) -> str:
+        return f"postgresql://dxassist:test-only-password@127.0.0.1:{self.port}/{database}"
+
+    def new_database(self) -> str:
+        """A fresh, empty database; returns its URL."""
+        import psycopg
+
+        name = f"dxassist_{next(self._names)}"
+        with psycopg.connect(self.url("postgres"), autocommit=True) as conn:
+            conn.execute(f"CREATE DATABASE {name}")
+        return self.url(name)
+
+
+@pytest.fixture(scope="session")
+def postgres() -> Iterator[PostgresServer]:
+    bindir = _postgres_bin()
+    root = Path(tempfile.mkdtemp(prefix="dxassist-pg-"))
+    if os.geteuid() == 0:
+        shutil.chown(root, "postgres", "postgres")
+    data = root / "data"
+    pwfile = root / "pw"
+    pwfile.write_text("test-only-password\n")
+    if os.geteuid() == 0:
+        shutil.chown(pwfile, "postgres", "postgres")
+    subprocess.run(
+        _as_postgres_user(
+            [str(bindir / "initdb"), "-D", str(data), "-U", "dxassist", "--pwfile", str(pwfile), "-A", "scram-sha-256"]
+        ),
+        check=True,
+        capture_output=True,
+    )
+    port = free_port()
+    options = f"-c listen_addresses=127.0.0.1 -p {port} -k {root} -c fsync=on"
+    subprocess.run(
+        _as_postgres_user(
+            [str(bindir / "pg_ctl"), "-D", str(data), "-o", options, "-l", str(root / "log"), "-w", "start"]
+        ),
+        check=True,
+        capture_output=True,
+    )
+    try:
+        yield PostgresServer(port, itertools.count(1))
+    finally:
+        subprocess.run(
+            _as_postgres_user([str(bindir / "pg_ctl"), "-D", str(data), "-m", "fast", "-w", "stop"]),
+            check=False,
+            capture_output=True,
+        )
+        shutil.rmtree(root, ignore_errors=True)
+
+
+@pytest.fixture(params=["sqlite", "postgresql"])
+def results_db(request: pytest.FixtureRequest, tmp_path: Path) -> Path | str:
+    """The results database, once per backend: a SQLite file, then a fresh PostgreSQL database."""
+    if request.param == "sqlite":
+        return tmp_path / "results.sqlite3"
+    server: PostgresServer = request.getfixturevalue("postgres")
+    return server.new_database()

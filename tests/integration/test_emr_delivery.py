@@ -20,13 +20,22 @@ import pytest
 from fastapi.testclient import TestClient
 
 from models.predictor import OnnxPredictor
+from models.results import ScreeningResult, TriagePriorityValues, triage_priority
 from serving.api import LazyService, create_api
 from serving.outbox import Outbox, OutboxWorker
 from serving.results_store import ResultsStore
 from serving.screening import StudyScreener, screen_paths
 from serving.service import LocalPipeline, ScreeningService
 from serving.settings import ApiSettings
-from serving.sinks import FhirSink, Hl7MllpSink, fhir_resources, oru_r01
+from serving.sinks import (
+    FhirSink,
+    FhirTriageSink,
+    Hl7MllpSink,
+    Hl7PriorityUpdateSink,
+    fhir_resources,
+    orm_priority_update,
+    oru_r01,
+)
 from serving.sources.local import LocalFolderSource
 from tests.conftest import write_synthetic_cxr
 from tests.integration.conftest import free_port
@@ -158,11 +167,12 @@ def test_hl7_ack_handling_and_escaping(predictor: OnnxPredictor, tmp_path: Path)
 
 
 def test_every_finding_delivered_exactly_once_through_emr_outage_and_restart(
-    fhir_server: str, predictor: OnnxPredictor, tmp_path: Path
+    fhir_server: str, predictor: OnnxPredictor, tmp_path: Path, results_db: Path | str
 ) -> None:
+    """Run once with the SQLite outbox (default) and once with the PostgreSQL one."""
     store_dir = tmp_path / "store"
     uploads = [write_synthetic_cxr(store_dir / f"s{i}.dcm", seed=300 + i).read_bytes() for i in range(4)]
-    db = tmp_path / "results.sqlite3"
+    db = results_db
     screener = StudyScreener([predictor], study_ref_key=b"k")
     settings = ApiSettings(spool_dir=tmp_path / "spool")
     httpx.post(f"{fhir_server}/__control/down")  # the EMR is down
@@ -193,6 +203,7 @@ def test_every_finding_delivered_exactly_once_through_emr_outage_and_restart(
                 time.sleep(0.1)
             time.sleep(1.0)  # deliveries fail against the down EMR and back off
             client.portal.call(lazy.started.drain, 5.0)  # type: ignore[union-attr]  # the service stops
+            lazy.started.close()  # type: ignore[union-attr]
         outbox = Outbox(db)
         assert outbox.status().pending > 0  # nothing delivered to FHIR yet, nothing lost either
 
@@ -213,7 +224,64 @@ def test_every_finding_delivered_exactly_once_through_emr_outage_and_restart(
         assert len(listener.received) >= 5  # the AE and the silent one were sent again, same MSH-10
         assert set(listener.received) == listener.accepted
         assert outbox.audit_count("DELIVERED") == 8 and outbox.audit_count("RETRY") >= 2
+        assert {r.requested_priority for _, _, r in restarted.store.latest_per_study()} == {"routine"}
         for sink in restarted.sinks.values():
             sink.close()  # type: ignore[attr-defined]
         worker.outbox.close()
         outbox.close()
+        restarted.close()
+
+
+def _flagged(result: ScreeningResult, requested: str) -> ScreeningResult:
+    """The same study with a critical finding positive, as a model would flag it (the tiny test
+    model has no critical label: its first one plays that part)."""
+    first, *rest = result.findings
+    findings = [first.model_copy(update={"positive": True, "critical": True}), *rest]
+    return result.model_copy(
+        update={"findings": findings, "priority": triage_priority(findings), "requested_priority": requested}
+    )
+
+
+def test_priority_update_is_sent_only_when_the_ai_raises_the_priority(
+    fhir_server: str, predictor: OnnxPredictor, tmp_path: Path
+) -> None:
+    path = write_synthetic_cxr(tmp_path / "a.dcm", seed=23)
+    plain = screen_paths(StudyScreener([predictor], study_ref_key=b"k"), [path])[0]
+    plain = plain.model_copy(
+        update={
+            "findings": [f.model_copy(update={"positive": False}) for f in plain.findings],
+            "priority": TriagePriorityValues.ROUTINE,
+            "requested_priority": "routine",
+        }
+    )
+    urgent, already_stat = _flagged(plain, "routine"), _flagged(plain, "stat")
+    assert urgent.priority == TriagePriorityValues.URGENT
+
+    fhir = FhirTriageSink(f"{fhir_server}/fhir/R4")
+    fhir.deliver(1, plain, [])  # nothing critical: no proposal
+    fhir.deliver(2, already_stat, [])  # already STAT: the AI would only lower it
+    assert fhir_total(fhir_server, "Task") == 0
+    fhir.deliver(3, urgent, [])
+    fhir.deliver(3, urgent, [])  # a retry: still one Task (the server validated it on write)
+    fhir.close()
+    tasks = httpx.get(f"{fhir_server}/fhir/R4/Task").json()["entry"]
+    assert len(tasks) == 1
+    task = tasks[0]["resource"]
+    assert (task["priority"], task["intent"], task["status"]) == ("asap", "proposal", "requested")
+    assert task["focus"]["identifier"]["value"] == urgent.accession_number
+    critical = next(f.display for f in urgent.findings if f.critical)
+    assert critical in task["reasonCode"]["text"]
+
+    with mllp_listener() as listener:
+        hl7_sink = Hl7PriorityUpdateSink("127.0.0.1", listener.port, timeout_s=2)
+        hl7_sink.deliver(4, plain, [])
+        hl7_sink.deliver(5, already_stat, [])
+        assert listener.received == []
+        hl7_sink.deliver(6, urgent, [])
+        assert listener.accepted == {"DXP000000000006"}
+    message = hl7.parse(orm_priority_update(6, urgent))
+    assert str(message.segment("MSH")[9]) == "ORM^O01^ORM_O01"
+    assert str(message.segment("ORC")[1]) == "XO"
+    assert str(message.segment("ORC")[3]) == urgent.accession_number
+    assert str(message.segment("TQ1")[9]).startswith("A^ASAP")
+    assert critical in str(message.segment("OBR")[13])
