@@ -85,6 +85,7 @@ class OnnxPredictor:
         *,
         providers: ProviderPreference = "auto",
         intra_op_threads: int | None = None,
+        allow_spinning: bool = True,
     ) -> None:
         self.loaded = loaded
         self.manifest: ModelManifest = loaded.manifest
@@ -95,6 +96,10 @@ class OnnxPredictor:
         options.intra_op_num_threads = intra_op_threads or max(1, os.cpu_count() or 1)
         options.inter_op_num_threads = 1
         options.log_severity_level = 3
+        if not allow_spinning:
+            # idle ORT threads sleep instead of spinning: when decode, HTTP and other replicas
+            # share the cores, spinning burns the CPU they need (batch job: 14 -> 17 studies/s)
+            options.add_session_config_entry("session.intra_op.allow_spinning", "0")
         try:
             self.session = ort.InferenceSession(
                 str(artifact), sess_options=options, providers=choose_providers(providers)

@@ -17,7 +17,14 @@ from fastapi.responses import JSONResponse, PlainTextResponse
 from pydantic import AfterValidator, BaseModel, ConfigDict, Field
 
 from models.results import OutcomeValues, ScreeningResult, TriagePriorityValues
-from serving.service import PriorityValues, QueueFull, ScreeningService, ServiceDraining, StudyRequest
+from serving.service import (
+    JobStatusValues,
+    PriorityValues,
+    QueueFull,
+    ScreeningService,
+    ServiceDraining,
+    StudyRequest,
+)
 
 _UID = re.compile(r"^[0-9]+(\.[0-9]+)*$")
 
@@ -160,23 +167,36 @@ def create_api(get_service: Callable[[], Awaitable[ScreeningService]]) -> FastAP
         retry = exc.retry_after_s if isinstance(exc, QueueFull) else 30
         return JSONResponse(status_code=503, content={"detail": str(exc)}, headers={"Retry-After": str(retry)})
 
+    async def _answer(svc: ScreeningService, job_id: str, wait: float, response: Response) -> ScreeningJob:
+        """202 with the queued job, or, when ``wait`` > 0 and the screening ends in time, 200
+        with the result (one round trip for a worklist integration)."""
+        if wait > 0:
+            await svc.wait_for(job_id, min(wait, 60.0))
+        view = _job_view(svc, job_id)
+        if view.status in (JobStatusValues.DONE, JobStatusValues.FAILED):
+            response.status_code = 200
+        return view
+
     @api.post("/v1/screenings", status_code=202, response_model=ScreeningJob, dependencies=[Auth])
-    async def request_screening(body: ScreeningRequestBody, svc: Service) -> Any:
-        """Screen a study from the configured DICOM store. Returns at once; poll the screening."""
+    async def request_screening(body: ScreeningRequestBody, svc: Service, response: Response, wait: float = 0.0) -> Any:
+        """Screen a study from the configured DICOM store. Returns at once (202), or with
+        ``wait`` (seconds, at most 60) holds the answer until the screening ends (200)."""
         await remember(svc)
         try:
             job_id = svc.submit(StudyRequest(study_instance_uid=body.study_instance_uid), body.priority)
         except (QueueFull, ServiceDraining) as exc:
             return _refused(exc)
-        return _job_view(svc, job_id)
+        return await _answer(svc, job_id, wait, response)
 
     @api.post("/v1/screenings/upload", status_code=202, response_model=ScreeningJob, dependencies=[Auth])
     async def upload_screening(
         svc: Service,
+        response: Response,
         files: Annotated[list[UploadFile], File(description="DICOM instances of one study")],
         priority: PriorityValues = PriorityValues.ROUTINE,
+        wait: float = 0.0,
     ) -> Any:
-        """Screen uploaded DICOM instances (one study)."""
+        """Screen uploaded DICOM instances (one study); ``wait`` as for ``POST /v1/screenings``."""
         await remember(svc)
         blobs, total = [], 0
         for f in files:
@@ -191,7 +211,7 @@ def create_api(get_service: Callable[[], Awaitable[ScreeningService]]) -> FastAP
             job_id = await asyncio.to_thread(svc.submit_upload, blobs, priority)
         except (QueueFull, ServiceDraining) as exc:
             return _refused(exc)
-        return _job_view(svc, job_id)
+        return await _answer(svc, job_id, wait, response)
 
     @api.post("/v1/events/stable-study", status_code=202, dependencies=[Auth])
     async def stable_study(body: StableStudyEvent, svc: Service) -> Any:

@@ -16,7 +16,10 @@ from serving.sources.local import LocalFolderSource
 def build_predictor(model: ModelSettings) -> OnnxPredictor:
     """Resolve ``id@version`` in the registry and open a verified session (checksum first)."""
     return OnnxPredictor(
-        resolve(model.id, model.version), providers=model.providers, intra_op_threads=model.intra_op_threads
+        resolve(model.id, model.version),
+        providers=model.providers,
+        intra_op_threads=model.intra_op_threads,
+        allow_spinning=model.allow_spinning,
     )
 
 

@@ -182,6 +182,8 @@ class StudyScreener:
             for keyword in ("PixelData", "FloatPixelData", "DoubleFloatPixelData"):
                 if keyword in evidence:
                     delattr(evidence, keyword)
+            if hasattr(evidence, "buffer"):
+                evidence.buffer = None  # the copy would carry the whole file's bytes between processes
             return PreparedImage(
                 label=item.label,
                 study_instance_uid=study_uid,

@@ -416,7 +416,8 @@ class ScreeningService:
     async def _run_job(self, job: _Job) -> None:
         queued_s = time.monotonic() - job.enqueued
         self.metrics.stage_seconds.labels("queue").observe(queued_s)
-        self.store.update_job(job.id, JobStatusValues.RUNNING)
+        # database writes run off the event loop (fsync on SQLite, a round trip on PostgreSQL)
+        await asyncio.to_thread(self.store.update_job, job.id, JobStatusValues.RUNNING)
         start = time.monotonic()
         try:
             result, evidence = await asyncio.wait_for(self._screen(job), timeout=self.settings.request_timeout_s)
@@ -442,7 +443,7 @@ class ScreeningService:
         )
         # the result, its evidence and one outbox row per sink, committed together before any delivery
         sinks = list(self.sinks) if result.outcome == OutcomeValues.SCREENED else []
-        self.store.finish_job(job.id, result, evidence=evidence, sinks=sinks)
+        await asyncio.to_thread(self.store.finish_job, job.id, result, evidence=evidence, sinks=sinks)
         if job.request.spool_dir:
             shutil.rmtree(job.request.spool_dir, ignore_errors=True)
         self.metrics.stage_seconds.labels("total").observe(elapsed + queued_s)

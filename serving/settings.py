@@ -28,6 +28,9 @@ class ModelSettings(_Strict):
     version: str = "latest"
     providers: Literal["auto", "cpu", "cuda", "tensorrt"] = "auto"
     intra_op_threads: int | None = None
+    #: ORT threads spin while idle (fastest when inference has the cores to itself); off by
+    #: default because the service and batch jobs share the cores with decode and HTTP
+    allow_spinning: bool = False
 
 
 class DicomWebSettings(_Strict):

@@ -114,6 +114,21 @@ def test_auth_is_required_everywhere_but_health(tmp_path: Path, predictor: OnnxP
         assert wait_for(client, response.json()["screening_id"], good)["status"] == "DONE"
 
 
+def test_post_with_wait_answers_with_the_result_or_202_when_not_done_in_time(
+    tmp_path: Path, predictor: OnnxPredictor, store_dir: Path
+) -> None:
+    with running(tmp_path, predictor, store_dir, gate=True) as (client, pipeline):
+        uid = uid_of(store_dir / "s41.dcm")
+        held = client.post("/v1/screenings", params={"wait": 0.3}, json={"study_instance_uid": uid})
+        assert held.status_code == 202 and held.json()["status"] in ("QUEUED", "RUNNING")  # gate closed
+        client.portal.call(pipeline().gate.set)  # type: ignore[union-attr]
+        done = client.post(
+            "/v1/screenings", params={"wait": 20}, json={"study_instance_uid": uid_of(store_dir / "s42.dcm")}
+        )
+        assert done.status_code == 200 and done.json()["status"] == "DONE"
+        assert done.json()["result"]["study_instance_uid"] == uid_of(store_dir / "s42.dcm")
+
+
 def test_screening_a_store_study_end_to_end(tmp_path: Path, predictor: OnnxPredictor, store_dir: Path) -> None:
     with running(tmp_path, predictor, store_dir) as (client, _):
         uid = uid_of(store_dir / "s42.dcm")

@@ -12,7 +12,7 @@ import yaml
 from models.predictor import OnnxPredictor
 from models.registry import resolve
 from models.synthetic.cxr import generate_cxr_dataset
-from serving.batch import Ledger, run_batch_job
+from serving.batch import Ledger, Topology, run_batch_job
 from serving.report import write_report, write_tables
 from serving.results_store import ResultsStore
 from serving.screening import StudyScreener, screen_paths
@@ -64,9 +64,14 @@ def test_interrupted_job_resumes_without_redoing_work(
     assert third.screened_now == 0 and third.skipped == 9
 
 
-def test_batch_results_equal_the_online_path(ray_local: None, archive: tuple[Path, Path], tmp_path: Path) -> None:
+@pytest.mark.parametrize("topology", ["fused", "staged"])
+def test_batch_results_equal_the_online_path(
+    ray_local: None, archive: tuple[Path, Path], tmp_path: Path, topology: Topology
+) -> None:
     folder, settings = archive
-    summary = run_batch_job([folder], tmp_path / "job", settings_path=str(settings), save_to_results_store=False)
+    summary = run_batch_job(
+        [folder], tmp_path / "job", settings_path=str(settings), save_to_results_store=False, topology=topology
+    )
     screener = StudyScreener([OnnxPredictor(resolve("cxr-triage"), providers="cpu")], study_ref_key=b"batch-test-key")
     online = {r.study_instance_uid: r for r in screen_paths(screener, sorted(folder.glob("cxr_*.dcm")))}
     batch = {r.study_instance_uid: r for r in summary.results if r.study_instance_uid}
@@ -75,6 +80,8 @@ def test_batch_results_equal_the_online_path(ray_local: None, archive: tuple[Pat
         assert [(f.key, f.positive) for f in r.findings] == [(f.key, f.positive) for f in online[uid].findings]
         assert [f.score for f in r.findings] == pytest.approx([f.score for f in online[uid].findings], abs=1e-4)
         assert r.study_ref == online[uid].study_ref
+        assert (r.patient_id, r.accession_number) == (online[uid].patient_id, online[uid].accession_number)
+        assert r.patient_id  # the EMR needs it: the header travels back with the scores
     broken = [r for r in summary.results if not r.study_instance_uid]
     assert [r.reason for r in broken] == ["NOT_DICOM"]
 
