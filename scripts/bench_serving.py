@@ -120,11 +120,12 @@ def http_run(base: str, token: str, uids: list[str], concurrency: int) -> tuple[
             client = local.client = httpx.Client(base_url=base, headers=headers, timeout=120)
             clients.append(client)
         start = time.perf_counter()
-        job = client.post("/v1/screenings", json={"study_instance_uid": uid, "priority": "routine"}).json()
-        while True:  # long-poll: the answer comes when the screening ends
-            body = client.get(f"/v1/screenings/{job['screening_id']}", params={"wait": 30}).json()
-            if body["status"] in ("DONE", "FAILED"):
-                break
+        # one round trip: the POST holds the answer until the screening ends (long-poll if not)
+        body = client.post(
+            "/v1/screenings", params={"wait": 30}, json={"study_instance_uid": uid, "priority": "routine"}
+        ).json()
+        while body["status"] not in ("DONE", "FAILED"):
+            body = client.get(f"/v1/screenings/{body['screening_id']}", params={"wait": 30}).json()
         if body["status"] != "DONE":
             raise RuntimeError(body)
         return time.perf_counter() - start

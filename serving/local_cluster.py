@@ -42,6 +42,7 @@ def local_serve(
     num_cpus: int | None = None,
     api_token: str | None = None,
     env: dict[str, str] | None = None,
+    topology: str = "auto",
 ) -> Iterator[str]:
     """Run the app on a fresh local Ray; yields the base URL once ready; shuts everything down."""
     import ray
@@ -61,7 +62,7 @@ def local_serve(
     )
     try:
         serve.start(http_options={"host": host, "port": port})
-        serve.run(build_app({"settings_path": settings_path}), name="dxassist", route_prefix="/")
+        serve.run(build_app({"settings_path": settings_path, "topology": topology}), name="dxassist", route_prefix="/")
         base = f"http://{host}:{port}"
         wait_ready(base)
         yield base

@@ -83,8 +83,20 @@ class PreparedStudy:
     rejected: list[RejectedImage] = field(default_factory=list)
 
 
+@dataclass
+class ScreenedStudy:
+    """Both heavy stages done in one place: the prepared images (tensors dropped) and, aligned
+    with them, each image's model outputs or the inference failure."""
+
+    prepared: PreparedStudy
+    outputs: list[ModelOutputs | InferenceFailed]
+
+
 class Pipeline(Protocol):
-    """The heavy stages, wherever they run (threads here, Serve deployments in ``serving.app``)."""
+    """The heavy stages, wherever they run (threads here, Serve deployments in ``serving.app``).
+
+    A pipeline may also offer ``screen_study(request) -> ScreenedStudy`` (both stages in one
+    call, the ``fused`` Serve topology); the service then uses that."""
 
     async def prepare_study(self, request: StudyRequest) -> PreparedStudy: ...
 
@@ -464,6 +476,16 @@ class ScreeningService:
         logger.warning("screening failed", extra={"request_id": job.id, "reason": reason})
 
     async def _screen(self, job: _Job) -> tuple[ScreeningResult, list[Dataset]]:
+        fused = getattr(self.pipeline, "screen_study", None)
+        if fused is not None:
+            t0 = time.monotonic()
+            screened: ScreenedStudy = await fused(job.request)
+            self.metrics.stage_seconds.labels("screen").observe(time.monotonic() - t0)
+            pairs = list(zip(screened.prepared.prepared, screened.outputs, strict=True))
+            for image, out in pairs:
+                if isinstance(out, ModelOutputs) and out.batch_size:
+                    self.metrics.batch_size.labels(image.model_id).observe(out.batch_size)
+            return self._assemble(job, screened.prepared, pairs)
         t0 = time.monotonic()
         prepared = await self.pipeline.prepare_study(job.request)
         self.metrics.stage_seconds.labels("prepare").observe(time.monotonic() - t0)
@@ -480,14 +502,22 @@ class ScreeningService:
 
         paired = await asyncio.gather(*(infer(i) for i in prepared.prepared))
         self.metrics.stage_seconds.labels("infer").observe(time.monotonic() - t1)
+        return self._assemble(job, prepared, list(paired))
+
+    def _assemble(
+        self,
+        job: _Job,
+        prepared: PreparedStudy,
+        paired: list[tuple[PreparedImage, ModelOutputs | InferenceFailed]],
+    ) -> tuple[ScreeningResult, list[Dataset]]:
         uids = [i.study_instance_uid for i in prepared.prepared] + [r.study_instance_uid for r in prepared.rejected]
         uid = next((u for u in uids if u), "")
         if not uid and job.request.study_instance_uid:
             uid = job.request.study_instance_uid
         evidence = [i.header for i in prepared.prepared if i.header is not None]
-        result = self.screener.assemble(uid, list(paired), prepared.rejected)
+        result = self.screener.assemble(uid, paired, prepared.rejected)
         if "dicom-sr" in self.sinks:  # an overlay for viewers that cannot show the SR
-            overlay = overlay_for(result, list(paired), self.screener.loaded)
+            overlay = overlay_for(result, paired, self.screener.loaded)
             if overlay is not None:
                 evidence.append(overlay)
         return result, evidence

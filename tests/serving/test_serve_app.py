@@ -14,7 +14,9 @@ from tests.conftest import write_synthetic_cxr
 
 
 @pytest.mark.integration
-def test_application_on_local_ray_over_http(tmp_path: Path) -> None:
+@pytest.mark.parametrize("topology", ["fused", "staged"])
+def test_application_on_local_ray_over_http(tmp_path: Path, topology: str) -> None:
+    """Both Serve topologies: fused (CPU nodes, the default there) and staged (GPU nodes)."""
     from serving.local_cluster import local_serve
 
     store = tmp_path / "store"
@@ -34,7 +36,7 @@ def test_application_on_local_ray_over_http(tmp_path: Path) -> None:
     import pydicom
 
     uid = str(pydicom.dcmread(store / "a.dcm", stop_before_pixels=True).StudyInstanceUID)
-    with local_serve(str(settings), port=18931, num_cpus=2, api_token="tok") as base:
+    with local_serve(str(settings), port=18931, num_cpus=2, api_token="tok", topology=topology) as base:
         headers = {"Authorization": "Bearer tok"}
         with httpx.Client(base_url=base, headers=headers, timeout=30) as client:
             assert httpx.get(f"{base}/v1/worklist").status_code == 401
@@ -50,14 +52,12 @@ def test_application_on_local_ray_over_http(tmp_path: Path) -> None:
             result = body["result"]
             assert result["outcome"] == "SCREENED" and result["models"][0].startswith("cxr-triage@")
             upload = client.post(
-                "/v1/screenings/upload", files=[("files", ("x.dcm", b"not dicom", "application/dicom"))]
+                "/v1/screenings/upload",
+                params={"wait": 30},  # one round trip: the answer comes with the finished screening
+                files=[("files", ("x.dcm", b"not dicom", "application/dicom"))],
             )
-            while (body := client.get(f"/v1/screenings/{upload.json()['screening_id']}").json())["status"] not in (
-                "DONE",
-                "FAILED",
-            ):
-                time.sleep(0.1)
-            assert body["result"]["reason"] == "NOT_DICOM"
+            assert upload.status_code == 200
+            assert upload.json()["result"]["reason"] == "NOT_DICOM"
             metrics = client.get("/metrics").text
             assert "dxassist_model_batch_size_bucket" in metrics and 'model="cxr-triage"' in metrics
 
