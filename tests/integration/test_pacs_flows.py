@@ -27,10 +27,11 @@ from models.registry import resolve
 from serving.api import LazyService, create_api
 from serving.dimse import DimseSource
 from serving.results_store import ResultsStore
-from serving.screening import StudyScreener
+from serving.screening import InstanceInput, StudyScreener
 from serving.service import LocalPipeline, ScreeningService
 from serving.settings import ApiSettings, PollerSettings, ScpSettings
 from serving.sinks import DicomSrSink
+from serving.sources import StudySource
 from serving.sources.dicomweb import DicomWebSource
 from tests.conftest import write_synthetic_cxr
 from tests.integration.conftest import OrthancServer, free_port, start_orthanc
@@ -48,8 +49,10 @@ def dxassist(
     scp_port: int | None = None,
     poll: bool = False,
     api_port: int | None = None,
+    failed_fetches: int = 0,
 ) -> Iterator[tuple[str, ResultsStore]]:
-    """The service in this process (LocalPipeline), its API on a real HTTP port."""
+    """The service in this process (LocalPipeline), its API on a real HTTP port. The first
+    ``failed_fetches`` study fetches go to a port where no store listens (a real refusal)."""
     manifests = [resolve("cxr-triage").manifest]
     store = ResultsStore(tmp_path / "results.sqlite3")
 
@@ -61,8 +64,11 @@ def dxassist(
     screener = StudyScreener([OnnxPredictor(resolve("cxr-triage"), providers="cpu")], study_ref_key=b"k")
 
     def factory() -> ScreeningService:
+        fetch_source: StudySource = source()
+        if failed_fetches:
+            fetch_source = StoreDownFirst(source(), failed_fetches, manifests)
         return ScreeningService(
-            LocalPipeline(screener, source()),
+            LocalPipeline(screener, fetch_source),
             screener,
             store,
             ApiSettings(spool_dir=tmp_path / "spool", tokens=[TOKEN]),  # type: ignore[list-item]
@@ -96,6 +102,20 @@ def dxassist(
         server.should_exit = True
         thread.join(10)
         store.close()
+
+
+class StoreDownFirst:
+    """A study source whose first fetches hit a dead port (connection refused), then the store."""
+
+    def __init__(self, real: DicomWebSource, failures: int, manifests: list) -> None:  # type: ignore[type-arg]
+        self.real, self.failures = real, failures
+        self.dead = DicomWebSource(f"http://127.0.0.1:{free_port()}/dicom-web", manifests=manifests, timeout_s=1)
+
+    def instances(self, study_instance_uid: str) -> list[InstanceInput]:
+        if self.failures > 0:
+            self.failures -= 1
+            return self.dead.instances(study_instance_uid)
+        return self.real.instances(study_instance_uid)
 
 
 def storescu(path: Path, port: int, called: str) -> None:
@@ -206,6 +226,18 @@ def test_poller_catches_a_study_and_never_screens_it_twice(
         storescu(cxr[0], orthanc.dicom_port, orthanc.aet)
         wait_for_sr(orthanc, cxr[1])
         time.sleep(2.0)  # several more polls
+        assert store.count() == 1 and _sr_count(orthanc, cxr[1]) == 1
+
+
+def test_poller_offers_a_study_again_after_its_fetch_failed(
+    tmp_path: Path, orthanc: OrthancServer, cxr: tuple[Path, str]
+) -> None:
+    with dxassist(tmp_path, orthanc, poll=True, failed_fetches=1) as (_, store):
+        storescu(cxr[0], orthanc.dicom_port, orthanc.aet)
+        wait_for_sr(orthanc, cxr[1])
+        time.sleep(1.5)  # more polls: screened now, never again
+        jobs = store._db.execute("SELECT status, error_reason FROM jobs ORDER BY created_at").fetchall()
+        assert [tuple(j) for j in jobs] == [("FAILED", "SOURCE_UNAVAILABLE"), ("DONE", None)]
         assert store.count() == 1 and _sr_count(orthanc, cxr[1]) == 1
 
 

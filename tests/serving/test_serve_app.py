@@ -16,7 +16,8 @@ from tests.conftest import write_synthetic_cxr
 @pytest.mark.integration
 @pytest.mark.parametrize("topology", ["fused", "staged"])
 def test_application_on_local_ray_over_http(tmp_path: Path, topology: str) -> None:
-    """Both Serve topologies: fused (CPU nodes, the default there) and staged (GPU nodes)."""
+    """Both Serve topologies: fused (CPU nodes, the default there) and staged (GPU nodes); auth,
+    one-call upload with wait, metrics, and a graceful shutdown that finishes running work."""
     from serving.local_cluster import local_serve
 
     store = tmp_path / "store"
@@ -60,6 +61,25 @@ def test_application_on_local_ray_over_http(tmp_path: Path, topology: str) -> No
             assert upload.json()["result"]["reason"] == "NOT_DICOM"
             metrics = client.get("/metrics").text
             assert "dxassist_model_batch_size_bucket" in metrics and 'model="cxr-triage"' in metrics
+
+            # graceful shutdown: a screening running when the app stops is finished, not dropped
+            files = [
+                ("files", (f"{i}.dcm", write_synthetic_cxr(tmp_path / f"u{i}.dcm", seed=70 + i).read_bytes()))
+                for i in range(96)
+            ]
+            slow = client.post("/v1/screenings/upload", files=files).json()["screening_id"]
+            deadline = time.monotonic() + 30
+            while client.get(f"/v1/screenings/{slow}").json()["status"] == "QUEUED":
+                assert time.monotonic() < deadline
+                time.sleep(0.01)
+            assert client.get(f"/v1/screenings/{slow}").json()["status"] == "RUNNING"
+    # the app and Ray are shut down here (serve.shutdown: the ingress drains)
+    from serving.results_store import ResultsStore
+
+    store_after = ResultsStore(tmp_path / "results.sqlite3")
+    job = store_after.job(slow)
+    assert job is not None and job.status == "DONE"
+    store_after.close()
 
 
 _LOCAL_MODE_CHECK = """
