@@ -216,14 +216,12 @@ def _run_batch(
     )
     with Progress(*columns, console=console) as progress:
         task = progress.add_task("screen", total=None, rate=0.0)
-        started = {"t": 0.0}
+        import time
+
+        started = time.perf_counter()  # the rate counts the whole wait, Ray's start-up included
 
         def update(done: int, total: int) -> None:
-            import time
-
-            if not started["t"]:
-                started["t"] = time.perf_counter()
-            elapsed = max(time.perf_counter() - started["t"], 1e-6)
+            elapsed = max(time.perf_counter() - started, 1e-6)
             progress.update(task, completed=done, total=total, rate=done / elapsed)
 
         summary = run_batch_job(
