@@ -14,9 +14,9 @@ from tests.conftest import write_synthetic_cxr
 
 
 @pytest.mark.integration
-@pytest.mark.parametrize("topology", ["fused", "staged"])
+@pytest.mark.parametrize("topology", ["inline", "fused", "staged"])
 def test_application_on_local_ray_over_http(tmp_path: Path, topology: str) -> None:
-    """Both Serve topologies: fused (CPU nodes, the default there) and staged (GPU nodes); auth,
+    """Every Serve topology: inline (one CPU node), fused (CPU cluster), staged (GPU); auth,
     one-call upload with wait, metrics, and a graceful shutdown that finishes running work."""
     from serving.local_cluster import local_serve
 
