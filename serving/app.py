@@ -45,6 +45,7 @@ from serving.service import (
     ScreenedStudy,
     ScreeningService,
     StudyRequest,
+    model_status,
     prepare_request,
 )
 from serving.settings import ModelSettings, Settings
@@ -71,6 +72,25 @@ def _screener_without_sessions(settings: Settings) -> StudyScreener:
         max_frames_per_image=settings.screening.max_frames_per_image,
         batch_size=settings.screening.batch_size,
     )
+
+
+def _apply_batch_config(batched: Any, user_config: dict[str, Any]) -> int | None:
+    """Apply the operational batching knobs of ``user_config`` to a ``@serve.batch`` method;
+    returns the new max batch size, if given (thresholds never come this way: ADR 0003)."""
+    if "batch_wait_timeout_s" in user_config:
+        batched.set_batch_wait_timeout_s(float(user_config["batch_wait_timeout_s"]))
+    if "max_batch_size" in user_config:
+        size = int(user_config["max_batch_size"])
+        batched.set_max_batch_size(size)
+        return size
+    return None
+
+
+def _require_ready(predictors: list[OnnxPredictor], when: str) -> None:
+    """Raise unless every model's self-test passes (warm-up at start, Serve health checks)."""
+    for predictor in predictors:
+        if not predictor.self_test().ok:
+            raise RuntimeError(f"{predictor.manifest.ref}: self-test failed {when}")
 
 
 @serve.deployment(name="fetcher", ray_actor_options={"num_cpus": 0.5}, max_ongoing_requests=8)
@@ -103,17 +123,10 @@ class ModelDeployment:
         install_logging()
         self.predictor = build_predictor(ModelSettings.model_validate(model))
         self.max_batch_images = batch_size
-        warm = self.predictor.self_test()  # warm-up before the replica reports healthy
-        if not warm.ok:
-            raise RuntimeError(f"{self.predictor.manifest.ref}: self-test failed at start")
+        _require_ready([self.predictor], "at start")  # warm-up before the replica reports healthy
 
     def reconfigure(self, user_config: dict[str, Any]) -> None:
-        """Operational knobs only (thresholds live in the manifest)."""
-        if "max_batch_size" in user_config:
-            self.infer_batch.set_max_batch_size(int(user_config["max_batch_size"]))
-            self.max_batch_images = int(user_config["max_batch_size"])
-        if "batch_wait_timeout_s" in user_config:
-            self.infer_batch.set_batch_wait_timeout_s(float(user_config["batch_wait_timeout_s"]))
+        self.max_batch_images = _apply_batch_config(self.infer_batch, user_config) or self.max_batch_images
 
     @serve.batch(max_batch_size=4, batch_wait_timeout_s=0.0)
     async def infer_batch(self, items: list[NDArray[np.float32]]) -> list[ModelOutputs]:
@@ -124,13 +137,10 @@ class ModelDeployment:
         return result
 
     def info(self) -> dict[str, object]:
-        test = self.predictor.self_test()
-        m = self.predictor.manifest
-        return {"model": m.id, "version": m.version, "provider": self.predictor.provider, "ready": test.ok}
+        return model_status(self.predictor)
 
     def check_health(self) -> None:
-        if not self.predictor.self_test().ok:
-            raise RuntimeError(f"{self.predictor.manifest.ref}: self-test failed")
+        _require_ready([self.predictor], "in a health check")
 
 
 @serve.deployment(name="screener", ray_actor_options={"num_cpus": 0.8}, max_ongoing_requests=8)
@@ -146,29 +156,18 @@ class StudyScreenerDeployment:
         # each replica's ORT uses every core (threads sleep when idle, ``allow_spinning``): one
         # study alone gets the whole node, and under load the replicas share it (measured on 2
         # cores: 2 replicas x 2 threads 67 ms single / 18.2 studies/s, x 1 thread 81 ms / 19.4)
-        self.screener = StudyScreener(
-            [build_predictor(m) for m in settings.models],
-            study_ref_key=settings.security.study_ref_key.get_secret_value().encode(),
-            max_frames_per_image=settings.screening.max_frames_per_image,
-            batch_size=settings.screening.batch_size,
-        )
+        self.screener = build_screener(settings)
         self.source = build_source(settings)
         self.keep_tensors = settings.store.write_results
         self.max_batch_images = batch_size
-        for predictor in self.screener.predictors.values():
-            if not predictor.self_test().ok:  # warm-up before the replica reports healthy
-                raise RuntimeError(f"{predictor.manifest.ref}: self-test failed at start")
+        _require_ready(list(self.screener.predictors.values()), "at start")
 
     def reconfigure(self, user_config: dict[str, Any]) -> None:
-        if "max_batch_size" in user_config:
-            self.infer_batch.set_max_batch_size(int(user_config["max_batch_size"]))
-            self.max_batch_images = int(user_config["max_batch_size"])
-        if "batch_wait_timeout_s" in user_config:
-            self.infer_batch.set_batch_wait_timeout_s(float(user_config["batch_wait_timeout_s"]))
+        self.max_batch_images = _apply_batch_config(self.infer_batch, user_config) or self.max_batch_images
 
     @serve.batch(max_batch_size=8, batch_wait_timeout_s=0.0)
     async def infer_batch(self, items: list[tuple[str, NDArray[np.float32]]]) -> list[ModelOutputs | InferenceFailed]:
-        out: list[ModelOutputs | InferenceFailed | None] = [None] * len(items)
+        out: dict[int, ModelOutputs | InferenceFailed] = {}
         for model_id in dict.fromkeys(m for m, _ in items):
             index = [i for i, (m, _) in enumerate(items) if m == model_id]
             predictor = self.screener.predictors[model_id]
@@ -177,12 +176,10 @@ class StudyScreenerDeployment:
                     _run_joined, predictor, [items[i][1] for i in index], self.max_batch_images
                 )
             except InferenceFailed as exc:
-                for i in index:
-                    out[i] = exc
+                out.update(dict.fromkeys(index, exc))
                 continue
-            for i, result in zip(index, joined, strict=True):
-                out[i] = result
-        return [o for o in out if o is not None]
+            out.update(zip(index, joined, strict=True))
+        return [out[i] for i in range(len(items))]  # every request answered, in order
 
     async def screen(self, request: StudyRequest) -> ScreenedStudy:
         prepared = await asyncio.to_thread(prepare_request, self.screener, self.source, request)
@@ -193,17 +190,10 @@ class StudyScreenerDeployment:
         return ScreenedStudy(prepared, list(outputs))
 
     def info(self) -> list[dict[str, object]]:
-        infos: list[dict[str, object]] = []
-        for predictor in self.screener.predictors.values():
-            m = predictor.manifest
-            test = predictor.self_test()
-            infos.append({"model": m.id, "version": m.version, "provider": predictor.provider, "ready": test.ok})
-        return infos
+        return [model_status(p) for p in self.screener.predictors.values()]
 
     def check_health(self) -> None:
-        for predictor in self.screener.predictors.values():
-            if not predictor.self_test().ok:
-                raise RuntimeError(f"{predictor.manifest.ref}: self-test failed")
+        _require_ready(list(self.screener.predictors.values()), "in a health check")
 
 
 def _run_joined(predictor: OnnxPredictor, items: list[NDArray[np.float32]], batch_size: int) -> list[ModelOutputs]:
@@ -226,7 +216,7 @@ def _run_joined(predictor: OnnxPredictor, items: list[NDArray[np.float32]], batc
 
 
 class FusedServePipeline:
-    """``serving.service.Pipeline`` over the fused screener deployment."""
+    """``serving.service.OneCallPipeline`` over the fused screener deployment."""
 
     def __init__(self, screener: DeploymentHandle) -> None:
         self.screener = screener
@@ -234,12 +224,6 @@ class FusedServePipeline:
     async def screen_study(self, request: StudyRequest) -> ScreenedStudy:
         result: ScreenedStudy = await self.screener.screen.remote(request)
         return result
-
-    async def prepare_study(self, request: StudyRequest) -> PreparedStudy:
-        raise NotImplementedError("the fused pipeline screens a study in one call (screen_study)")
-
-    async def infer(self, model_id: str, tensors: NDArray[np.float32]) -> ModelOutputs:
-        raise NotImplementedError("the fused pipeline screens a study in one call (screen_study)")
 
     async def model_info(self) -> list[dict[str, object]]:
         infos: list[dict[str, object]] = await self.screener.info.remote()

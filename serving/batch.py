@@ -34,6 +34,7 @@ import numpy as np
 
 from models.errors import InferenceFailed, InputRejected, SourceError
 from models.pixels import read_dataset
+from models.predictor import cuda_device_count
 from models.results import ScreeningResult
 from serving.screening import InstanceInput, ModelOutputs, PreparedImage, RejectedImage, StudyScreener, run_model
 from serving.settings import Settings
@@ -239,16 +240,10 @@ class PrepareAndInferStage:
 Topology = Literal["auto", "staged", "fused"]
 
 
-def cuda_available() -> bool:
-    from models.predictor import cuda_device_count
-
-    return cuda_device_count() > 0
-
-
 def choose_topology(topology: Topology) -> Literal["staged", "fused"]:
     if topology != "auto":
         return topology
-    return "staged" if cuda_available() else "fused"
+    return "staged" if cuda_device_count() > 0 else "fused"
 
 
 @dataclass
@@ -342,7 +337,7 @@ def run_batch_job(
                     batch_size=batch_size,
                     compute=ray.data.ActorPoolStrategy(size=infer_actors),
                     num_cpus=1,
-                    num_gpus=1 if cuda_available() else 0,
+                    num_gpus=1 if cuda_device_count() > 0 else 0,
                 )
             for batch in _iter(ds):
                 for study, paired_blob, error in zip(batch["study"], batch["paired"], batch["error"], strict=True):

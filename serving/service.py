@@ -23,13 +23,14 @@ from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
 from enum import StrEnum
 from pathlib import Path
-from typing import Protocol
+from typing import Protocol, runtime_checkable
 
 import numpy as np
 from numpy.typing import NDArray
 from pydicom.dataset import Dataset
 
 from models.errors import InferenceFailed, SourceError, StudyNotFound
+from models.predictor import OnnxPredictor
 from models.results import OutcomeValues, ScreeningResult
 from serving.dicom_sc import overlay_for
 from serving.dimse import StoreScp
@@ -93,16 +94,28 @@ class ScreenedStudy:
 
 
 class Pipeline(Protocol):
-    """The heavy stages, wherever they run (threads here, Serve deployments in ``serving.app``).
-
-    A pipeline may also offer ``screen_study(request) -> ScreenedStudy`` (both stages in one
-    call, the ``fused`` Serve topology); the service then uses that."""
+    """The heavy stages, wherever they run (threads here, Serve deployments in ``serving.app``)."""
 
     async def prepare_study(self, request: StudyRequest) -> PreparedStudy: ...
 
     async def infer(self, model_id: str, tensors: NDArray[np.float32]) -> ModelOutputs: ...
 
     async def model_info(self) -> list[dict[str, object]]: ...
+
+
+@runtime_checkable
+class OneCallPipeline(Protocol):
+    """Both heavy stages in one call per study (the ``fused`` Serve topology)."""
+
+    async def screen_study(self, request: StudyRequest) -> ScreenedStudy: ...
+
+    async def model_info(self) -> list[dict[str, object]]: ...
+
+
+def model_status(predictor: OnnxPredictor) -> dict[str, object]:
+    """Model id, version, provider and whether its self-test passes (readiness, metrics)."""
+    m = predictor.manifest
+    return {"model": m.id, "version": m.version, "provider": predictor.provider, "ready": predictor.self_test().ok}
 
 
 def spooled_instances(spool_dir: Path) -> list[InstanceInput]:
@@ -139,18 +152,7 @@ class LocalPipeline:
         return await asyncio.to_thread(self.screener.infer, model_id, tensors)
 
     async def model_info(self) -> list[dict[str, object]]:
-        out = []
-        for predictor in self.screener.predictors.values():
-            test = await asyncio.to_thread(predictor.self_test)
-            out.append(
-                {
-                    "model": predictor.manifest.id,
-                    "version": predictor.manifest.version,
-                    "provider": predictor.provider,
-                    "ready": test.ok,
-                }
-            )
-        return out
+        return [await asyncio.to_thread(model_status, p) for p in self.screener.predictors.values()]
 
 
 @dataclass
@@ -166,7 +168,7 @@ class ScreeningService:
 
     def __init__(
         self,
-        pipeline: Pipeline,
+        pipeline: Pipeline | OneCallPipeline,
         screener: StudyScreener,
         store: ResultsStore,
         settings: ApiSettings,
@@ -476,33 +478,36 @@ class ScreeningService:
         logger.warning("screening failed", extra={"request_id": job.id, "reason": reason})
 
     async def _screen(self, job: _Job) -> tuple[ScreeningResult, list[Dataset]]:
-        fused = getattr(self.pipeline, "screen_study", None)
-        if fused is not None:
+        if isinstance(self.pipeline, OneCallPipeline):
             t0 = time.monotonic()
-            screened: ScreenedStudy = await fused(job.request)
+            screened = await self.pipeline.screen_study(job.request)
             self.metrics.stage_seconds.labels("screen").observe(time.monotonic() - t0)
-            pairs = list(zip(screened.prepared.prepared, screened.outputs, strict=True))
-            for image, out in pairs:
-                if isinstance(out, ModelOutputs) and out.batch_size:
-                    self.metrics.batch_size.labels(image.model_id).observe(out.batch_size)
-            return self._assemble(job, screened.prepared, pairs)
+            prepared = screened.prepared
+            pairs = list(zip(prepared.prepared, screened.outputs, strict=True))
+        else:
+            prepared, pairs = await self._screen_in_stages(self.pipeline, job)
+        for image, out in pairs:
+            if isinstance(out, ModelOutputs) and out.batch_size:
+                self.metrics.batch_size.labels(image.model_id).observe(out.batch_size)
+        return self._assemble(job, prepared, pairs)
+
+    async def _screen_in_stages(
+        self, pipeline: Pipeline, job: _Job
+    ) -> tuple[PreparedStudy, list[tuple[PreparedImage, ModelOutputs | InferenceFailed]]]:
         t0 = time.monotonic()
-        prepared = await self.pipeline.prepare_study(job.request)
+        prepared = await pipeline.prepare_study(job.request)
         self.metrics.stage_seconds.labels("prepare").observe(time.monotonic() - t0)
         t1 = time.monotonic()
 
         async def infer(image: PreparedImage) -> tuple[PreparedImage, ModelOutputs | InferenceFailed]:
             try:
-                out = await self.pipeline.infer(image.model_id, image.tensors)
+                return image, await pipeline.infer(image.model_id, image.tensors)
             except InferenceFailed as exc:
                 return image, exc
-            if out.batch_size:
-                self.metrics.batch_size.labels(image.model_id).observe(out.batch_size)
-            return image, out
 
         paired = await asyncio.gather(*(infer(i) for i in prepared.prepared))
         self.metrics.stage_seconds.labels("infer").observe(time.monotonic() - t1)
-        return self._assemble(job, prepared, list(paired))
+        return prepared, list(paired)
 
     def _assemble(
         self,

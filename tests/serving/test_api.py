@@ -127,6 +127,10 @@ def test_post_with_wait_answers_with_the_result_or_202_when_not_done_in_time(
         )
         assert done.status_code == 200 and done.json()["status"] == "DONE"
         assert done.json()["result"]["study_instance_uid"] == uid_of(store_dir / "s42.dcm")
+        missing = client.post("/v1/screenings", params={"wait": 20}, json={"study_instance_uid": "1.2.3.998"})
+        assert missing.status_code == 200  # finished: FAILED with its reason, no UID in the detail
+        assert (missing.json()["status"], missing.json()["error_reason"]) == ("FAILED", "STUDY_NOT_FOUND")
+        assert "1.2.3.998" not in missing.json()["error_detail"]
 
 
 def test_screening_a_store_study_end_to_end(tmp_path: Path, predictor: OnnxPredictor, store_dir: Path) -> None:
