@@ -29,6 +29,7 @@ check: $(VENV)/.dev-installed
 	$(BIN)/ruff check models serving training tests
 	$(BIN)/ruff format --check models serving training tests
 	$(BIN)/mypy
+	$(BIN)/lint-imports
 
 pytest: $(VENV)/.dev-installed
 	scripts/run_tests.sh

@@ -13,10 +13,21 @@
     ├── ModelError
     │   ├── ModelIntegrityError  checksum or signature mismatch: fatal before any session exists
     │   ├── ManifestError        manifest malformed or inconsistent with the artifact
+    │   ├── VersionExists        a registered version is immutable: register a new one
+    │   ├── ParityError          exported ONNX disagrees with the PyTorch model: nothing written
     │   └── InferenceFailed      runtime failure or non-finite output (never read as "negative")
     ├── SinkError
     │   └── DeliveryFailed       retriable; the outbox keeps the result
+    │       └── DeliveryRejected the receiver refused it for good: dead letter, no retry
+    ├── AdmissionRefused         the service takes no new work now (HTTP 503 + Retry-After)
+    │   ├── QueueFull            the queue for this priority is full
+    │   └── ServiceDraining      the service is shutting down
     └── ResultsDatabaseError     the results database (SQLite/PostgreSQL) is unreachable or failed
+
+Where an error stops, it becomes data in exactly one place each: an ``InputRejected`` becomes a
+NOT_SCREENED image with its ``ReasonCode`` (``serving.core.screening``); a failed screening job
+records a ``JobFailureValues`` code (``serving.online.service``); HTTP answers come from the
+exception handlers registered in ``serving.online.api``.
 
 Messages never carry patient values (names, IDs, accession numbers, UIDs). They name the
 parameter or attribute and the reason; callers add their own request id.
@@ -45,6 +56,15 @@ class ReasonCode(StrEnum):
     UNSUPPORTED_PHOTOMETRIC = "UNSUPPORTED_PHOTOMETRIC"
     NO_USABLE_IMAGE = "NO_USABLE_IMAGE"
     INFERENCE_FAILED = "INFERENCE_FAILED"
+
+
+class JobFailureValues(StrEnum):
+    """Why a screening job ended FAILED (no result): stable codes for API clients."""
+
+    TIMEOUT = "TIMEOUT"
+    STUDY_NOT_FOUND = "STUDY_NOT_FOUND"
+    SOURCE_UNAVAILABLE = "SOURCE_UNAVAILABLE"
+    INTERNAL_ERROR = "INTERNAL_ERROR"
 
 
 class DxAssistError(Exception):
@@ -96,6 +116,14 @@ class ManifestError(ModelError):
     """The manifest is malformed, or does not match the artifact's signature."""
 
 
+class VersionExists(ModelError):
+    """The model version is already registered; registered versions never change."""
+
+
+class ParityError(ModelError):
+    """The exported ONNX model does not reproduce the PyTorch model within tolerance."""
+
+
 class InferenceFailed(ModelError):
     """The model failed at run time or produced non-finite scores."""
 
@@ -106,6 +134,29 @@ class SinkError(DxAssistError):
 
 class DeliveryFailed(SinkError):
     """Delivery failed; the result stays in the outbox for a retry."""
+
+
+class DeliveryRejected(DeliveryFailed):
+    """The receiver refused the delivery for good (HL7 AR, FHIR 4xx): dead-lettered, not retried."""
+
+
+class AdmissionRefused(DxAssistError):
+    """The service admits no new work now; the caller may retry after ``retry_after_s``."""
+
+    def __init__(self, message: str, retry_after_s: int) -> None:
+        super().__init__(message)
+        self.retry_after_s = retry_after_s
+
+
+class QueueFull(AdmissionRefused):
+    """The queue for the requested priority is full."""
+
+
+class ServiceDraining(AdmissionRefused):
+    """The service is shutting down and admits nothing new."""
+
+    def __init__(self, message: str = "service is shutting down", retry_after_s: int = 30) -> None:
+        super().__init__(message, retry_after_s)
 
 
 class ResultsDatabaseError(DxAssistError):

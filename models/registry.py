@@ -12,7 +12,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Final
 
-from models.errors import DxAssistError, ManifestError
+from models.errors import DxAssistError, ManifestError, VersionExists
 from models.manifest import LoadedManifest, load_manifest, verify_artifact
 
 #: ``models/registry`` of this checkout, unless ``DXASSIST_REGISTRY`` names another folder.
@@ -85,10 +85,6 @@ def verify_all(root: Path = REGISTRY_ROOT) -> list[VerifyReport]:
         except DxAssistError as exc:
             reports.append(VerifyReport(ref, False, str(exc)))
     return reports
-
-
-class VersionExists(FileExistsError):
-    """The id@version is already registered; bump the version instead."""
 
 
 def register_version(staged_dir: Path, root: Path = REGISTRY_ROOT) -> Path:

@@ -82,7 +82,7 @@ def main() -> None:
 
     import yaml
 
-    from serving.batch import run_batch_job
+    from serving.batch.job import run_batch_job
 
     work = Path(tempfile.mkdtemp(prefix="dxassist-batch-bench-"))
     archive = work / "archive"

@@ -47,7 +47,7 @@ def pct(values: list[float], q: float) -> float:
 def prepare_seconds(files: list[Path]) -> float:
     """Mean single-thread seconds per study of the service's own stage 1 (read, QA, decode,
     preprocess), on this machine."""
-    from serving.screening import InstanceInput, StudyScreener
+    from serving.core.screening import InstanceInput, StudyScreener
 
     screener = StudyScreener([], manifests=[resolve("cxr-triage")], study_ref_key=b"bench")
     screener.prepare(InstanceInput(files[0], "warm"))
@@ -148,7 +148,7 @@ def main() -> None:
     import pydicom
     import yaml
 
-    from serving.local_cluster import local_serve
+    from serving.rayserve.local_cluster import local_serve
 
     work = Path(tempfile.mkdtemp(prefix="dxassist-bench-"))
     store = work / "store"

@@ -10,7 +10,7 @@ import pytest
 import yaml
 from typer.testing import CliRunner
 
-from serving.cli import app
+from serving.cli.main import app
 from tests.conftest import write_synthetic_cxr
 
 runner = CliRunner()
@@ -91,8 +91,8 @@ def test_models_list_and_verify() -> None:
 
 def test_outbox_status_and_retry_of_dead_letters(tmp_path: Path, settings_file: Path) -> None:
     from models.results import ScreeningResult
-    from serving.outbox import Outbox
-    from serving.results_store import ResultsStore
+    from serving.persistence.outbox import Outbox
+    from serving.persistence.results import ResultsStore
 
     store = ResultsStore(tmp_path / "results.sqlite3")
     store.add_job("j1", "routine", "1.2.3", None)

@@ -21,14 +21,11 @@ import yaml
 from numpy.typing import NDArray
 from torch import nn
 
+from models.errors import ParityError
 from models.manifest import file_sha256, load_manifest, parse_manifest
 from models.predictor import OnnxPredictor
 
 logger = logging.getLogger(__name__)
-
-
-class ParityError(RuntimeError):
-    """ONNX and PyTorch disagree beyond tolerance; no manifest is written."""
 
 
 def export_onnx(

@@ -9,7 +9,7 @@ import pytest
 import yaml
 
 from models.synthetic.cxr import generate_cxr_dataset
-from serving.batch import run_batch_job
+from serving.batch.job import run_batch_job
 from tests.integration.conftest import OrthancServer
 
 pytestmark = pytest.mark.integration

@@ -21,22 +21,17 @@ from fastapi.testclient import TestClient
 
 from models.predictor import OnnxPredictor
 from models.results import ScreeningResult, TriagePriorityValues, triage_priority
-from serving.api import LazyService, create_api
-from serving.outbox import Outbox, OutboxWorker
-from serving.results_store import ResultsStore
-from serving.screening import StudyScreener, screen_paths
-from serving.service import LocalPipeline, ScreeningService
+from serving.core.screening import StudyScreener, screen_paths
+from serving.delivery.worker import OutboxWorker
+from serving.dicom.sources.local import LocalFolderSource
+from serving.emr.fhir import FhirSink, FhirTriageSink, fhir_resources
+from serving.emr.hl7 import Hl7MllpSink, Hl7PriorityUpdateSink, orm_priority_update, oru_r01
+from serving.online.api import LazyService, create_api
+from serving.online.pipeline import LocalPipeline
+from serving.online.service import ScreeningService
+from serving.persistence.outbox import Outbox
+from serving.persistence.results import ResultsStore
 from serving.settings import ApiSettings
-from serving.sinks import (
-    FhirSink,
-    FhirTriageSink,
-    Hl7MllpSink,
-    Hl7PriorityUpdateSink,
-    fhir_resources,
-    orm_priority_update,
-    oru_r01,
-)
-from serving.sources.local import LocalFolderSource
 from tests.conftest import write_synthetic_cxr
 from tests.integration.conftest import free_port
 
@@ -153,14 +148,13 @@ def test_hl7_ack_handling_and_escaping(predictor: OnnxPredictor, tmp_path: Path)
     assert str(message.segment("MSH")[10]) == "DXA000000000007"
     assert str(message.segment("PID")[3]).startswith("ID\\F\\WITH\\S\\DELIMS")
     assert len(message.segments("OBX")) == len(result.findings)
-    from models.errors import DeliveryFailed
-    from serving.outbox import PermanentDeliveryError
+    from models.errors import DeliveryFailed, DeliveryRejected
 
     with mllp_listener(["AE", "AR"]) as listener:
         sink = Hl7MllpSink("127.0.0.1", listener.port, timeout_s=2)
         with pytest.raises(DeliveryFailed, match="AE"):
             sink.deliver(7, result, [])
-        with pytest.raises(PermanentDeliveryError, match="AR"):
+        with pytest.raises(DeliveryRejected, match="AR"):
             sink.deliver(8, result, [])
         sink.deliver(9, result, [])
         assert listener.accepted == {"DXA000000000009"}

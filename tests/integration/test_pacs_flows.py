@@ -24,15 +24,16 @@ import uvicorn
 
 from models.predictor import OnnxPredictor
 from models.registry import resolve
-from serving.api import LazyService, create_api
-from serving.dimse import DimseSource
-from serving.results_store import ResultsStore
-from serving.screening import InstanceInput, StudyScreener
-from serving.service import LocalPipeline, ScreeningService
+from serving.core.screening import InstanceInput, StudyScreener
+from serving.dicom.dimse import DimseSource
+from serving.dicom.sources import StudySource
+from serving.dicom.sources.dicomweb import DicomWebSource
+from serving.dicom.store_back import DicomSrSink
+from serving.online.api import LazyService, create_api
+from serving.online.pipeline import LocalPipeline
+from serving.online.service import ScreeningService
+from serving.persistence.results import ResultsStore
 from serving.settings import ApiSettings, PollerSettings, ScpSettings
-from serving.sinks import DicomSrSink
-from serving.sources import StudySource
-from serving.sources.dicomweb import DicomWebSource
 from tests.conftest import write_synthetic_cxr
 from tests.integration.conftest import OrthancServer, free_port, start_orthanc
 

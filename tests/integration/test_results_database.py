@@ -13,9 +13,9 @@ from pydicom import dcmread
 from models.errors import ResultsDatabaseError
 from models.predictor import OnnxPredictor
 from models.results import ScreeningResult
-from serving.outbox import Outbox
-from serving.results_store import ResultsStore
-from serving.screening import StudyScreener, screen_paths
+from serving.core.screening import StudyScreener, screen_paths
+from serving.persistence.outbox import Outbox
+from serving.persistence.results import ResultsStore
 from tests.conftest import write_synthetic_cxr
 from tests.integration.conftest import PostgresServer
 

@@ -17,9 +17,9 @@ import pytest
 from models.errors import SourceUnavailable, StudyNotFound
 from models.pixels import load_frames
 from models.registry import resolve
-from serving.dimse import DimseSource
-from serving.sources.dicomweb import DicomWebSource
-from serving.sources.local import LocalFolderSource
+from serving.dicom.dimse import DimseSource
+from serving.dicom.sources.dicomweb import DicomWebSource
+from serving.dicom.sources.local import LocalFolderSource
 from tests.conftest import write_synthetic_cxr
 from tests.integration.conftest import OrthancServer
 

@@ -16,12 +16,13 @@ from numpy.typing import NDArray
 from pydantic import SecretStr
 
 from models.predictor import OnnxPredictor
-from serving.api import LazyService, create_api
-from serving.results_store import ResultsStore
-from serving.screening import ModelOutputs, StudyScreener
-from serving.service import LocalPipeline, PreparedStudy, ScreeningService, StudyRequest
+from serving.core.screening import ModelOutputs, StudyScreener
+from serving.dicom.sources.local import LocalFolderSource
+from serving.online.api import LazyService, create_api
+from serving.online.pipeline import LocalPipeline, PreparedStudy, StudyRequest
+from serving.online.service import ScreeningService
+from serving.persistence.results import ResultsStore
 from serving.settings import ApiSettings
-from serving.sources.local import LocalFolderSource
 from tests.conftest import write_synthetic_cxr
 
 

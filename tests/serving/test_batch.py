@@ -12,10 +12,10 @@ import yaml
 from models.predictor import OnnxPredictor
 from models.registry import resolve
 from models.synthetic.cxr import generate_cxr_dataset
-from serving.batch import Ledger, Topology, run_batch_job
-from serving.report import write_report, write_tables
-from serving.results_store import ResultsStore
-from serving.screening import StudyScreener, screen_paths
+from serving.batch.job import Ledger, Topology, run_batch_job
+from serving.batch.report import write_report, write_tables
+from serving.core.screening import StudyScreener, screen_paths
+from serving.persistence.results import ResultsStore
 
 
 @pytest.fixture(scope="module")

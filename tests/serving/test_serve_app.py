@@ -18,7 +18,7 @@ from tests.conftest import write_synthetic_cxr
 def test_application_on_local_ray_over_http(tmp_path: Path, topology: str) -> None:
     """Every Serve topology: inline (one CPU node), fused (CPU cluster), staged (GPU); auth,
     one-call upload with wait, metrics, and a graceful shutdown that finishes running work."""
-    from serving.local_cluster import local_serve
+    from serving.rayserve.local_cluster import local_serve
 
     store = tmp_path / "store"
     write_synthetic_cxr(store / "a.dcm", seed=61, findings={"pneumothorax": True})
@@ -74,7 +74,7 @@ def test_application_on_local_ray_over_http(tmp_path: Path, topology: str) -> No
                 time.sleep(0.01)
             assert client.get(f"/v1/screenings/{slow}").json()["status"] == "RUNNING"
     # the app and Ray are shut down here (serve.shutdown: the ingress drains)
-    from serving.results_store import ResultsStore
+    from serving.persistence.results import ResultsStore
 
     store_after = ResultsStore(tmp_path / "results.sqlite3")
     job = store_after.job(slow)
@@ -90,8 +90,8 @@ from ray import serve
 
 from models.predictor import OnnxPredictor
 from models.registry import resolve
-from serving.app import ModelDeployment
-from serving.screening import run_model
+from serving.rayserve.app import ModelDeployment
+from serving.core.screening import run_model
 from serving.settings import ModelSettings
 
 # Ray 2.60 limitation: @serve.batch calls serve.get_replica_context() for a config warning,

@@ -5,7 +5,7 @@ from __future__ import annotations
 from datetime import UTC, datetime, timedelta
 
 from models.results import OutcomeValues, ScreeningResult, TriagePriorityValues
-from serving.api import worklist_rank
+from serving.online.api import worklist_rank
 
 NOW = datetime(2026, 11, 23, 12, 0, tzinfo=UTC)
 

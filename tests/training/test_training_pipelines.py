@@ -10,11 +10,12 @@ import numpy as np
 import pytest
 import torch
 
+from models.errors import ParityError
 from models.manifest import load_manifest
 from models.predictor import OnnxPredictor
 from models.registry import VersionExists, list_versions, register_version, resolve
 from training.config import TrainConfig
-from training.export_onnx import ParityError, export_onnx, parity_check
+from training.export_onnx import export_onnx, parity_check
 
 REPO = Path(__file__).resolve().parents[2]
 TINY = {"data.n_train": 40, "data.n_test": 24, "data.image_size": [288, 288], "train.epochs": 1, "int8": False}

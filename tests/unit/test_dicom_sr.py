@@ -11,8 +11,8 @@ import pytest
 
 from models.predictor import OnnxPredictor
 from models.registry import resolve
-from serving.dicom_sr import build_sr
-from serving.screening import StudyScreener, screen_paths
+from serving.core.screening import StudyScreener, screen_paths
+from serving.dicom.sr import build_sr
 from tests.conftest import write_synthetic_cxr
 
 
@@ -54,7 +54,7 @@ def test_not_screened_result_has_no_sr(screened: tuple) -> None:
 def test_heatmap_secondary_capture_is_valid_and_labelled(screened: tuple, tmp_path: Path) -> None:
     import numpy as np
 
-    from serving.dicom_sc import BANNER, build_sc, render_overlay
+    from serving.dicom.sc import BANNER, build_sc, render_overlay
 
     result, header = screened
     image = np.random.default_rng(0).random((1, 224, 224), dtype=np.float32)

@@ -15,7 +15,7 @@ from models.manifest import load_manifest
 from models.predictor import OnnxPredictor
 from models.registry import resolve
 from models.results import OutcomeValues, Region, TriagePriorityValues
-from serving.screening import InstanceInput, StudyScreener, _letterbox_region, screen_paths
+from serving.core.screening import InstanceInput, StudyScreener, _letterbox_region, screen_paths
 from tests.conftest import (
     CANARY_ACCESSION,
     CANARY_ID,
@@ -137,7 +137,7 @@ def test_screening_logs_carry_no_phi(
     import pydicom
 
     uids = {str(pydicom.dcmread(path).StudyInstanceUID), str(pydicom.dcmread(path).SOPInstanceUID)}
-    from serving.phi import install_logging
+    from serving.observability.phi import install_logging
 
     install_logging(logging.DEBUG)
     with caplog.at_level(logging.DEBUG):

@@ -39,13 +39,13 @@ CELLS = [
     ),
     new_markdown_cell(
         "## 1. Labelled studies from the store\n\n"
-        "The store is read through `serving.sources.local.LocalFolderSource` (the embedded default\n"
+        "The store is read through `serving.dicom.sources.local.LocalFolderSource` (the embedded default\n"
         "store). With no hospital data at hand, a synthetic labelled store is created first."
     ),
     new_code_cell(
         "import csv\n"
         "from models.synthetic.cxr import generate_cxr_dataset\n"
-        "from serving.sources.local import LocalFolderSource\n\n"
+        "from serving.dicom.sources.local import LocalFolderSource\n\n"
         "if not (STORE / 'Data_Entry.csv').exists():\n"
         "    generate_cxr_dataset(STORE, N_STUDIES, seed=4242, size=(384, 384))\n"
         "studies = LocalFolderSource(STORE).studies()\n"

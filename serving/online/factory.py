@@ -4,13 +4,15 @@ from __future__ import annotations
 
 from models.predictor import OnnxPredictor
 from models.registry import resolve
-from serving.outbox import Sink
-from serving.screening import StudyScreener
+from serving.core.screening import StudyScreener
+from serving.delivery.worker import Sink
+from serving.dicom.sources import StudySource
+from serving.dicom.sources.dicomweb import DicomWebSource
+from serving.dicom.sources.local import LocalFolderSource
+from serving.dicom.store_back import DicomSrSink
+from serving.emr.fhir import FhirSink, FhirTriageSink
+from serving.emr.hl7 import Hl7MllpSink, Hl7PriorityUpdateSink
 from serving.settings import ModelSettings, Settings
-from serving.sinks import DicomSrSink, FhirSink, FhirTriageSink, Hl7MllpSink, Hl7PriorityUpdateSink
-from serving.sources import StudySource
-from serving.sources.dicomweb import DicomWebSource
-from serving.sources.local import LocalFolderSource
 
 
 def build_predictor(model: ModelSettings) -> OnnxPredictor:

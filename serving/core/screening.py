@@ -42,7 +42,7 @@ from models.results import (
     region_from_map,
     triage_priority,
 )
-from serving.phi import study_ref
+from serving.observability.phi import study_ref
 
 logger = logging.getLogger(__name__)
 

@@ -1,5 +1,5 @@
 """The results store: one row per screening (JSON result body), the jobs, the evidence headers
-and the outbox, in SQLite (embedded default, WAL) or PostgreSQL (``serving.database``).
+and the outbox, in SQLite (embedded default, WAL) or PostgreSQL (``serving.persistence.database``).
 
 The database holds PHI (it is the clinical record of what the AI said) and lives with the
 other PHI stores; nothing from it is logged.
@@ -17,8 +17,8 @@ from pydicom import dcmread
 from pydicom.dataset import Dataset
 
 from models.results import ScreeningResult
-from serving.database import Database
-from serving.outbox import SCHEMA as OUTBOX_SCHEMA
+from serving.persistence.database import Database
+from serving.persistence.outbox import SCHEMA as OUTBOX_SCHEMA
 
 _SCHEMA = """
 CREATE TABLE IF NOT EXISTS screenings (

@@ -36,9 +36,9 @@ from models.errors import InferenceFailed, InputRejected, SourceError
 from models.pixels import read_dataset
 from models.predictor import cuda_device_count
 from models.results import ScreeningResult
-from serving.screening import InstanceInput, ModelOutputs, PreparedImage, RejectedImage, StudyScreener, run_model
+from serving.core.screening import InstanceInput, ModelOutputs, PreparedImage, RejectedImage, StudyScreener, run_model
+from serving.dicom.sources.local import candidate_files
 from serving.settings import Settings
-from serving.sources.local import candidate_files
 
 logger = logging.getLogger(__name__)
 
@@ -123,7 +123,7 @@ class Ledger:
 
 def _screener(settings: Settings, *, sessions: bool) -> StudyScreener:
     from models.registry import resolve
-    from serving.factory import build_predictor
+    from serving.online.factory import build_predictor
 
     if sessions:
         return StudyScreener(
@@ -148,7 +148,7 @@ class PrepareStage:
     becomes the row's ``error`` (the study is retried by the next run, not marked done)."""
 
     def __init__(self, settings_path: str | None) -> None:
-        from serving.factory import build_source
+        from serving.online.factory import build_source
 
         settings = Settings.load(settings_path)
         self.screener = _screener(settings, sessions=False)
@@ -302,7 +302,7 @@ def run_batch_job(
     screener = _screener(settings, sessions=False)
     store = None
     if save_to_results_store:
-        from serving.results_store import ResultsStore
+        from serving.persistence.results import ResultsStore
 
         store = ResultsStore(settings.results.target)
     start = time.perf_counter()

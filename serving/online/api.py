@@ -14,17 +14,13 @@ from typing import Annotated, Any
 
 from fastapi import Depends, FastAPI, File, HTTPException, Request, Response, UploadFile
 from fastapi.responses import JSONResponse, PlainTextResponse
+from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
 from pydantic import AfterValidator, BaseModel, ConfigDict, Field
 
+from models.errors import AdmissionRefused, JobFailureValues, ReasonCode
 from models.results import OutcomeValues, ScreeningResult, TriagePriorityValues
-from serving.service import (
-    JobStatusValues,
-    PriorityValues,
-    QueueFull,
-    ScreeningService,
-    ServiceDraining,
-    StudyRequest,
-)
+from serving.online.pipeline import StudyRequest
+from serving.online.service import JobStatusValues, PriorityValues, ScreeningService
 
 _UID = re.compile(r"^[0-9]+(\.[0-9]+)*$")
 
@@ -58,11 +54,11 @@ class StableStudyEvent(BaseModel):
 
 class ScreeningJob(BaseModel):
     screening_id: str
-    status: str
-    priority: str
+    status: JobStatusValues
+    priority: PriorityValues
     created_at: str
     updated_at: str
-    error_reason: str | None = None
+    error_reason: JobFailureValues | None = None
     error_detail: str | None = None
     result: ScreeningResult | None = None
 
@@ -71,9 +67,9 @@ class WorklistItem(BaseModel):
     study_instance_uid: str
     study_ref: str
     ai_priority: TriagePriorityValues | None
-    requested_priority: str | None
+    requested_priority: PriorityValues | None
     outcome: OutcomeValues
-    reason: str | None
+    reason: ReasonCode | None
     positive_findings: list[str]
     screened_at: str
     rank: int = Field(description="0 is read first: STAT requested, then URGENT, ABNORMAL, ROUTINE")
@@ -116,14 +112,15 @@ def create_api(get_service: Callable[[], Awaitable[ScreeningService]]) -> FastAP
     async def service() -> ScreeningService:
         return await get_service()
 
-    async def authorised(request: Request) -> None:
+    bearer = HTTPBearer(auto_error=False, description="API token (DXASSIST_API_TOKENS)")
+
+    async def authorised(credentials: Annotated[HTTPAuthorizationCredentials | None, Depends(bearer)]) -> None:
         svc = await get_service()
         tokens = [t.get_secret_value() for t in svc.settings.tokens]
         if not tokens:
             return
-        header = request.headers.get("authorization", "")
-        scheme, _, token = header.partition(" ")
-        if scheme.lower() != "bearer" or not any(hmac.compare_digest(token.encode(), t.encode()) for t in tokens):
+        token = credentials.credentials if credentials is not None else ""
+        if not any(hmac.compare_digest(token.encode(), t.encode()) for t in tokens):
             raise HTTPException(
                 status_code=401, detail="missing or invalid bearer token", headers={"WWW-Authenticate": "Bearer"}
             )
@@ -163,9 +160,12 @@ def create_api(get_service: Callable[[], Awaitable[ScreeningService]]) -> FastAP
             result=result,
         )
 
-    def _refused(exc: QueueFull | ServiceDraining) -> JSONResponse:
-        retry = exc.retry_after_s if isinstance(exc, QueueFull) else 30
-        return JSONResponse(status_code=503, content={"detail": str(exc)}, headers={"Retry-After": str(retry)})
+    @api.exception_handler(AdmissionRefused)
+    async def refused(request: Request, exc: AdmissionRefused) -> JSONResponse:
+        """The one place admission refusals become HTTP: 503 with Retry-After."""
+        return JSONResponse(
+            status_code=503, content={"detail": str(exc)}, headers={"Retry-After": str(exc.retry_after_s)}
+        )
 
     async def _answer(svc: ScreeningService, job_id: str, wait: float, response: Response) -> ScreeningJob:
         """202 with the queued job, or, when ``wait`` > 0 and the screening ends in time, 200
@@ -182,10 +182,7 @@ def create_api(get_service: Callable[[], Awaitable[ScreeningService]]) -> FastAP
         """Screen a study from the configured DICOM store. Returns at once (202), or with
         ``wait`` (seconds, at most 60) holds the answer until the screening ends (200)."""
         await remember(svc)
-        try:
-            job_id = svc.submit(StudyRequest(study_instance_uid=body.study_instance_uid), body.priority)
-        except (QueueFull, ServiceDraining) as exc:
-            return _refused(exc)
+        job_id = svc.submit(StudyRequest(study_instance_uid=body.study_instance_uid), body.priority)
         return await _answer(svc, job_id, wait, response)
 
     @api.post("/v1/screenings/upload", status_code=202, response_model=ScreeningJob, dependencies=[Auth])
@@ -207,20 +204,14 @@ def create_api(get_service: Callable[[], Awaitable[ScreeningService]]) -> FastAP
             blobs.append(data)
         if not blobs:
             raise HTTPException(status_code=422, detail="no files")
-        try:
-            job_id = await asyncio.to_thread(svc.submit_upload, blobs, priority)
-        except (QueueFull, ServiceDraining) as exc:
-            return _refused(exc)
+        job_id = await asyncio.to_thread(svc.submit_upload, blobs, priority)
         return await _answer(svc, job_id, wait, response)
 
     @api.post("/v1/events/stable-study", status_code=202, dependencies=[Auth])
     async def stable_study(body: StableStudyEvent, svc: Service) -> Any:
         """Webhook for the PACS: a study became stable. Screened once; repeats are ignored."""
         await remember(svc)
-        try:
-            job_id = svc.submit_automatic(body.study_instance_uid, "webhook")
-        except (QueueFull, ServiceDraining) as exc:
-            return _refused(exc)
+        job_id = svc.submit_automatic(body.study_instance_uid, "webhook")
         return {"screening_id": job_id, "duplicate": job_id is None}
 
     @api.get("/v1/screenings/{screening_id}", response_model=ScreeningJob, dependencies=[Auth])
@@ -246,9 +237,9 @@ def create_api(get_service: Callable[[], Awaitable[ScreeningService]]) -> FastAP
                     study_instance_uid=r.study_instance_uid,
                     study_ref=r.study_ref,
                     ai_priority=r.priority,
-                    requested_priority=requested,
+                    requested_priority=PriorityValues(requested) if requested else None,
                     outcome=r.outcome,
-                    reason=r.reason.value if r.reason else None,
+                    reason=r.reason,
                     positive_findings=[f.key for f in r.positive_findings],
                     screened_at=created,
                     rank=rank,

@@ -21,15 +21,15 @@ from rich.table import Table
 from models.errors import DxAssistError
 from models.registry import list_versions, resolve, verify_all
 from models.results import OutcomeValues, ScreeningResult
-from serving.factory import build_screener
-from serving.phi import install_logging
-from serving.results_store import ResultsStore
-from serving.screening import screen_paths
+from serving.core.screening import screen_paths
+from serving.dicom.sources.local import candidate_files
+from serving.observability.phi import install_logging
+from serving.online.factory import build_screener
+from serving.persistence.results import ResultsStore
 from serving.settings import Settings
-from serving.sources.local import candidate_files
 
 if TYPE_CHECKING:
-    from serving.batch import Topology
+    from serving.batch.job import Topology
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, help=__doc__)
 models_app = typer.Typer(no_args_is_help=True, help="Registered model versions.")
@@ -168,8 +168,8 @@ def screen(
 
 
 def _query_store(cfg: Settings, modality: str | None, dates: str | None) -> list[str]:
-    from serving.factory import build_source
-    from serving.sources.dicomweb import DicomWebSource
+    from serving.dicom.sources.dicomweb import DicomWebSource
+    from serving.online.factory import build_source
 
     source = build_source(cfg)
     if not isinstance(source, DicomWebSource):
@@ -200,8 +200,8 @@ def _run_batch(
 ) -> None:
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 
-    from serving.batch import run_batch_job
-    from serving.report import write_report, write_tables
+    from serving.batch.job import run_batch_job
+    from serving.batch.report import write_report, write_tables
 
     for p in paths:
         if not p.exists():
@@ -299,7 +299,7 @@ def serve(
     import signal
     import threading
 
-    from serving.local_cluster import local_serve
+    from serving.rayserve.local_cluster import local_serve
 
     install_logging(logging.INFO)
     stop = threading.Event()
@@ -324,8 +324,8 @@ def demo(
     """Build the demo study set, start the service, screen every demo file through the HTTP API."""
     import secrets
 
-    from serving.demo import build_demo_set
-    from serving.local_cluster import local_serve
+    from serving.cli.demo import build_demo_set
+    from serving.rayserve.local_cluster import local_serve
 
     install_logging(logging.WARNING)
     cfg = _load_settings(settings)
@@ -407,7 +407,7 @@ def models_register(
 @outbox_app.command("status")
 def outbox_status(settings: SettingsOpt = None) -> None:
     """Pending, delivered and dead-lettered deliveries, per sink."""
-    from serving.outbox import Outbox
+    from serving.persistence.outbox import Outbox
 
     cfg = _load_settings(settings)
     outbox = Outbox(cfg.results.target)
@@ -429,7 +429,7 @@ def outbox_retry(
     settings: SettingsOpt = None,
 ) -> None:
     """Put dead-lettered deliveries back in the queue; the running service delivers them."""
-    from serving.outbox import Outbox
+    from serving.persistence.outbox import Outbox
 
     outbox = Outbox(_load_settings(settings).results.target)
     console.print(f"{outbox.retry_dead(ids or None)} deliveries queued again")

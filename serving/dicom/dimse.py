@@ -24,7 +24,7 @@ from pynetdicom import AE, StoragePresentationContexts, build_role, evt
 from pynetdicom.pdu_primitives import SCP_SCU_RoleSelectionNegotiation
 
 from models.errors import SourceUnavailable, StudyNotFound
-from serving.screening import InstanceInput
+from serving.core.screening import InstanceInput
 
 logger = logging.getLogger(__name__)
 

@@ -24,7 +24,7 @@ from pydicom.filebase import DicomBytesIO
 
 from models.errors import SourceUnavailable, StudyNotFound
 from models.manifest import ModelManifest
-from serving.screening import InstanceInput
+from serving.core.screening import InstanceInput
 
 logger = logging.getLogger(__name__)
 

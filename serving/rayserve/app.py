@@ -34,22 +34,22 @@ from ray.serve.handle import DeploymentHandle
 from models.errors import InferenceFailed
 from models.predictor import OnnxPredictor
 from models.registry import resolve
-from serving.api import LazyService, create_api
-from serving.factory import build_predictor, build_screener, build_sinks, build_source
-from serving.phi import install_logging
-from serving.results_store import ResultsStore
-from serving.screening import ModelOutputs, StudyScreener, run_model
-from serving.service import (
+from serving.core.screening import ModelOutputs, StudyScreener, run_model
+from serving.dicom.sources.dicomweb import DicomWebSource
+from serving.observability.phi import install_logging
+from serving.online.api import LazyService, create_api
+from serving.online.factory import build_predictor, build_screener, build_sinks, build_source
+from serving.online.pipeline import (
     LocalPipeline,
     PreparedStudy,
     ScreenedStudy,
-    ScreeningService,
     StudyRequest,
     model_status,
     prepare_request,
 )
+from serving.online.service import ScreeningService
+from serving.persistence.results import ResultsStore
 from serving.settings import ModelSettings, Settings
-from serving.sources.dicomweb import DicomWebSource
 
 logger = logging.getLogger(__name__)
 
@@ -216,7 +216,7 @@ def _run_joined(predictor: OnnxPredictor, items: list[NDArray[np.float32]], batc
 
 
 class FusedServePipeline:
-    """``serving.service.OneCallPipeline`` over the fused screener deployment."""
+    """``serving.online.service.OneCallPipeline`` over the fused screener deployment."""
 
     def __init__(self, screener: DeploymentHandle) -> None:
         self.screener = screener
@@ -231,7 +231,7 @@ class FusedServePipeline:
 
 
 class ServePipeline:
-    """``serving.service.Pipeline`` over deployment handles."""
+    """``serving.online.service.Pipeline`` over deployment handles."""
 
     def __init__(self, fetcher: DeploymentHandle, models: dict[str, DeploymentHandle]) -> None:
         self.fetcher = fetcher
@@ -343,7 +343,7 @@ def _auto_topology() -> Literal["staged", "fused", "inline"]:
 
 
 def build_app(args: dict[str, Any]) -> Any:
-    """Typed application builder (``import_path: serving.app:build_app``)."""
+    """Typed application builder (``import_path: serving.rayserve.app:build_app``)."""
     parsed = AppArgs.model_validate(args)
     settings = Settings.load(parsed.settings_path)
     topology = parsed.topology

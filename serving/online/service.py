@@ -8,7 +8,7 @@ resumes jobs a previous process left unfinished; ``drain`` stops admission and w
 work in flight.
 
 The heavy work goes through a ``Pipeline``: ``LocalPipeline`` runs ``StudyScreener`` stages in
-threads in this process; ``serving.app`` provides one that calls Ray Serve deployments.
+threads in this process; ``serving.rayserve.app`` provides one that calls Ray Serve deployments.
 """
 
 from __future__ import annotations
@@ -23,24 +23,28 @@ from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
 from enum import StrEnum
 from pathlib import Path
-from typing import Protocol, runtime_checkable
 
-import numpy as np
-from numpy.typing import NDArray
 from pydicom.dataset import Dataset
 
-from models.errors import InferenceFailed, SourceError, StudyNotFound
-from models.predictor import OnnxPredictor
+from models.errors import (
+    InferenceFailed,
+    JobFailureValues,
+    QueueFull,
+    ServiceDraining,
+    SourceError,
+    StudyNotFound,
+)
 from models.results import OutcomeValues, ScreeningResult
-from serving.dicom_sc import overlay_for
-from serving.dimse import StoreScp
-from serving.metrics import ServiceMetrics
-from serving.outbox import Outbox, OutboxWorker, Sink
-from serving.results_store import JobRecord, ResultsStore
-from serving.screening import InstanceInput, ModelOutputs, PreparedImage, RejectedImage, StudyScreener
+from serving.core.screening import ModelOutputs, PreparedImage, StudyScreener
+from serving.delivery.worker import OutboxWorker, Sink
+from serving.dicom.dimse import StoreScp
+from serving.dicom.sc import overlay_for
+from serving.dicom.sources.dicomweb import DicomWebSource
+from serving.observability.metrics import ServiceMetrics
+from serving.online.pipeline import OneCallPipeline, Pipeline, PreparedStudy, StudyRequest
+from serving.persistence.outbox import Outbox
+from serving.persistence.results import JobRecord, ResultsStore
 from serving.settings import ApiSettings, PollerSettings, ScpSettings
-from serving.sources import StudySource
-from serving.sources.dicomweb import DicomWebSource
 
 logger = logging.getLogger(__name__)
 
@@ -55,104 +59,6 @@ class JobStatusValues(StrEnum):
     RUNNING = "RUNNING"
     DONE = "DONE"
     FAILED = "FAILED"
-
-
-class QueueFull(Exception):
-    """Admission refused: the queue for this priority is full (HTTP 503 + Retry-After)."""
-
-    def __init__(self, priority: PriorityValues, retry_after_s: int) -> None:
-        super().__init__(f"{priority.value} queue is full")
-        self.priority = priority
-        self.retry_after_s = retry_after_s
-
-
-class ServiceDraining(Exception):
-    """The service is shutting down and admits nothing new."""
-
-
-@dataclass(frozen=True)
-class StudyRequest:
-    """What to screen: a study in the configured store, or files spooled from an upload."""
-
-    study_instance_uid: str | None = None
-    spool_dir: str | None = None
-
-
-@dataclass
-class PreparedStudy:
-    prepared: list[PreparedImage] = field(default_factory=list)
-    rejected: list[RejectedImage] = field(default_factory=list)
-
-
-@dataclass
-class ScreenedStudy:
-    """Both heavy stages done in one place: the prepared images (tensors dropped) and, aligned
-    with them, each image's model outputs or the inference failure."""
-
-    prepared: PreparedStudy
-    outputs: list[ModelOutputs | InferenceFailed]
-
-
-class Pipeline(Protocol):
-    """The heavy stages, wherever they run (threads here, Serve deployments in ``serving.app``)."""
-
-    async def prepare_study(self, request: StudyRequest) -> PreparedStudy: ...
-
-    async def infer(self, model_id: str, tensors: NDArray[np.float32]) -> ModelOutputs: ...
-
-    async def model_info(self) -> list[dict[str, object]]: ...
-
-
-@runtime_checkable
-class OneCallPipeline(Protocol):
-    """Both heavy stages in one call per study (the ``fused`` Serve topology)."""
-
-    async def screen_study(self, request: StudyRequest) -> ScreenedStudy: ...
-
-    async def model_info(self) -> list[dict[str, object]]: ...
-
-
-def model_status(predictor: OnnxPredictor) -> dict[str, object]:
-    """Model id, version, provider and whether its self-test passes (readiness, metrics)."""
-    m = predictor.manifest
-    return {"model": m.id, "version": m.version, "provider": predictor.provider, "ready": predictor.self_test().ok}
-
-
-def spooled_instances(spool_dir: Path) -> list[InstanceInput]:
-    return [InstanceInput(p, f"upload/{p.name}") for p in sorted(spool_dir.glob("*.dcm"))]
-
-
-def prepare_request(screener: StudyScreener, source: StudySource, request: StudyRequest) -> PreparedStudy:
-    """Stage 1 for one study request (blocking; run it in a thread or a fetcher replica)."""
-    if request.spool_dir:
-        items = spooled_instances(Path(request.spool_dir))
-    else:
-        items = source.instances(request.study_instance_uid or "")
-    out = PreparedStudy()
-    for item in items:
-        prepared = screener.prepare(item)
-        if isinstance(prepared, PreparedImage):
-            out.prepared.append(prepared)
-        else:
-            out.rejected.append(prepared)
-    return out
-
-
-class LocalPipeline:
-    """Runs the screener's stages in worker threads of this process."""
-
-    def __init__(self, screener: StudyScreener, source: StudySource) -> None:
-        self.screener = screener
-        self.source = source
-
-    async def prepare_study(self, request: StudyRequest) -> PreparedStudy:
-        return await asyncio.to_thread(prepare_request, self.screener, self.source, request)
-
-    async def infer(self, model_id: str, tensors: NDArray[np.float32]) -> ModelOutputs:
-        return await asyncio.to_thread(self.screener.infer, model_id, tensors)
-
-    async def model_info(self) -> list[dict[str, object]]:
-        return [await asyncio.to_thread(model_status, p) for p in self.screener.predictors.values()]
 
 
 @dataclass
@@ -280,7 +186,10 @@ class ScreeningService:
         queue = self._queues[job.priority]
         if queue.full():
             self.metrics.rejected.labels(job.priority.value).inc()
-            raise QueueFull(job.priority, retry_after_s=max(1, int(queue.qsize() * 0.5 / self.settings.max_inflight)))
+            raise QueueFull(
+                f"{job.priority.value} queue is full",
+                retry_after_s=max(1, int(queue.qsize() * 0.5 / self.settings.max_inflight)),
+            )
         if persist:
             self.store.add_job(job.id, job.priority.value, job.request.study_instance_uid, job.request.spool_dir)
         queue.put_nowait(job)
@@ -290,7 +199,7 @@ class ScreeningService:
     def submit(self, request: StudyRequest, priority: PriorityValues) -> str:
         """Persist and enqueue; returns the job id. Raises ``QueueFull`` or ``ServiceDraining``."""
         if self._draining:
-            raise ServiceDraining("service is shutting down")
+            raise ServiceDraining()
         job = _Job(uuid.uuid4().hex, priority, request)
         self._enqueue(job)
         return job.id
@@ -361,11 +270,11 @@ class ScreeningService:
     def submit_upload(self, files: Sequence[bytes], priority: PriorityValues) -> str:
         """Spool uploaded instances to disk first (they must survive a restart), then submit."""
         if self._draining:
-            raise ServiceDraining("service is shutting down")
+            raise ServiceDraining()
         queue = self._queues[priority]
         if queue.full():
             self.metrics.rejected.labels(priority.value).inc()
-            raise QueueFull(priority, retry_after_s=1)
+            raise QueueFull(f"{priority.value} queue is full", retry_after_s=1)
         spool = self.settings.spool_dir / uuid.uuid4().hex
         spool.mkdir(parents=True)
         for i, data in enumerate(files):
@@ -436,20 +345,20 @@ class ScreeningService:
         try:
             result, evidence = await asyncio.wait_for(self._screen(job), timeout=self.settings.request_timeout_s)
         except TimeoutError:
-            self._fail(job, "TIMEOUT", f"not finished within {self.settings.request_timeout_s:.0f} s")
+            self._fail(job, JobFailureValues.TIMEOUT, f"not finished within {self.settings.request_timeout_s:.0f} s")
             return
         except StudyNotFound:
-            self._fail(job, "STUDY_NOT_FOUND", "study not found in the configured store")
+            self._fail(job, JobFailureValues.STUDY_NOT_FOUND, "study not found in the configured store")
             return
         except SourceError as exc:
-            self._fail(job, "SOURCE_UNAVAILABLE", type(exc).__name__)
+            self._fail(job, JobFailureValues.SOURCE_UNAVAILABLE, type(exc).__name__)
             return
         except Exception as exc:  # the service stays up; the job records why
             # type only, no traceback: library messages can quote URLs/UIDs (patient data)
             logger.error(
                 "screening job failed (%s)", type(exc).__name__, extra={"request_id": job.id, "stage": "screen"}
             )
-            self._fail(job, "INTERNAL_ERROR", type(exc).__name__)
+            self._fail(job, JobFailureValues.INTERNAL_ERROR, type(exc).__name__)
             return
         elapsed = time.monotonic() - start
         result = result.model_copy(
@@ -472,10 +381,10 @@ class ScreeningService:
             },
         )
 
-    def _fail(self, job: _Job, reason: str, detail: str) -> None:
-        self.store.update_job(job.id, JobStatusValues.FAILED, error_reason=reason, error_detail=detail)
+    def _fail(self, job: _Job, reason: JobFailureValues, detail: str) -> None:
+        self.store.update_job(job.id, JobStatusValues.FAILED, error_reason=reason.value, error_detail=detail)
         self.metrics.screenings.labels("FAILED", job.priority.value).inc()
-        logger.warning("screening failed", extra={"request_id": job.id, "reason": reason})
+        logger.warning("screening failed", extra={"request_id": job.id, "reason": reason.value})
 
     async def _screen(self, job: _Job) -> tuple[ScreeningResult, list[Dataset]]:
         if isinstance(self.pipeline, OneCallPipeline):

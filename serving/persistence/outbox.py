@@ -1,7 +1,7 @@
 """Durable outbox: every result is committed before any delivery, each sink retries on its own.
 
 Rows live in the results database (SQLite by default, PostgreSQL when configured; see
-``serving.database``) and are written in the same transaction as the result
+``serving.persistence.database``) and are written in the same transaction as the result
 (``ResultsStore.finish_job``), so a crash can lose neither. A worker *claims* due rows before
 sending: the claim moves their ``next_at`` one lease into the future in the same transaction
 that selected them (``FOR UPDATE SKIP LOCKED`` on PostgreSQL), so several workers (replicas,
@@ -16,17 +16,11 @@ Every attempt leaves an audit row. Receivers deduplicate by the stable keys each
 from __future__ import annotations
 
 import logging
-from collections.abc import Mapping
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
-from typing import Protocol
 
-from pydicom.dataset import Dataset
-
-from models.errors import DeliveryFailed
-from models.results import ScreeningResult
-from serving.database import Database
+from serving.persistence.database import Database
 
 logger = logging.getLogger(__name__)
 
@@ -61,18 +55,6 @@ _DUE_SQLITE = (
     " ORDER BY id LIMIT ?"
 )
 _DUE_POSTGRES = _DUE_SQLITE + " FOR UPDATE SKIP LOCKED"
-
-
-class PermanentDeliveryError(DeliveryFailed):
-    """The receiver refused the content (HL7 AR, FHIR 4xx): retrying would not help."""
-
-
-class Sink(Protocol):
-    """Delivers one result; raises ``DeliveryFailed`` (retry) or ``PermanentDeliveryError``."""
-
-    name: str
-
-    def deliver(self, delivery_id: int, result: ScreeningResult, evidence: list[Dataset]) -> None: ...
 
 
 def _now() -> datetime:
@@ -190,47 +172,3 @@ class Outbox:
 
     def close(self) -> None:
         self._db.close()
-
-
-class OutboxWorker:
-    """Delivers due rows through the configured sinks (call ``run_once`` from a loop or thread)."""
-
-    def __init__(self, outbox: Outbox, sinks: Mapping[str, Sink], load: ResultLoader) -> None:
-        self.outbox = outbox
-        self.sinks = dict(sinks)
-        self.load = load
-
-    def run_once(self) -> int:
-        """Attempt every due delivery once; returns how many were delivered."""
-        delivered = 0
-        for delivery_id, screening_id, sink_name, attempts in self.outbox.claim():
-            sink = self.sinks.get(sink_name)
-            attempt = attempts + 1
-            if sink is None:
-                self.outbox.mark(delivery_id, sink_name, attempt, "RETRY", "sink not configured")
-                continue
-            loaded = self.load(screening_id)
-            if loaded is None:
-                self.outbox.mark(delivery_id, sink_name, attempt, "DEAD", "result missing")
-                continue
-            result, evidence = loaded
-            try:
-                sink.deliver(delivery_id, result, evidence)
-            except PermanentDeliveryError as exc:
-                self.outbox.mark(delivery_id, sink_name, attempt, "DEAD", str(exc))
-                logger.warning(
-                    "delivery refused, dead-lettered", extra={"study_ref": result.study_ref, "stage": sink_name}
-                )
-            except DeliveryFailed as exc:
-                self.outbox.mark(delivery_id, sink_name, attempt, "RETRY", str(exc))
-            except Exception as exc:  # a bug in a sink must not stop the others
-                self.outbox.mark(delivery_id, sink_name, attempt, "RETRY", type(exc).__name__)
-                logger.error("sink raised unexpectedly (%s)", type(exc).__name__, extra={"stage": sink_name})
-            else:
-                self.outbox.mark(delivery_id, sink_name, attempt, "DELIVERED")
-                delivered += 1
-        return delivered
-
-
-class ResultLoader(Protocol):
-    def __call__(self, screening_id: int) -> tuple[ScreeningResult, list[Dataset]] | None: ...

@@ -13,7 +13,7 @@ from pathlib import Path
 
 from models.errors import InputRejected, StudyNotFound
 from models.pixels import read_dataset
-from serving.screening import InstanceInput
+from serving.core.screening import InstanceInput
 
 logger = logging.getLogger(__name__)
 

@@ -17,8 +17,8 @@ from pydicom.dataset import Dataset
 from models.errors import InferenceFailed
 from models.manifest import LoadedManifest
 from models.results import ScreeningResult
-from serving.dicom_sr import result_uid
-from serving.screening import ModelOutputs, PreparedImage
+from serving.core.screening import ModelOutputs, PreparedImage
+from serving.dicom.sr import result_uid
 
 BANNER = "AI OVERLAY - PRELIMINARY - NOT FOR DIAGNOSIS"
 

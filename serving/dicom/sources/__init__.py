@@ -5,7 +5,7 @@ from __future__ import annotations
 
 from typing import Protocol
 
-from serving.screening import InstanceInput
+from serving.core.screening import InstanceInput
 
 
 class StudySource(Protocol):

@@ -48,7 +48,7 @@ def local_serve(
     import ray
     from ray import serve
 
-    from serving.app import build_app
+    from serving.rayserve.app import build_app
 
     env_vars: dict[str, Any] = dict(env or {})
     if api_token:

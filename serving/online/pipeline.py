@@ -1,0 +1,106 @@
+"""Where the heavy stages of a screening run: the ``Pipeline`` seam between the service and compute.
+
+``ScreeningService`` talks only to a ``Pipeline`` (prepare a study, infer per model) or a
+``OneCallPipeline`` (both in one call). ``LocalPipeline`` runs the ``StudyScreener`` in worker
+threads of this process; ``serving.rayserve.app`` provides the ones that call Serve deployments.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Protocol, runtime_checkable
+
+import numpy as np
+from numpy.typing import NDArray
+
+from models.errors import InferenceFailed
+from models.predictor import OnnxPredictor
+from serving.core.screening import InstanceInput, ModelOutputs, PreparedImage, RejectedImage, StudyScreener
+from serving.dicom.sources import StudySource
+
+
+@dataclass(frozen=True)
+class StudyRequest:
+    """What to screen: a study in the configured store, or files spooled from an upload."""
+
+    study_instance_uid: str | None = None
+    spool_dir: str | None = None
+
+
+@dataclass
+class PreparedStudy:
+    prepared: list[PreparedImage] = field(default_factory=list)
+    rejected: list[RejectedImage] = field(default_factory=list)
+
+
+@dataclass
+class ScreenedStudy:
+    """Both heavy stages done in one place: the prepared images (tensors dropped) and, aligned
+    with them, each image's model outputs or the inference failure."""
+
+    prepared: PreparedStudy
+    outputs: list[ModelOutputs | InferenceFailed]
+
+
+class Pipeline(Protocol):
+    """The heavy stages, wherever they run (threads here, Serve deployments in ``serving.rayserve.app``)."""
+
+    async def prepare_study(self, request: StudyRequest) -> PreparedStudy: ...
+
+    async def infer(self, model_id: str, tensors: NDArray[np.float32]) -> ModelOutputs: ...
+
+    async def model_info(self) -> list[dict[str, object]]: ...
+
+
+@runtime_checkable
+class OneCallPipeline(Protocol):
+    """Both heavy stages in one call per study (the ``fused`` Serve topology)."""
+
+    async def screen_study(self, request: StudyRequest) -> ScreenedStudy: ...
+
+    async def model_info(self) -> list[dict[str, object]]: ...
+
+
+def model_status(predictor: OnnxPredictor) -> dict[str, object]:
+    """Model id, version, provider and whether its self-test passes (readiness, metrics)."""
+    m = predictor.manifest
+    return {"model": m.id, "version": m.version, "provider": predictor.provider, "ready": predictor.self_test().ok}
+
+
+def spooled_instances(spool_dir: Path) -> list[InstanceInput]:
+    return [InstanceInput(p, f"upload/{p.name}") for p in sorted(spool_dir.glob("*.dcm"))]
+
+
+def prepare_request(screener: StudyScreener, source: StudySource, request: StudyRequest) -> PreparedStudy:
+    """Stage 1 for one study request (blocking; run it in a thread or a fetcher replica)."""
+    if request.spool_dir:
+        items = spooled_instances(Path(request.spool_dir))
+    else:
+        items = source.instances(request.study_instance_uid or "")
+    out = PreparedStudy()
+    for item in items:
+        prepared = screener.prepare(item)
+        if isinstance(prepared, PreparedImage):
+            out.prepared.append(prepared)
+        else:
+            out.rejected.append(prepared)
+    return out
+
+
+class LocalPipeline:
+    """Runs the screener's stages in worker threads of this process."""
+
+    def __init__(self, screener: StudyScreener, source: StudySource) -> None:
+        self.screener = screener
+        self.source = source
+
+    async def prepare_study(self, request: StudyRequest) -> PreparedStudy:
+        return await asyncio.to_thread(prepare_request, self.screener, self.source, request)
+
+    async def infer(self, model_id: str, tensors: NDArray[np.float32]) -> ModelOutputs:
+        return await asyncio.to_thread(self.screener.infer, model_id, tensors)
+
+    async def model_info(self) -> list[dict[str, object]]:
+        return [await asyncio.to_thread(model_status, p) for p in self.screener.predictors.values()]
