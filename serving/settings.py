@@ -1,18 +1,24 @@
-"""One typed ``Settings`` object, read from YAML; secrets may come from the environment only.
+"""One typed ``Settings`` object: a YAML file, overridden by environment variables by one rule.
 
 Nothing is instantiated at import time. ``Settings.load()`` reads ``configs/settings/dev.yaml``
 (the embedded defaults: local folder store, SQLite results, registry models) unless told
-otherwise by ``--settings`` or ``DXASSIST_SETTINGS``.
+otherwise by ``--settings`` or ``DXASSIST_SETTINGS``. Then every field can be overridden from the
+environment as ``DXASSIST_<SECTION>__<FIELD>`` (nested sections joined by ``__``), which is how
+secrets arrive: ``DXASSIST_API__TOKENS`` (comma-separated), ``DXASSIST_RESULTS__URL``,
+``DXASSIST_SECURITY__STUDY_REF_KEY``, ``DXASSIST_STORE__DICOMWEB__PASSWORD``,
+``DXASSIST_EMR__FHIR__TOKEN``. The environment wins over the file. ``configs/settings/prod.example.yaml``
+shows a production file; Serve config files only name the settings file (``args.settings_path``).
 """
 
 from __future__ import annotations
 
 import os
 from pathlib import Path
-from typing import Literal
+from typing import Annotated, Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, SecretStr, model_validator
+from pydantic import BaseModel, ConfigDict, Field, SecretStr, field_validator, model_validator
+from pydantic_settings import BaseSettings, NoDecode, PydanticBaseSettingsSource, SettingsConfigDict
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 DEFAULT_SETTINGS = REPO_ROOT / "configs" / "settings" / "dev.yaml"
@@ -103,7 +109,7 @@ class PollerSettings(_Strict):
 
 class ResultsSettings(_Strict):
     """Results, jobs and outbox: SQLite by default; PostgreSQL when ``url`` is set (from
-    ``DXASSIST_RESULTS_URL``, as ``postgresql://user:password@host/db``; it carries a secret)."""
+    ``DXASSIST_RESULTS__URL``, as ``postgresql://user:password@host/db``; it carries a secret)."""
 
     sqlite_path: Path = Path("var/results.sqlite3")
     url: SecretStr | None = None
@@ -135,11 +141,11 @@ class ScreeningSettings(_Strict):
 
 
 class ApiSettings(_Strict):
-    """HTTP API and admission control. Tokens come from ``DXASSIST_API_TOKENS`` (comma-separated)."""
+    """HTTP API and admission control. Tokens come from ``DXASSIST_API__TOKENS`` (comma-separated)."""
 
     host: str = "127.0.0.1"
     port: int = 8000
-    tokens: list[SecretStr] = Field(default_factory=list)
+    tokens: Annotated[list[SecretStr], NoDecode] = Field(default_factory=list)
     max_queued_routine: int = Field(default=200, ge=1)
     max_queued_stat: int = Field(default=50, ge=1)
     max_inflight: int = Field(default=4, ge=1)  # studies screened at once; one slot is kept for stat
@@ -149,8 +155,20 @@ class ApiSettings(_Strict):
     #: worklist ageing: a study moves up one level per this many minutes of waiting
     ageing_minutes: float = Field(default=60.0, gt=0)
 
+    @field_validator("tokens", mode="before")
+    @classmethod
+    def _comma_separated(cls, value: object) -> object:
+        """``DXASSIST_API__TOKENS=a,b`` as well as a YAML list."""
+        if isinstance(value, str):
+            return [t.strip() for t in value.split(",") if t.strip()]
+        return value
 
-class Settings(_Strict):
+
+class Settings(BaseSettings):
+    model_config = SettingsConfigDict(
+        env_prefix="DXASSIST_", env_nested_delimiter="__", extra="forbid", frozen=True, nested_model_default_partial_update=True
+    )
+
     environment: Literal["dev", "test", "prod"] = "dev"
     models: list[ModelSettings] = Field(min_length=1)
     store: StoreSettings = StoreSettings()
@@ -165,32 +183,32 @@ class Settings(_Strict):
     @model_validator(mode="after")
     def _no_dev_secrets_in_prod(self) -> Settings:
         if self.environment == "prod" and self.security.study_ref_key.get_secret_value() == _DEV_KEY:
-            raise ValueError("security.study_ref_key: set DXASSIST_STUDY_REF_KEY; the dev key is refused in prod")
+            raise ValueError(
+                "security.study_ref_key: set DXASSIST_SECURITY__STUDY_REF_KEY; the dev key is refused in prod"
+            )
         if self.environment == "prod" and not self.api.tokens:
-            raise ValueError("api.tokens: set DXASSIST_API_TOKENS; the API refuses to run open in prod")
+            raise ValueError("api.tokens: set DXASSIST_API__TOKENS; the API refuses to run open in prod")
         return self
 
     @classmethod
+    def settings_customise_sources(
+        cls,
+        settings_cls: type[BaseSettings],
+        init_settings: PydanticBaseSettingsSource,
+        env_settings: PydanticBaseSettingsSource,
+        dotenv_settings: PydanticBaseSettingsSource,
+        file_secret_settings: PydanticBaseSettingsSource,
+    ) -> tuple[PydanticBaseSettingsSource, ...]:
+        """The environment wins over the YAML file (passed as init values); no .env files."""
+        return env_settings, init_settings
+
+    @classmethod
     def load(cls, path: str | Path | None = None) -> Settings:
-        """Read YAML; relative paths resolve against the repository; secrets from the env."""
+        """Read the YAML file, apply ``DXASSIST_<SECTION>__<FIELD>`` overrides, resolve relative paths
+        against the repository."""
         p = Path(path or os.environ.get("DXASSIST_SETTINGS") or DEFAULT_SETTINGS)
-        data = yaml.safe_load(p.read_text()) or {}
-        key = os.environ.get("DXASSIST_STUDY_REF_KEY")
-        if key:
-            data.setdefault("security", {})["study_ref_key"] = key
-        store_password = os.environ.get("DXASSIST_STORE_PASSWORD")
-        if store_password and isinstance(data.get("store", {}).get("dicomweb"), dict):
-            data["store"]["dicomweb"]["password"] = store_password
-        fhir_token = os.environ.get("DXASSIST_FHIR_TOKEN")
-        if fhir_token and isinstance(data.get("emr", {}).get("fhir"), dict):
-            data["emr"]["fhir"]["token"] = fhir_token
-        results_url = os.environ.get("DXASSIST_RESULTS_URL")
-        if results_url:
-            data.setdefault("results", {})["url"] = results_url
-        tokens = os.environ.get("DXASSIST_API_TOKENS")
-        if tokens:
-            data.setdefault("api", {})["tokens"] = [t.strip() for t in tokens.split(",") if t.strip()]
-        return cls.model_validate(data).resolved()
+        data: dict[str, Any] = yaml.safe_load(p.read_text()) or {}
+        return cls(**data).resolved()
 
     def resolved(self) -> Settings:
         def absolute(path: Path) -> Path:

@@ -112,7 +112,7 @@ def create_api(get_service: Callable[[], Awaitable[ScreeningService]]) -> FastAP
     async def service() -> ScreeningService:
         return await get_service()
 
-    bearer = HTTPBearer(auto_error=False, description="API token (DXASSIST_API_TOKENS)")
+    bearer = HTTPBearer(auto_error=False, description="API token (DXASSIST_API__TOKENS)")
 
     async def authorised(credentials: Annotated[HTTPAuthorizationCredentials | None, Depends(bearer)]) -> None:
         svc = await get_service()

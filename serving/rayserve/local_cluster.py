@@ -52,7 +52,7 @@ def local_serve(
 
     env_vars: dict[str, Any] = dict(env or {})
     if api_token:
-        env_vars["DXASSIST_API_TOKENS"] = api_token
+        env_vars["DXASSIST_API__TOKENS"] = api_token
     ray.init(
         num_cpus=num_cpus,
         include_dashboard=False,
