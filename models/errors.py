@@ -22,7 +22,12 @@
     ├── AdmissionRefused         the service takes no new work now (HTTP 503 + Retry-After)
     │   ├── QueueFull            the queue for this priority is full
     │   └── ServiceDraining      the service is shutting down
+    ├── RequestRejected          a request refused for what it says (HTTP 4xx, never retried as is)
+    │   ├── InvalidIdentifier    a UID in a request field or inside an uploaded file is not a DICOM UID
+    │   └── IdempotencyKeyReused an Idempotency-Key already used for a different request
     └── ResultsDatabaseError     the results database (SQLite/PostgreSQL) is unreachable or failed
+        ├── ResultsSchemaError   the schema is newer than this code or cannot be migrated
+        └── ResultsConflict      a write broke a constraint (duplicate key, append-only row)
 
 Where an error stops, it becomes data in exactly one place each: an ``InputRejected`` becomes a
 NOT_SCREENED image with its ``ReasonCode`` (``serving.core.screening``); a failed screening job
@@ -161,3 +166,28 @@ class ServiceDraining(AdmissionRefused):
 
 class ResultsDatabaseError(DxAssistError):
     """The results database cannot be reached or failed a statement (never names the DSN)."""
+
+
+class ResultsSchemaError(ResultsDatabaseError):
+    """The database schema is not one this code can use: newer than its migrations, or a
+    migration failed. The operator runs ``dxassist db upgrade`` with a matching dxassist."""
+
+
+class ResultsConflict(ResultsDatabaseError):
+    """A write broke a constraint (a duplicate key, an update of an append-only row); nothing
+    of that transaction was written."""
+
+
+class RequestRejected(DxAssistError):
+    """The API refuses a request for what it says; ``status_code`` is the HTTP answer."""
+
+    status_code = 422
+
+
+class InvalidIdentifier(RequestRejected):
+    """A UID (request field, or inside an uploaded file) is not ``[0-9]+(.[0-9]+)*`` of at most
+    64 characters. The message names the field, never the value."""
+
+
+class IdempotencyKeyReused(RequestRejected):
+    """The ``Idempotency-Key`` was already used by this client for a different request body."""
