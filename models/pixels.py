@@ -148,7 +148,12 @@ def _is_fatal(exc: BaseException) -> bool:
     return isinstance(exc, KeyboardInterrupt | SystemExit | GeneratorExit)
 
 
-def _read_source(source: str | os.PathLike[str] | bytes | BinaryIO, limits: DecodeLimits) -> bytes:
+def read_source(source: str | os.PathLike[str] | bytes | BinaryIO, limits: DecodeLimits = DEFAULT_LIMITS) -> bytes:
+    """The bytes of a file, buffer or stream, reading at most ``limits.max_file_bytes``.
+
+    Raises:
+        InvalidDicom: ``IMAGE_TOO_LARGE`` above the limit, ``CORRUPT_FILE`` when unreadable.
+    """
     too_large = InvalidDicom(ReasonCode.IMAGE_TOO_LARGE, f"file larger than {limits.max_file_bytes // MIB} MiB")
     if isinstance(source, bytes | bytearray | memoryview):
         if len(source) > limits.max_file_bytes:
@@ -204,7 +209,7 @@ def read_dataset(
             starts as DICOM but cannot be parsed (or passes a parser limit), ``IMAGE_TOO_LARGE``
             above ``limits.max_file_bytes`` or a deflate bomb.
     """
-    data = _read_source(source, limits)
+    data = read_source(source, limits)
     _check_deflated(data, limits)
     try:
         with parse_guard(limits):
@@ -573,7 +578,8 @@ class Lut:
         else:
             shifted = np.rint(values) - np.float32(self.first_mapped)
             index = np.clip(shifted, 0, n - 1, out=shifted).astype(np.int32)
-        return self.entries[index]
+        out: NDArray[np.float32] = self.entries[index]
+        return out
 
 
 @dataclass(frozen=True, slots=True)

@@ -26,12 +26,11 @@ import numpy as np
 from numpy.typing import NDArray
 from pydicom.dataset import Dataset
 
-from models.errors import InferenceFailed, InputRejected, ReasonCode
+from models.decode import DecodedInstance, RoutePlanner
+from models.decode_pool import Decoder, default_decoder
+from models.errors import InferenceFailed, ReasonCode
 from models.manifest import LoadedManifest, ModelManifest, OutputRoleValues
-from models.pixels import ImageHeader, decode_frames, header_of, read_dataset
 from models.predictor import OnnxPredictor, sigmoid
-from models.preprocessing import get_pipeline
-from models.qa import route
 from models.results import (
     Finding,
     ImageResult,
@@ -98,12 +97,6 @@ class _StudyWork:
     rejected: list[RejectedImage] = field(default_factory=list)
 
 
-def _sample_frames(n: int, limit: int) -> list[int]:
-    if n <= limit:
-        return list(range(n))
-    return sorted({round(i * (n - 1) / (limit - 1)) for i in range(limit)})
-
-
 def _letterbox_region(region: Region, rows: int, cols: int) -> Region:
     """Map a region from letterboxed (square) model coordinates back to image fractions."""
     side = max(rows, cols)
@@ -149,9 +142,12 @@ class StudyScreener:
         max_frames_per_image: int = 32,
         batch_size: int = 4,
         manifests: Sequence[LoadedManifest] = (),
+        decoder: Decoder | None = None,
     ) -> None:
         """``predictors`` run inference; ``manifests`` alone suffice for ``prepare`` and
-        ``assemble`` (a fetcher or an ingress holds no ONNX session)."""
+        ``assemble`` (a fetcher or an ingress holds no ONNX session). ``decoder`` runs the
+        decode boundary (``models.decode_pool``; default: the process's shared worker pool,
+        or in-process when ``DXASSIST_DECODE_ISOLATION=inline``)."""
         self.predictors = {p.manifest.id: p for p in predictors}
         self.loaded: dict[str, LoadedManifest] = {m.manifest.id: m for m in manifests}
         self.loaded.update({p.manifest.id: p.loaded for p in predictors})
@@ -161,41 +157,31 @@ class StudyScreener:
         self.study_ref_key = study_ref_key
         self.max_frames_per_image = max_frames_per_image
         self.batch_size = batch_size
+        self.decoder = decoder
+        self._planner = RoutePlanner(tuple(self.manifests), max_frames_per_image)
 
     # -- stage 1 ---------------------------------------------------------------------------
 
     def prepare(self, item: InstanceInput) -> PreparedImage | RejectedImage:
-        """Read, check and preprocess one instance. Never raises for bad input."""
-        study_uid = sop_uid = ""
-        try:
-            ds = read_dataset(item.source)
-            study_uid = str(ds.get("StudyInstanceUID", ""))
-            sop_uid = str(ds.get("SOPInstanceUID", ""))
-            header: ImageHeader = header_of(ds)
-            manifest = route(header, self.manifests)
-            pipeline = get_pipeline(manifest.input.preprocessing)
-            indices = _sample_frames(header.number_of_frames, self.max_frames_per_image)
-            frames = decode_frames(ds, frame_indices=indices, target_size=pipeline.decode_size)
-            tensors = np.stack([pipeline(f) for f in frames]).astype(np.float32, copy=False)
-            rows, cols = frames[0].pixels.shape[:2]
-            evidence = ds.copy()
-            for keyword in ("PixelData", "FloatPixelData", "DoubleFloatPixelData"):
-                if keyword in evidence:
-                    delattr(evidence, keyword)
-            if hasattr(evidence, "buffer"):
-                evidence.buffer = None  # the copy would carry the whole file's bytes between processes
+        """Read, check, decode and preprocess one instance inside the decode boundary
+        (``models.decode``): every failure, a crashed or hung decoder included, is a
+        ``RejectedImage`` with a reason code. Never raises for bad input."""
+        decoder = self.decoder if self.decoder is not None else default_decoder()
+        outcome = decoder.prepare(item.source, self._planner)
+        if isinstance(outcome, DecodedInstance):
             return PreparedImage(
                 label=item.label,
-                study_instance_uid=study_uid,
-                sop_instance_uid=sop_uid,
-                model_id=manifest.id,
-                tensors=tensors,
-                frame_indices=indices,
-                image_shape=(rows, cols),
-                header=evidence,
+                study_instance_uid=outcome.study_instance_uid,
+                sop_instance_uid=outcome.sop_instance_uid,
+                model_id=outcome.model_id,
+                tensors=outcome.tensors,
+                frame_indices=outcome.frame_indices,
+                image_shape=outcome.image_shape,
+                header=outcome.evidence,
             )
-        except InputRejected as exc:
-            return RejectedImage(item.label, study_uid, sop_uid, exc.reason, exc.detail)
+        return RejectedImage(
+            item.label, outcome.study_instance_uid, outcome.sop_instance_uid, outcome.reason, outcome.detail
+        )
 
     # -- stage 2 ---------------------------------------------------------------------------
 

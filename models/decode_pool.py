@@ -1,0 +1,358 @@
+"""Untrusted decode in replaceable worker processes.
+
+A native abort in a codec (a Rust panic that aborts, a C library's ``abort()`` or segfault, the
+kernel killing an allocation) must not take the service or a batch actor down. ``DecodePool``
+runs ``models.decode.prepare_instance`` in a few long-lived worker processes:
+
+* each worker caps its own address space (``RLIMIT_AS``) at what it holds after start-up plus
+  ``DecodeLimits.worker_memory_bytes``, so one file's peak RSS stays within that budget
+  whatever the file declares (an allocation past it is a ``MemoryError`` or an abort);
+* the parent waits at most ``DecodeLimits.file_timeout_s`` per file, then kills the worker;
+* a worker that dies or times out is replaced on the next file, and only the file it held is
+  answered ``DECODE_FAILED``; a worker whose resident set stayed high after a file (allocator
+  high-water after a large image) is replaced too, so no file leaves memory behind;
+* only model-sized tensors and the evidence header come back; the full-size frame stays in
+  the worker.
+
+``InlineDecoder`` has the same interface without isolation (tests, benchmarks, training);
+``make_decoder`` picks one from ``DXASSIST_DECODE_ISOLATION`` (``process``, the default, or
+``inline``). The choice and its measured cost are in docs/adr/0012-decode-boundary.md.
+"""
+
+from __future__ import annotations
+
+import atexit
+import contextlib
+import importlib
+import multiprocessing as mp
+import os
+import threading
+import time
+from dataclasses import dataclass, field
+from multiprocessing.connection import Connection
+from pathlib import Path
+from typing import Any, BinaryIO, Final, Protocol
+
+from models.decode import (
+    FAULT_TIMEOUT,
+    FAULT_WORKER_DIED,
+    DecodeOutcome,
+    DecodeRejection,
+    Planner,
+    prepare_instance,
+)
+from models.errors import InputRejected, ReasonCode
+from models.limits import DEFAULT_LIMITS, DecodeLimits
+from models.pixels import read_source
+
+ISOLATION_ENV: Final = "DXASSIST_DECODE_ISOLATION"
+_START_TIMEOUT_S: Final = 120.0
+_PAGE: Final = os.sysconf("SC_PAGE_SIZE")
+
+
+class Decoder(Protocol):
+    """Something that turns one untrusted instance into a ``DecodeOutcome``. Thread-safe."""
+
+    def prepare(self, source: str | os.PathLike[str] | bytes | BinaryIO, planner: Planner) -> DecodeOutcome: ...
+
+    def close(self) -> None: ...
+
+
+class InlineDecoder:
+    """``prepare_instance`` in the calling process: no isolation from native aborts or hangs."""
+
+    def __init__(self, limits: DecodeLimits = DEFAULT_LIMITS) -> None:
+        self.limits = limits
+
+    def prepare(self, source: str | os.PathLike[str] | bytes | BinaryIO, planner: Planner) -> DecodeOutcome:
+        src = str(source) if isinstance(source, os.PathLike) else source
+        return prepare_instance(src, planner, self.limits)
+
+    def close(self) -> None:
+        return None
+
+
+# --------------------------------------------------------------------------------------------
+# Worker side
+
+
+def _status_bytes(key: str) -> int:
+    with open("/proc/self/status", encoding="ascii") as fh:
+        for line in fh:
+            if line.startswith(key):
+                return int(line.split()[1]) * 1024
+    return 0
+
+
+def _limit_worker(limits: DecodeLimits) -> int:
+    """Quiet, single-threaded, address space capped; returns the cap in bytes."""
+    import ctypes
+    import resource
+    import signal
+    import warnings
+
+    signal.signal(signal.SIGINT, signal.SIG_IGN)  # the parent decides when workers stop
+    warnings.simplefilter("ignore")  # library warnings can quote header values; never printed
+    import cv2
+
+    cv2.setNumThreads(1)
+    with contextlib.suppress(OSError, AttributeError):
+        ctypes.CDLL("libc.so.6").mallopt(-8, 2)  # M_ARENA_MAX: few malloc arenas, little address space
+    # load every codec now, so that the baseline below includes their libraries
+    for name in ("openjpeg", "libjpeg", "rle", "pylibjpeg", "PIL.JpegImagePlugin", "PIL.Jpeg2KImagePlugin"):
+        with contextlib.suppress(ImportError):
+            importlib.import_module(name)
+    cap = _status_bytes("VmSize:") + limits.worker_memory_bytes
+    _soft, hard = resource.getrlimit(resource.RLIMIT_AS)
+    if hard == resource.RLIM_INFINITY or cap < hard:
+        resource.setrlimit(resource.RLIMIT_AS, (cap, hard))
+    return cap
+
+
+def _reset_peak() -> None:
+    with contextlib.suppress(OSError), open("/proc/self/clear_refs", "w", encoding="ascii") as fh:
+        fh.write("5")  # resets VmHWM (peak RSS) so that each file's peak is measured alone
+
+
+def _worker_main(conn: Connection, limits: DecodeLimits) -> None:
+    """Loop: receive (source, planner), answer (outcome, stats); ``None`` ends the loop."""
+    cap = _limit_worker(limits)
+    conn.send({"ready": True, "address_space_cap": cap, "rss": _status_bytes("VmRSS:")})
+    while True:
+        try:
+            job = conn.recv()
+        except (EOFError, OSError):
+            return
+        if job is None:
+            return
+        source, planner = job
+        _reset_peak()
+        started = time.perf_counter()
+        outcome = prepare_instance(source, planner, limits)
+        stats = {
+            "peak_rss": _status_bytes("VmHWM:"),
+            "rss": _status_bytes("VmRSS:"),
+            "seconds": time.perf_counter() - started,
+        }
+        try:
+            conn.send((outcome, stats))
+        except (EOFError, OSError):
+            return
+        except Exception as exc:  # an outcome that does not pickle: answer a rejection instead
+            conn.send(
+                (
+                    DecodeRejection(
+                        "", "", ReasonCode.DECODE_FAILED, f"result could not be returned ({type(exc).__name__})"
+                    ),
+                    stats,
+                )
+            )
+
+
+# --------------------------------------------------------------------------------------------
+# Parent side
+
+
+@dataclass
+class PoolStats:
+    """What the isolation had to do; the fuzz suite reads these."""
+
+    files: int = 0
+    workers_started: int = 0
+    worker_deaths: int = 0
+    timeouts: int = 0
+    recycled: int = 0
+    peak_rss_bytes: int = 0  # highest per-file peak RSS of any worker
+    address_space_cap: int = 0
+    faults: dict[str, int] = field(default_factory=dict)
+
+
+@dataclass
+class _Worker:
+    process: Any  # multiprocessing.Process of the chosen context
+    conn: Connection
+
+
+class DecodePool:
+    """A few worker processes running ``prepare_instance``; see the module docstring.
+
+    Workers start on first use (``warm`` starts them ahead). Thread-safe: up to ``workers``
+    callers decode at once, the others wait for a free worker.
+    """
+
+    def __init__(
+        self,
+        workers: int | None = None,
+        limits: DecodeLimits = DEFAULT_LIMITS,
+        *,
+        start_method: str = "forkserver",
+    ) -> None:
+        self.workers = max(1, workers if workers is not None else min(4, os.cpu_count() or 1))
+        self.limits = limits
+        if start_method not in mp.get_all_start_methods():
+            start_method = "spawn"
+        self._ctx: Any = mp.get_context(start_method)
+        if start_method == "forkserver":
+            self._ctx.set_forkserver_preload(["models.decode_pool"])
+        self._idle: list[_Worker] = []
+        self._lock = threading.Lock()
+        self._slots = threading.BoundedSemaphore(self.workers)
+        self._closed = False
+        self.stats = PoolStats()
+
+    # -- workers ---------------------------------------------------------------------------
+
+    def _start(self) -> _Worker:
+        parent, child = self._ctx.Pipe(duplex=True)
+        process = self._ctx.Process(target=_worker_main, args=(child, self.limits), daemon=True)
+        process.start()
+        child.close()
+        worker = _Worker(process, parent)
+        if not parent.poll(_START_TIMEOUT_S):
+            self._kill(worker)
+            raise OSError("decode worker did not start")
+        hello = parent.recv()
+        with self._lock:
+            self.stats.workers_started += 1
+            self.stats.address_space_cap = int(hello.get("address_space_cap", 0))
+        return worker
+
+    @staticmethod
+    def _kill(worker: _Worker) -> None:
+        with contextlib.suppress(Exception):
+            worker.conn.close()
+        if worker.process.is_alive():
+            worker.process.kill()
+        worker.process.join(timeout=5)
+
+    def warm(self) -> None:
+        """Start every worker now (a service does this at start-up, off the request path)."""
+        started = [self._start() for _ in range(self.workers - len(self._idle))]
+        with self._lock:
+            self._idle.extend(started)
+
+    def close(self) -> None:
+        """Stop the workers (idle ones at once; busy ones when their file is done)."""
+        with self._lock:
+            self._closed = True
+            idle, self._idle = self._idle, []
+        for worker in idle:
+            with contextlib.suppress(Exception):
+                worker.conn.send(None)
+            worker.process.join(timeout=2)
+            self._kill(worker)
+
+    def __enter__(self) -> DecodePool:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    # -- one file --------------------------------------------------------------------------
+
+    def _count(self, fault: str) -> None:
+        with self._lock:
+            self.stats.faults[fault] = self.stats.faults.get(fault, 0) + 1
+
+    def prepare(self, source: str | os.PathLike[str] | bytes | BinaryIO, planner: Planner) -> DecodeOutcome:
+        """``prepare_instance`` in a worker. Never raises for bad input, nor for a worker that
+        dies or hangs on it (``DECODE_FAILED`` with ``fault`` set)."""
+        if isinstance(source, str | os.PathLike):
+            payload: str | bytes = str(Path(source))
+        else:
+            try:
+                payload = read_source(source, self.limits)
+            except InputRejected as exc:
+                return DecodeRejection("", "", exc.reason, exc.detail)
+        with self._slots:
+            with self._lock:
+                if self._closed:
+                    raise RuntimeError("decode pool is closed")
+                worker = self._idle.pop() if self._idle else None
+                self.stats.files += 1
+            try:
+                if worker is None:
+                    worker = self._start()
+            except OSError:
+                self._count(FAULT_WORKER_DIED)
+                return DecodeRejection(
+                    "", "", ReasonCode.DECODE_FAILED, "decoder process could not start", fault=FAULT_WORKER_DIED
+                )
+            return self._run(worker, payload, planner)
+
+    def _run(self, worker: _Worker, payload: str | bytes, planner: Planner) -> DecodeOutcome:
+        try:
+            worker.conn.send((payload, planner))
+            if not worker.conn.poll(self.limits.file_timeout_s):
+                self._kill(worker)
+                with self._lock:
+                    self.stats.timeouts += 1
+                self._count(FAULT_TIMEOUT)
+                return DecodeRejection(
+                    "",
+                    "",
+                    ReasonCode.DECODE_FAILED,
+                    f"decoding took longer than {self.limits.file_timeout_s:g} s",
+                    fault=FAULT_TIMEOUT,
+                )
+            outcome: DecodeOutcome
+            stats: dict[str, Any]
+            outcome, stats = worker.conn.recv()
+        except (EOFError, OSError):
+            self._kill(worker)
+            with self._lock:
+                self.stats.worker_deaths += 1
+            self._count(FAULT_WORKER_DIED)
+            return DecodeRejection(
+                "", "", ReasonCode.DECODE_FAILED, "decoder process ended abnormally", fault=FAULT_WORKER_DIED
+            )
+        except BaseException:
+            self._kill(worker)
+            raise
+        keep = int(stats.get("rss", 0)) <= self.limits.worker_recycle_rss_bytes
+        with self._lock:
+            self.stats.peak_rss_bytes = max(self.stats.peak_rss_bytes, int(stats.get("peak_rss", 0)))
+            if not keep:
+                self.stats.recycled += 1
+            keep = keep and not self._closed
+            if keep:
+                self._idle.append(worker)
+        if not keep:
+            self._kill(worker)
+        outcome.stats = stats
+        if isinstance(outcome, DecodeRejection):
+            if outcome.fault:
+                self._count(outcome.fault)
+        return outcome
+
+
+def make_decoder(
+    isolation: str | None = None, *, workers: int | None = None, limits: DecodeLimits = DEFAULT_LIMITS
+) -> Decoder:
+    """``DecodePool`` (``process``, the default) or ``InlineDecoder`` (``inline``); the choice
+    comes from ``isolation`` or else from the ``DXASSIST_DECODE_ISOLATION`` environment variable.
+
+    Raises:
+        ValueError: an unknown isolation name.
+    """
+    name = (isolation or os.environ.get(ISOLATION_ENV, "") or "process").strip().lower()
+    if name == "process":
+        return DecodePool(workers, limits)
+    if name in ("inline", "off", "none"):
+        return InlineDecoder(limits)
+    raise ValueError(f"{ISOLATION_ENV}: unknown isolation {name!r} (process or inline)")
+
+
+_shared: Decoder | None = None
+_shared_lock = threading.Lock()
+
+
+def default_decoder() -> Decoder:
+    """The process-wide decoder (``make_decoder()``), created on first use and shared by every
+    screener in the process, so that tests, CLI runs and Ray actors start one set of workers."""
+    global _shared
+    with _shared_lock:
+        if _shared is None:
+            _shared = make_decoder()
+            atexit.register(_shared.close)
+        return _shared
