@@ -2,7 +2,11 @@
 
 from __future__ import annotations
 
+import re
+from datetime import datetime, timedelta, timezone
 from enum import StrEnum
+from typing import Any
+from uuid import uuid4
 
 import numpy as np
 from numpy.typing import NDArray
@@ -68,15 +72,80 @@ class ImageResult(_Frozen):
     frames_screened: int = 0
 
 
+_CONTROL = re.compile(r"[\x00-\x1f\x7f]")
+
+
+def _clean(value: Any, limit: int) -> str:
+    """A header value as text fit for a message: control characters (CR would end an HL7
+    segment) become spaces, and the length is capped (the file may exceed its VR's maximum)."""
+    return _CONTROL.sub(" ", str(value if value is not None else "")).strip()[:limit]
+
+
+def _study_datetime(date: str, time: str, offset: str) -> datetime | None:
+    """StudyDate (DA) + StudyTime (TM) [+ TimezoneOffsetFromUTC]; None when absent or malformed."""
+    if not re.fullmatch(r"\d{8}", date):
+        return None
+    digits = re.match(r"(\d{2})(\d{2})?(\d{2})?", time.replace(":", ""))
+    hh, mm, ss = digits.groups() if digits else ("00", None, None)
+    try:
+        moment = datetime.strptime(f"{date}{hh}{mm or '00'}{ss or '00'}", "%Y%m%d%H%M%S")
+    except ValueError:
+        return None
+    zone = re.fullmatch(r"([+-])(\d{2})(\d{2})", offset)
+    if zone:
+        sign = 1 if zone.group(1) == "+" else -1
+        delta = timedelta(hours=int(zone.group(2)), minutes=int(zone.group(3)))
+        if delta < timedelta(hours=15):
+            moment = moment.replace(tzinfo=timezone(sign * delta))
+    return moment
+
+
+class StudyIdentity(_Frozen):
+    """Who and what a study is, for the EMR (PHI: delivered and stored, never logged)."""
+
+    patient_id: str = ""
+    #: DICOM PN, alphabetic group: family^given^middle^prefix^suffix
+    patient_name: str = ""
+    accession_number: str = ""
+    #: when the study was made; naive when the header has no TimezoneOffsetFromUTC
+    study_datetime: datetime | None = None
+    placer_order_number: str = ""
+    #: the visit/admission (AdmissionID), for PV1 when known
+    visit_number: str = ""
+
+    @classmethod
+    def from_header(cls, ds: Any) -> StudyIdentity:
+        """Read from a DICOM header (any object with ``get``); hostile values are cleaned."""
+
+        def text(keyword: str, limit: int = 64) -> str:
+            return _clean(ds.get(keyword, ""), limit)
+
+        return cls(
+            patient_id=text("PatientID"),
+            patient_name=text("PatientName", 324).split("=")[0],
+            accession_number=text("AccessionNumber"),
+            study_datetime=_study_datetime(text("StudyDate"), text("StudyTime"), text("TimezoneOffsetFromUTC")),
+            placer_order_number=text("PlacerOrderNumberImagingServiceRequest"),
+            visit_number=text("AdmissionID"),
+        )
+
+
 class ScreeningResult(_Frozen):
     """The result of screening one study: SCREENED with findings, or NOT_SCREENED with a reason."""
 
     study_instance_uid: str
     study_ref: str
     outcome: OutcomeValues
-    #: identifiers for the EMR (PHI: delivered and stored, never logged)
+    #: unique per screening (never per study): messages derive their ids from it (HL7 MSH-10),
+    #: so a re-screen or a fresh results database never repeats one
+    result_id: str = Field(default_factory=lambda: uuid4().hex)
+    #: identifiers for the EMR (PHI: delivered and stored, never logged); see ``StudyIdentity``
     patient_id: str = ""
+    patient_name: str = ""
     accession_number: str = ""
+    study_datetime: datetime | None = None
+    placer_order_number: str = ""
+    visit_number: str = ""
     reason: ReasonCode | None = None
     reason_detail: str | None = None
     priority: TriagePriorityValues | None = None

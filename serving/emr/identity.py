@@ -76,6 +76,8 @@ class SiteIdentity(_Strict):
     sending_facility: HierarchicDesignator = HierarchicDesignator(namespace_id="DXASSIST")
     receiving_application: HierarchicDesignator = HierarchicDesignator(namespace_id="EMR")
     receiving_facility: HierarchicDesignator = HierarchicDesignator(namespace_id="HOSPITAL")
+    #: MSH-11 (table 0103): P production, T training, D debugging
+    processing_id: Literal["P", "T", "D"] = "P"
     #: the RIS/order filler that receives priority-change requests (MSH-5 of OMG^O19)
     order_receiving_application: HierarchicDesignator = HierarchicDesignator(namespace_id="RIS")
     patient_id_authority: HierarchicDesignator = HierarchicDesignator(namespace_id="HOSPITAL")
@@ -85,12 +87,15 @@ class SiteIdentity(_Strict):
     filler_authority: HierarchicDesignator = HierarchicDesignator(namespace_id="RIS")
     #: FHIR identifier systems of the site's patient ids, accession numbers (the order's filler
     #: number, ``ServiceRequest.identifier``), and dxassist's report ids
-    patient_id_system: str = "urn:oid:2.16.840.1.113883.3.9999.1"
-    accession_system: str = "urn:oid:2.16.840.1.113883.3.9999.2"
-    report_id_system: str = "urn:oid:2.16.840.1.113883.3.9999.3"
+    patient_id_system: str = "urn:oid:2.16.840.1.113883.19.5.1"
+    accession_system: str = "urn:oid:2.16.840.1.113883.19.5.2"
+    report_id_system: str = "urn:oid:2.16.840.1.113883.19.5.3"
     fhir_references: Literal["resolve", "identifier"] = "resolve"
+    #: canonical URL of dxassist's CodeSystem (local codes: probability, region, not-screened
+    #: reasons); ``serving.emr.fhir_resources.code_system`` builds the resource to load on a server
+    local_code_system_uri: str = "urn:oid:2.16.840.1.113883.19.5.4"
     #: HL7 local coding system (table 0396 "99zzz") for dxassist's own codes (probability,
-    #: not-screened reasons); the FHIR counterpart is ``serving.emr.fhir_resources.CODE_SYSTEM``
+    #: not-screened reasons); the FHIR counterpart is ``local_code_system_uri``
     local_coding_system: str = Field(default="99DXA", pattern=r"^99[A-Z0-9]{1,3}$")
     #: coding system names (HL7 v2) and URIs (FHIR) for the manifest's coding schemes
     hl7_coding_systems: dict[CodingSchemeValues, str] = Field(

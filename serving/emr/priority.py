@@ -4,6 +4,9 @@ from __future__ import annotations
 
 from models.results import ScreeningResult, TriagePriorityValues
 
+#: what every AI-asserted text says about itself
+NOTE = "AI-generated preliminary result, not a diagnosis; to be confirmed by a clinician."
+
 
 def raises_priority(result: ScreeningResult) -> bool:
     """The AI raised this study's reading priority: a critical finding is positive and the study
@@ -13,4 +16,4 @@ def raises_priority(result: ScreeningResult) -> bool:
 
 def triage_reason(result: ScreeningResult) -> str:
     critical = ", ".join(f.display for f in result.positive_findings if f.critical)
-    return f"AI triage: critical finding(s) positive: {critical}. Preliminary, AI-generated; not a diagnosis."
+    return f"AI triage: critical finding(s) positive: {critical}. {NOTE}"
