@@ -12,17 +12,24 @@ shows a production file; Serve config files only name the settings file (``args.
 
 from __future__ import annotations
 
+import ipaddress
 import os
+import secrets
+import time
+from enum import StrEnum
 from pathlib import Path
 from typing import Annotated, Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, SecretStr, field_validator, model_validator
+from pydantic import BaseModel, ConfigDict, Field, SecretStr, ValidationError, field_validator, model_validator
 from pydantic_settings import BaseSettings, NoDecode, PydanticBaseSettingsSource, SettingsConfigDict
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 DEFAULT_SETTINGS = REPO_ROOT / "configs" / "settings" / "dev.yaml"
-_DEV_KEY = "dev-only-study-ref-key-change-me"
+#: where a dev/test install keeps its own study-ref key when none is configured (created once, 0600)
+INSTALL_KEY_FILE = REPO_ROOT / "var" / "study-ref.key"
+#: the minimum length of a prod API token (``secrets.token_urlsafe(32)`` gives 43 characters)
+MIN_TOKEN_CHARS = 32
 
 
 class _Strict(BaseModel):
@@ -131,21 +138,123 @@ class ResultsSettings(_Strict):
         return "the PostgreSQL results database" if self.url is not None else str(self.sqlite_path)
 
 
+def install_study_ref_key(path: Path | None = None) -> SecretStr:
+    """This install's own study-ref key: read from ``path`` or created there once (random,
+    mode 0600, atomically so that concurrent replicas agree). Never a constant shipped in
+    the code: a public key would let anyone confirm a guessed UID from a log's study ref."""
+    path = path or INSTALL_KEY_FILE
+    for _ in range(50):
+        try:
+            text = path.read_text().strip()
+        except FileNotFoundError:
+            text = ""
+        if text:
+            return SecretStr(text)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_name(f".{path.name}.{os.getpid()}.{secrets.token_hex(4)}")
+        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+        try:
+            os.write(fd, (secrets.token_hex(32) + "\n").encode())
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+        try:
+            os.link(tmp, path)  # fails if another process created it first: then read theirs
+        except FileExistsError:
+            pass
+        finally:
+            tmp.unlink(missing_ok=True)
+        time.sleep(0.01)
+    raise OSError("study-ref key file could not be created")
+
+
 class SecuritySettings(_Strict):
-    study_ref_key: SecretStr = SecretStr(_DEV_KEY)
+    """``study_ref_key`` keys the study refs that logs use instead of UIDs. Unset: this install's
+    own random key (``var/study-ref.key``) in dev/test; prod refuses to start without one
+    (``DXASSIST_SECURITY__STUDY_REF_KEY``)."""
+
+    study_ref_key: SecretStr = Field(default_factory=install_study_ref_key)
 
 
 class ScreeningSettings(_Strict):
     max_frames_per_image: int = Field(default=32, ge=1)
+    #: images per ONNX Runtime call (service, Serve model deployments and batch jobs alike)
     batch_size: int = Field(default=4, ge=1)
+    #: how long a Serve model deployment waits to fill a batch (0 on CPU: no added latency)
+    batch_wait_s: float = Field(default=0.0, ge=0)
+
+
+class ServeSettings(_Strict):
+    """The Ray Serve application (ADR 0011): ``auto`` is staged with a GPU, inline on CPU."""
+
+    topology: Literal["auto", "staged", "inline"] = "auto"
+
+
+class BatchSettings(_Strict):
+    """Batch jobs on Ray Data (ADR 0009): ``auto`` is staged with a GPU, fused on CPU."""
+
+    topology: Literal["auto", "staged", "fused"] = "auto"
+    #: fused actors (default: one per CPU of the cluster)
+    workers: int | None = Field(default=None, ge=1)
+
+
+class TokenScopeValues(StrEnum):
+    """What an API token may do. ``reader``: read results and the worklist; ``integration``:
+    submit screenings and uploads, send the PACS webhook, read the screenings it asks for;
+    ``admin``: everything, including metrics and the OpenAPI document."""
+
+    READER = "reader"
+    INTEGRATION = "integration"
+    ADMIN = "admin"
+
+
+class ApiToken(_Strict):
+    """One API client: ``id`` names it in logs, audit and provenance (never the secret)."""
+
+    id: str = Field(pattern=r"^[A-Za-z0-9_.-]{1,64}$")
+    scope: TokenScopeValues
+    secret: SecretStr
+
+
+def _parse_token(value: object, index: int) -> object:
+    """``id:scope:secret`` (the environment form) or a bare secret (an admin token, for the
+    demo and tests; ids ``token-1``, ``token-2``...); mappings pass through."""
+    if not isinstance(value, str):
+        return value
+    parts = value.strip().split(":", 2)
+    if len(parts) == 3 and parts[1] in {s.value for s in TokenScopeValues}:
+        return {"id": parts[0], "scope": parts[1], "secret": parts[2]}
+    return {"id": f"token-{index + 1}", "scope": TokenScopeValues.ADMIN.value, "secret": value.strip()}
+
+
+def is_loopback(host: str) -> bool:
+    """True for 127.0.0.0/8, ::1 and ``localhost``: addresses only this machine can reach."""
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
 
 
 class ApiSettings(_Strict):
-    """HTTP API and admission control. Tokens come from ``DXASSIST_API__TOKENS`` (comma-separated)."""
+    """HTTP API and admission control.
+
+    Tokens come from ``DXASSIST_API__TOKENS``: comma-separated ``id:scope:secret`` entries
+    (scope ``reader``, ``integration`` or ``admin``; a bare secret is an admin token). Without
+    any token the API is open, so it may bind loopback only (settings refuse anything else)."""
 
     host: str = "127.0.0.1"
     port: int = 8000
-    tokens: Annotated[list[SecretStr], NoDecode] = Field(default_factory=list)
+    tokens: Annotated[list[ApiToken], NoDecode] = Field(default_factory=list)
+    #: largest JSON request body; larger bodies get 413 before they are read
+    max_json_bytes: int = Field(default=64 * 1024, ge=1024)
+    #: most files in one upload
+    max_upload_files: int = Field(default=1000, ge=1)
+    #: SIGTERM/shutdown: how long running screenings may take to finish before the process exits
+    #: (what is left stays persisted and resumes at the next start); below the ingress's
+    #: ``graceful_shutdown_timeout_s`` (60)
+    drain_timeout_s: float = Field(default=50.0, ge=0)
     max_queued_routine: int = Field(default=200, ge=1)
     max_queued_stat: int = Field(default=50, ge=1)
     max_inflight: int = Field(default=4, ge=1)  # studies screened at once; one slot is kept for stat
@@ -158,15 +267,46 @@ class ApiSettings(_Strict):
     @field_validator("tokens", mode="before")
     @classmethod
     def _comma_separated(cls, value: object) -> object:
-        """``DXASSIST_API__TOKENS=a,b`` as well as a YAML list."""
+        """``DXASSIST_API__TOKENS=id:scope:secret,...`` as well as a YAML list."""
         if isinstance(value, str):
-            return [t.strip() for t in value.split(",") if t.strip()]
+            value = [t for t in value.split(",") if t.strip()]
+        if isinstance(value, list):
+            return [_parse_token(v, i) for i, v in enumerate(value)]
         return value
+
+    @model_validator(mode="after")
+    def _open_api_binds_loopback_only(self) -> ApiSettings:
+        if not self.tokens and not is_loopback(self.host):
+            raise ValueError(
+                "api.host: without api.tokens the API is open to anyone who can reach it, so it binds "
+                "loopback only; set DXASSIST_API__TOKENS to bind another address"
+            )
+        ids = [t.id for t in self.tokens]
+        if len(set(ids)) != len(ids):
+            raise ValueError("api.tokens: token ids must be unique")
+        return self
+
+
+def describe_errors(exc: ValidationError) -> str:
+    """A validation error as ``location: reason`` lines, without the offending values."""
+    lines = [
+        f"{'.'.join(str(p) for p in e['loc']) or 'settings'}: {e['msg']}" for e in exc.errors(include_input=False)
+    ]
+    return "invalid settings:\n  " + "\n  ".join(lines)
+
+
+def strong_secret(secret: str) -> bool:
+    """Long enough and not a repeated pattern (``secrets.token_urlsafe(32)`` passes)."""
+    return len(secret) >= MIN_TOKEN_CHARS and len(set(secret)) >= 10
 
 
 class Settings(BaseSettings):
     model_config = SettingsConfigDict(
-        env_prefix="DXASSIST_", env_nested_delimiter="__", extra="forbid", frozen=True, nested_model_default_partial_update=True
+        env_prefix="DXASSIST_",
+        env_nested_delimiter="__",
+        extra="forbid",
+        frozen=True,
+        nested_model_default_partial_update=True,
     )
 
     environment: Literal["dev", "test", "prod"] = "dev"
@@ -175,6 +315,8 @@ class Settings(BaseSettings):
     results: ResultsSettings = ResultsSettings()
     security: SecuritySettings = SecuritySettings()
     screening: ScreeningSettings = ScreeningSettings()
+    serve: ServeSettings = ServeSettings()
+    batch: BatchSettings = BatchSettings()
     api: ApiSettings = ApiSettings()
     scp: ScpSettings = ScpSettings()
     poller: PollerSettings = PollerSettings()
@@ -182,12 +324,25 @@ class Settings(BaseSettings):
 
     @model_validator(mode="after")
     def _no_dev_secrets_in_prod(self) -> Settings:
-        if self.environment == "prod" and self.security.study_ref_key.get_secret_value() == _DEV_KEY:
+        # messages name settings and token ids, never any part of a secret
+        if self.environment == "prod" and "study_ref_key" not in self.security.model_fields_set:
             raise ValueError(
-                "security.study_ref_key: set DXASSIST_SECURITY__STUDY_REF_KEY; the dev key is refused in prod"
+                "security.study_ref_key: set DXASSIST_SECURITY__STUDY_REF_KEY; prod never uses an install key"
             )
+        if self.environment == "prod" and len(self.security.study_ref_key.get_secret_value()) < MIN_TOKEN_CHARS:
+            raise ValueError(f"security.study_ref_key: at least {MIN_TOKEN_CHARS} characters in prod")
         if self.environment == "prod" and not self.api.tokens:
             raise ValueError("api.tokens: set DXASSIST_API__TOKENS; the API refuses to run open in prod")
+        if self.environment == "prod":
+            weak = [t.id for t in self.api.tokens if not strong_secret(t.secret.get_secret_value())]
+            if weak:
+                raise ValueError(
+                    f"api.tokens: too weak for prod (at least {MIN_TOKEN_CHARS} characters, 10 distinct): "
+                    + ", ".join(weak)
+                )
+        secrets_seen = [t.secret.get_secret_value() for t in self.api.tokens]
+        if len(set(secrets_seen)) != len(secrets_seen):
+            raise ValueError("api.tokens: two tokens share a secret (each client has its own)")
         return self
 
     @classmethod
@@ -208,7 +363,11 @@ class Settings(BaseSettings):
         against the repository."""
         p = Path(path or os.environ.get("DXASSIST_SETTINGS") or DEFAULT_SETTINGS)
         data: dict[str, Any] = yaml.safe_load(p.read_text()) or {}
-        return cls(**data).resolved()
+        try:
+            return cls(**data).resolved()
+        except ValidationError as exc:
+            # pydantic's own message quotes the input (secrets included): locations and reasons only
+            raise ValueError(describe_errors(exc)) from None
 
     def resolved(self) -> Settings:
         def absolute(path: Path) -> Path:

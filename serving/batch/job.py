@@ -265,22 +265,20 @@ def run_batch_job(
     study_uids: list[str] | None = None,
     settings_path: str | None = None,
     address: str | None = None,
-    topology: Topology = "auto",
-    workers: int | None = None,
     prepare_actors: int = 1,
     infer_actors: int = 1,
     infer_threads: int | None = None,
-    batch_size: int = 4,
     stop_after: int | None = None,
     on_progress: Callable[[int, int], None] | None = None,
     save_to_results_store: bool = True,
 ) -> JobSummary:
     """Screen every study under ``inputs``; resumable via ``out_dir/ledger.sqlite3``.
 
+    The topology, fused worker count and batch size come from the settings (``batch.topology``,
+    ``batch.workers``, ``screening.batch_size``).
+
     Args:
-        topology: ``staged``, ``fused`` or ``auto`` (see the module docstring).
-        workers: fused actors (default: one per CPU of the cluster); each runs ORT on one thread
-            unless ``infer_threads`` says otherwise.
+        infer_threads: ORT threads per inference actor (fused: one unless said otherwise).
         prepare_actors, infer_actors: actor counts of the staged topology.
         stop_after: stop (as if interrupted) after this many newly finished studies.
         on_progress: called with (finished, total) after each study.
@@ -288,6 +286,7 @@ def run_batch_job(
     import ray
 
     settings = Settings.load(settings_path)
+    topology, workers, batch_size = settings.batch.topology, settings.batch.workers, settings.screening.batch_size
     ledger = Ledger(out_dir / "ledger.sqlite3")
     planned = plan_studies(inputs) + plan_from_store(study_uids or [])
     done = ledger.done()

@@ -29,7 +29,7 @@ from serving.persistence.results import ResultsStore
 from serving.settings import Settings
 
 if TYPE_CHECKING:
-    from serving.batch.job import Topology
+    pass
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, help=__doc__)
 models_app = typer.Typer(no_args_is_help=True, help="Registered model versions.")
@@ -126,10 +126,6 @@ def screen(
         typer.Option(help="run as a batch job on Ray: results, ledger and report in this folder (resumable)"),
     ] = None,
     address: Annotated[str | None, typer.Option(help="Ray cluster address for a batch job (default: local)")] = None,
-    topology: Annotated[
-        str, typer.Option(help="batch job: auto (staged with a GPU, else fused), staged or fused")
-    ] = "auto",
-    workers: Annotated[int | None, typer.Option(help="batch job, fused: actors (default one per CPU)")] = None,
     prepare_actors: Annotated[int, typer.Option(help="batch job, staged: decode/preprocess actors")] = 1,
     as_json: Annotated[bool, typer.Option("--json", help="print results as JSON")] = False,
     per_file: Annotated[bool, typer.Option("--per-file", help="one result per file instead of per study")] = False,
@@ -151,16 +147,11 @@ def screen(
         study_uids += uids.read_text().split()
     if query_modality or query_dates:
         study_uids += _query_store(_load_settings(settings), query_modality, query_dates)
-    if topology not in ("auto", "staged", "fused"):
-        console.print("[red]--topology: auto, staged or fused[/red]")
-        raise typer.Exit(2)
     _run_batch(
         paths,
         out,
         settings,
         address=address,
-        topology=topology,  # type: ignore[arg-type]  # checked above
-        workers=workers,
         prepare_actors=prepare_actors,
         save=save,
         study_uids=study_uids,
@@ -192,8 +183,6 @@ def _run_batch(
     settings: Path | None,
     *,
     address: str | None,
-    topology: Topology,
-    workers: int | None,
     prepare_actors: int,
     save: bool,
     study_uids: list[str] | None = None,
@@ -230,8 +219,6 @@ def _run_batch(
             study_uids=study_uids,
             settings_path=str(settings) if settings else None,
             address=address,
-            topology=topology,
-            workers=workers,
             prepare_actors=prepare_actors,
             on_progress=update,
             save_to_results_store=save,

@@ -1,7 +1,7 @@
 """Where the heavy stages of a screening run: the ``Pipeline`` seam between the service and compute.
 
-``ScreeningService`` talks only to a ``Pipeline`` (prepare a study, infer per model) or a
-``OneCallPipeline`` (both in one call). ``LocalPipeline`` runs the ``StudyScreener`` in worker
+``ScreeningService`` talks only to a ``Pipeline`` (prepare a study, infer per model).
+``LocalPipeline`` runs the ``StudyScreener`` in worker
 threads of this process; ``serving.rayserve.app`` provides the ones that call Serve deployments.
 """
 
@@ -10,12 +10,11 @@ from __future__ import annotations
 import asyncio
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Protocol, runtime_checkable
+from typing import Protocol
 
 import numpy as np
 from numpy.typing import NDArray
 
-from models.errors import InferenceFailed
 from models.predictor import OnnxPredictor
 from serving.core.screening import InstanceInput, ModelOutputs, PreparedImage, RejectedImage, StudyScreener
 from serving.dicom.sources import StudySource
@@ -35,30 +34,12 @@ class PreparedStudy:
     rejected: list[RejectedImage] = field(default_factory=list)
 
 
-@dataclass
-class ScreenedStudy:
-    """Both heavy stages done in one place: the prepared images (tensors dropped) and, aligned
-    with them, each image's model outputs or the inference failure."""
-
-    prepared: PreparedStudy
-    outputs: list[ModelOutputs | InferenceFailed]
-
-
 class Pipeline(Protocol):
     """The heavy stages, wherever they run (threads here, Serve deployments in ``serving.rayserve.app``)."""
 
     async def prepare_study(self, request: StudyRequest) -> PreparedStudy: ...
 
     async def infer(self, model_id: str, tensors: NDArray[np.float32]) -> ModelOutputs: ...
-
-    async def model_info(self) -> list[dict[str, object]]: ...
-
-
-@runtime_checkable
-class OneCallPipeline(Protocol):
-    """Both heavy stages in one call per study (the ``fused`` Serve topology)."""
-
-    async def screen_study(self, request: StudyRequest) -> ScreenedStudy: ...
 
     async def model_info(self) -> list[dict[str, object]]: ...
 

@@ -41,7 +41,7 @@ from serving.dicom.dimse import StoreScp
 from serving.dicom.sc import overlay_for
 from serving.dicom.sources.dicomweb import DicomWebSource
 from serving.observability.metrics import ServiceMetrics
-from serving.online.pipeline import OneCallPipeline, Pipeline, PreparedStudy, StudyRequest
+from serving.online.pipeline import Pipeline, PreparedStudy, StudyRequest
 from serving.persistence.outbox import Outbox
 from serving.persistence.results import JobRecord, ResultsStore
 from serving.settings import ApiSettings, PollerSettings, ScpSettings
@@ -74,7 +74,7 @@ class ScreeningService:
 
     def __init__(
         self,
-        pipeline: Pipeline | OneCallPipeline,
+        pipeline: Pipeline,
         screener: StudyScreener,
         store: ResultsStore,
         settings: ApiSettings,
@@ -387,14 +387,7 @@ class ScreeningService:
         logger.warning("screening failed", extra={"request_id": job.id, "reason": reason.value})
 
     async def _screen(self, job: _Job) -> tuple[ScreeningResult, list[Dataset]]:
-        if isinstance(self.pipeline, OneCallPipeline):
-            t0 = time.monotonic()
-            screened = await self.pipeline.screen_study(job.request)
-            self.metrics.stage_seconds.labels("screen").observe(time.monotonic() - t0)
-            prepared = screened.prepared
-            pairs = list(zip(prepared.prepared, screened.outputs, strict=True))
-        else:
-            prepared, pairs = await self._screen_in_stages(self.pipeline, job)
+        prepared, pairs = await self._screen_in_stages(self.pipeline, job)
         for image, out in pairs:
             if isinstance(out, ModelOutputs) and out.batch_size:
                 self.metrics.batch_size.labels(image.model_id).observe(out.batch_size)

@@ -1,20 +1,18 @@
-"""The Ray Serve application: thin deployments around the plain classes, in three topologies.
+"""The Ray Serve application: thin deployments around the plain classes, in two topologies.
 
     staged:  ingress (FastAPI, ScreeningService)
                  --> fetcher (StudySource + QA/routing + decode + preprocess)
                  --> model-<id> (OnnxPredictor, @serve.batch), one per model
-    fused:   ingress --> screener (fetch, decode, preprocess and every model, @serve.batch),
-                         one replica per core
     inline:  ingress alone: it runs the StudyScreener in its own worker threads
 
 ``staged`` scales decode and inference apart and keeps a GPU fed (``configs/serve/gpu.yaml``).
-On CPU, decode and inference share the same cores and every handle call costs CPU and
-milliseconds (ADR 0011): ``fused`` does a study in one call and spreads screener replicas
-over a cluster's nodes; ``inline`` makes no call at all, the fastest on one node (measured on
-2 cores: 21.2 studies/s against 17.7 fused and 15.2 staged). ``auto`` (the default) picks
-``staged`` with a CUDA device, else ``inline`` on one node and ``fused`` on several.
+On a CPU-only node decode and inference share the same cores and every handle call costs CPU and
+time, so ``inline`` makes no call at all (ADR 0011 has the measurements). ``auto`` (the default,
+``serve.topology`` in the settings) picks ``staged`` with a CUDA device, else ``inline``.
 
-Composition uses ``.bind()`` and ``DeploymentHandle`` (no deprecated DAG API). Start it with
+Composition uses ``.bind()`` and ``DeploymentHandle`` (no deprecated DAG API). Every application
+knob comes from the settings file named by ``AppArgs.settings_path``; a Serve config file holds
+only Serve's own resource knobs (replicas, CPUs, GPUs). Start it with
 ``serve run configs/serve/dev.yaml`` / ``serve deploy``, or ``dxassist serve``.
 """
 
@@ -22,7 +20,6 @@ from __future__ import annotations
 
 import asyncio
 import logging
-import os
 from typing import Any, Literal
 
 import numpy as np
@@ -31,7 +28,6 @@ from pydantic import BaseModel, ConfigDict
 from ray import serve
 from ray.serve.handle import DeploymentHandle
 
-from models.errors import InferenceFailed
 from models.predictor import OnnxPredictor
 from models.registry import resolve
 from serving.core.screening import ModelOutputs, StudyScreener, run_model
@@ -42,7 +38,6 @@ from serving.online.factory import build_predictor, build_screener, build_sinks,
 from serving.online.pipeline import (
     LocalPipeline,
     PreparedStudy,
-    ScreenedStudy,
     StudyRequest,
     model_status,
     prepare_request,
@@ -55,13 +50,10 @@ logger = logging.getLogger(__name__)
 
 
 class AppArgs(BaseModel):
-    """Arguments of ``build_app`` (the ``args:`` of a Serve config file)."""
+    """Arguments of ``build_app`` (the ``args:`` of a Serve config file): only where the settings are."""
 
     model_config = ConfigDict(extra="forbid")
     settings_path: str | None = None
-    topology: Literal["auto", "staged", "fused", "inline"] = "auto"
-    #: fused: screener replicas (default: one per CPU of this node, at most 4)
-    screener_replicas: int | None = None
 
 
 def _screener_without_sessions(settings: Settings) -> StudyScreener:
@@ -119,10 +111,12 @@ class ModelDeployment:
     filling while this one computes.
     """
 
-    def __init__(self, model: dict[str, Any], batch_size: int = 4) -> None:
+    def __init__(self, model: dict[str, Any], batch_size: int, batch_wait_s: float) -> None:
         install_logging()
         self.predictor = build_predictor(ModelSettings.model_validate(model))
         self.max_batch_images = batch_size
+        self.infer_batch.set_max_batch_size(batch_size)
+        self.infer_batch.set_batch_wait_timeout_s(batch_wait_s)
         _require_ready([self.predictor], "at start")  # warm-up before the replica reports healthy
 
     def reconfigure(self, user_config: dict[str, Any]) -> None:
@@ -143,59 +137,6 @@ class ModelDeployment:
         _require_ready([self.predictor], "in a health check")
 
 
-@serve.deployment(name="screener", ray_actor_options={"num_cpus": 0.8}, max_ongoing_requests=8)
-class StudyScreenerDeployment:
-    """Fused topology: one call screens a study (fetch, QA, decode, preprocess, every model).
-
-    Inference requests of concurrent studies meet in one ``@serve.batch`` queue and run as one
-    ORT call per model. Tensors go back to the ingress only when it renders heatmap overlays."""
-
-    def __init__(self, settings_path: str | None, batch_size: int = 4) -> None:
-        install_logging()
-        settings = Settings.load(settings_path)
-        # each replica's ORT uses every core (threads sleep when idle, ``allow_spinning``): one
-        # study alone gets the whole node, and under load the replicas share it (measured on 2
-        # cores: 2 replicas x 2 threads 67 ms single / 18.2 studies/s, x 1 thread 81 ms / 19.4)
-        self.screener = build_screener(settings)
-        self.source = build_source(settings)
-        self.keep_tensors = settings.store.write_results
-        self.max_batch_images = batch_size
-        _require_ready(list(self.screener.predictors.values()), "at start")
-
-    def reconfigure(self, user_config: dict[str, Any]) -> None:
-        self.max_batch_images = _apply_batch_config(self.infer_batch, user_config) or self.max_batch_images
-
-    @serve.batch(max_batch_size=8, batch_wait_timeout_s=0.0)
-    async def infer_batch(self, items: list[tuple[str, NDArray[np.float32]]]) -> list[ModelOutputs | InferenceFailed]:
-        out: dict[int, ModelOutputs | InferenceFailed] = {}
-        for model_id in dict.fromkeys(m for m, _ in items):
-            index = [i for i, (m, _) in enumerate(items) if m == model_id]
-            predictor = self.screener.predictors[model_id]
-            try:
-                joined = await asyncio.to_thread(
-                    _run_joined, predictor, [items[i][1] for i in index], self.max_batch_images
-                )
-            except InferenceFailed as exc:
-                out.update(dict.fromkeys(index, exc))
-                continue
-            out.update(zip(index, joined, strict=True))
-        return [out[i] for i in range(len(items))]  # every request answered, in order
-
-    async def screen(self, request: StudyRequest) -> ScreenedStudy:
-        prepared = await asyncio.to_thread(prepare_request, self.screener, self.source, request)
-        outputs = await asyncio.gather(*(self.infer_batch((i.model_id, i.tensors)) for i in prepared.prepared))
-        if not self.keep_tensors:
-            for image in prepared.prepared:
-                image.tensors = image.tensors[:0]
-        return ScreenedStudy(prepared, list(outputs))
-
-    def info(self) -> list[dict[str, object]]:
-        return [model_status(p) for p in self.screener.predictors.values()]
-
-    def check_health(self) -> None:
-        _require_ready(list(self.screener.predictors.values()), "in a health check")
-
-
 def _run_joined(predictor: OnnxPredictor, items: list[NDArray[np.float32]], batch_size: int) -> list[ModelOutputs]:
     """One ORT pass over several images' frames, split back per image."""
     sizes = [len(t) for t in items]
@@ -213,21 +154,6 @@ def _run_joined(predictor: OnnxPredictor, items: list[NDArray[np.float32]], batc
         )
         start += n
     return results
-
-
-class FusedServePipeline:
-    """``serving.online.service.OneCallPipeline`` over the fused screener deployment."""
-
-    def __init__(self, screener: DeploymentHandle) -> None:
-        self.screener = screener
-
-    async def screen_study(self, request: StudyRequest) -> ScreenedStudy:
-        result: ScreenedStudy = await self.screener.screen.remote(request)
-        return result
-
-    async def model_info(self) -> list[dict[str, object]]:
-        infos: list[dict[str, object]] = await self.screener.info.remote()
-        return infos
 
 
 class ServePipeline:
@@ -285,18 +211,15 @@ class Ingress:
         fetcher: DeploymentHandle | None,
         models: dict[str, DeploymentHandle],
         settings_path: str | None,
-        screener: DeploymentHandle | None = None,
         inline: bool = False,
     ) -> None:
-        """Staged: ``fetcher`` and ``models``; fused: ``screener`` alone; inline: neither."""
+        """Staged: ``fetcher`` and ``models``; inline: neither."""
         install_logging()
         settings = Settings.load(settings_path)
         store = ResultsStore(settings.results.target)
-        pipeline: ServePipeline | FusedServePipeline | LocalPipeline
+        pipeline: ServePipeline | LocalPipeline
         if inline:
             pipeline = LocalPipeline(build_screener(settings), build_source(settings))
-        elif screener is not None:
-            pipeline = FusedServePipeline(screener)
         else:
             assert fetcher is not None
             pipeline = ServePipeline(fetcher, models)
@@ -330,40 +253,28 @@ class Ingress:
             lazy.started.close()
 
 
-def _auto_topology() -> Literal["staged", "fused", "inline"]:
-    """staged with a GPU; on CPU, inline for one node and fused for a cluster (ADR 0011)."""
+def _auto_topology() -> Literal["staged", "inline"]:
+    """staged with a GPU, inline on CPU (ADR 0011)."""
     from models.predictor import cuda_device_count
 
-    if cuda_device_count() > 0:
-        return "staged"
-    import ray
-
-    nodes = [n for n in ray.nodes() if n.get("Alive")] if ray.is_initialized() else []
-    return "fused" if len(nodes) > 1 else "inline"
+    return "staged" if cuda_device_count() > 0 else "inline"
 
 
-def build_app(args: dict[str, Any]) -> Any:
+def build_app(args: AppArgs) -> Any:
     """Typed application builder (``import_path: serving.rayserve.app:build_app``)."""
-    parsed = AppArgs.model_validate(args)
-    settings = Settings.load(parsed.settings_path)
-    topology = parsed.topology
+    settings = Settings.load(args.settings_path)
+    topology = settings.serve.topology
     if topology == "auto":
         topology = _auto_topology()
     if topology == "inline":
         return Ingress.options(ray_actor_options={"num_cpus": 1.5}).bind(  # type: ignore[attr-defined]
-            None, {}, parsed.settings_path, None, True
+            None, {}, args.settings_path, True
         )
-    if topology == "fused":
-        replicas = parsed.screener_replicas or max(1, min(4, os.cpu_count() or 1))
-        screener = StudyScreenerDeployment.options(  # type: ignore[attr-defined]  # Serve decorator
-            num_replicas=replicas, ray_actor_options={"num_cpus": round(1.6 / replicas, 2)}
-        ).bind(parsed.settings_path, settings.screening.batch_size)
-        return Ingress.bind(None, {}, parsed.settings_path, screener)  # type: ignore[attr-defined]
-    fetcher = StudyFetcher.bind(parsed.settings_path)  # type: ignore[attr-defined]  # Serve decorator
+    fetcher = StudyFetcher.bind(args.settings_path)  # type: ignore[attr-defined]  # Serve decorator
     models = {
         m.id: ModelDeployment.options(name=f"model-{m.id}").bind(  # type: ignore[attr-defined]
-            m.model_dump(mode="json"), settings.screening.batch_size
+            m.model_dump(mode="json"), settings.screening.batch_size, settings.screening.batch_wait_s
         )
         for m in settings.models
     }
-    return Ingress.bind(fetcher, models, parsed.settings_path)  # type: ignore[attr-defined]
+    return Ingress.bind(fetcher, models, args.settings_path)  # type: ignore[attr-defined]

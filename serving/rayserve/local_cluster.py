@@ -4,6 +4,7 @@ integration test and the benchmark). A cluster deployment uses ``serve deploy`` 
 from __future__ import annotations
 
 import logging
+import os
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -48,11 +49,13 @@ def local_serve(
     import ray
     from ray import serve
 
-    from serving.rayserve.app import build_app
+    from serving.rayserve.app import AppArgs, build_app
 
     env_vars: dict[str, Any] = dict(env or {})
     if api_token:
         env_vars["DXASSIST_API__TOKENS"] = api_token
+    if topology != "auto":  # a settings override (the builder and every replica read the same)
+        env_vars["DXASSIST_SERVE__TOPOLOGY"] = topology
     ray.init(
         num_cpus=num_cpus,
         include_dashboard=False,
@@ -62,7 +65,17 @@ def local_serve(
     )
     try:
         serve.start(http_options={"host": host, "port": port})
-        serve.run(build_app({"settings_path": settings_path, "topology": topology}), name="dxassist", route_prefix="/")
+        saved = {k: os.environ.get(k) for k in env_vars}
+        os.environ.update({k: str(v) for k, v in env_vars.items()})
+        try:
+            app = build_app(AppArgs(settings_path=settings_path))
+        finally:
+            for k, v in saved.items():
+                if v is None:
+                    os.environ.pop(k, None)
+                else:
+                    os.environ[k] = v
+        serve.run(app, name="dxassist", route_prefix="/")
         base = f"http://{host}:{port}"
         wait_ready(base)
         yield base

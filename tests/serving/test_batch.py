@@ -69,9 +69,9 @@ def test_batch_results_equal_the_online_path(
     ray_local: None, archive: tuple[Path, Path], tmp_path: Path, topology: Topology
 ) -> None:
     folder, settings = archive
-    summary = run_batch_job(
-        [folder], tmp_path / "job", settings_path=str(settings), save_to_results_store=False, topology=topology
-    )
+    chosen = tmp_path / "settings.yaml"
+    chosen.write_text(settings.read_text() + f"\nbatch:\n  topology: {topology}\n")
+    summary = run_batch_job([folder], tmp_path / "job", settings_path=str(chosen), save_to_results_store=False)
     screener = StudyScreener([OnnxPredictor(resolve("cxr-triage"), providers="cpu")], study_ref_key=b"batch-test-key")
     online = {r.study_instance_uid: r for r in screen_paths(screener, sorted(folder.glob("cxr_*.dcm")))}
     batch = {r.study_instance_uid: r for r in summary.results if r.study_instance_uid}

@@ -14,9 +14,9 @@ from tests.conftest import write_synthetic_cxr
 
 
 @pytest.mark.integration
-@pytest.mark.parametrize("topology", ["inline", "fused", "staged"])
+@pytest.mark.parametrize("topology", ["inline", "staged"])
 def test_application_on_local_ray_over_http(tmp_path: Path, topology: str) -> None:
-    """Every Serve topology: inline (one CPU node), fused (CPU cluster), staged (GPU); auth,
+    """Every Serve topology: inline (one CPU node) and staged (GPU); auth,
     one-call upload with wait, metrics, and a graceful shutdown that finishes running work."""
     from serving.rayserve.local_cluster import local_serve
 
