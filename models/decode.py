@@ -36,6 +36,7 @@ from models.manifest import ModelManifest
 from models.pixels import ImageHeader, header_of, iter_frames, read_dataset
 from models.preprocessing import Pipeline, get_pipeline
 from models.qa import route
+from models.results import StudyIdentity
 
 Source = str | bytes | BinaryIO
 
@@ -112,6 +113,8 @@ class DecodeRejection:
     detail: str
     fault: str = ""
     stats: dict[str, Any] = field(default_factory=dict)
+    #: who the study is, when the header was readable (a NOT_SCREENED result still goes to the EMR)
+    identity: StudyIdentity | None = None
 
 
 DecodeOutcome = DecodedInstance | DecodeRejection
@@ -178,6 +181,7 @@ def prepare_instance(
         limits: the resource limits (``models.limits``).
     """
     study = sop = ""
+    identity: StudyIdentity | None = None
     try:
         with parse_guard(limits):
             ds = read_dataset(source, limits=limits)
@@ -192,6 +196,7 @@ def prepare_instance(
                 raise InvalidDicom(
                     ReasonCode.CORRUPT_FILE, f"header element unreadable ({type(exc).__name__})"
                 ) from exc
+        identity = StudyIdentity.from_header(evidence)
         header = header_of(ds)
         plan = planner(header)
         pixel = ds.get("PixelData") if "PixelData" in ds else None
@@ -211,7 +216,7 @@ def prepare_instance(
             del frame
         del ds
         if not tensors:
-            return DecodeRejection(study, sop, ReasonCode.NO_USABLE_IMAGE, "no frame selected")
+            return DecodeRejection(study, sop, ReasonCode.NO_USABLE_IMAGE, "no frame selected", identity=identity)
         return DecodedInstance(
             study_instance_uid=study,
             sop_instance_uid=sop,
@@ -223,7 +228,7 @@ def prepare_instance(
             evidence=evidence,
         )
     except InputRejected as exc:
-        return DecodeRejection(study, sop, exc.reason, exc.detail, fault=_fault_of(exc))
+        return DecodeRejection(study, sop, exc.reason, exc.detail, fault=_fault_of(exc), identity=identity)
     except MemoryError:
         return DecodeRejection(
             study, sop, ReasonCode.IMAGE_TOO_LARGE, "decoding ran out of its memory budget", fault=FAULT_MEMORY

@@ -37,6 +37,7 @@ from models.results import (
     OutcomeValues,
     Region,
     ScreeningResult,
+    StudyIdentity,
     findings_from_scores,
     region_from_map,
     triage_priority,
@@ -78,6 +79,7 @@ class RejectedImage:
     sop_instance_uid: str
     reason: ReasonCode
     detail: str
+    identity: StudyIdentity | None = None  # when the header was readable
 
 
 @dataclass
@@ -180,7 +182,12 @@ class StudyScreener:
                 header=outcome.evidence,
             )
         return RejectedImage(
-            item.label, outcome.study_instance_uid, outcome.sop_instance_uid, outcome.reason, outcome.detail
+            item.label,
+            outcome.study_instance_uid,
+            outcome.sop_instance_uid,
+            outcome.reason,
+            outcome.detail,
+            outcome.identity,
         )
 
     # -- stage 2 ---------------------------------------------------------------------------
@@ -260,6 +267,11 @@ class StudyScreener:
                     best[key] = finding
         screened = [i for i in images if i.outcome == OutcomeValues.SCREENED]
         sref = study_ref(study_instance_uid, self.study_ref_key) if study_instance_uid else ""
+        header = next((image.header for image, _ in prepared if image.header is not None), None)
+        # who the study is: from a screened image's header, else from a rejected one that was readable
+        identities = [StudyIdentity.from_header(header)] if header is not None else []
+        identities += [r.identity for r in rejected if r.identity is not None]
+        identity = identities[0] if identities else StudyIdentity()
         if not screened:
             reasons = {i.reason for i in images}
             if len(reasons) == 1 and images:
@@ -274,15 +286,14 @@ class StudyScreener:
                 reason_detail=detail,
                 images=images,
                 duration_ms=round(duration_ms, 1),
+                **identity.model_dump(),
             )
         findings = sorted(best.values(), key=lambda f: (f.model_id, f.key))
-        header = next((image.header for image, _ in prepared if image.header is not None), None)
         return ScreeningResult(
             study_instance_uid=study_instance_uid,
             study_ref=sref,
             outcome=OutcomeValues.SCREENED,
-            patient_id=str(header.get("PatientID", "")) if header is not None else "",
-            accession_number=str(header.get("AccessionNumber", "")) if header is not None else "",
+            **identity.model_dump(),
             priority=triage_priority(findings),
             findings=findings,
             images=images,
