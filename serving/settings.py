@@ -55,18 +55,32 @@ class DicomWebSettings(_Strict):
     retries: int = 3
 
 
-class StoreSettings(_Strict):
-    """Where studies are read from: a local folder (embedded default) or a DICOMweb server."""
+class DimseSettings(_Strict):
+    """A PACS over DIMSE: C-FIND to search, C-GET to retrieve (ADR 0008)."""
 
-    kind: Literal["local", "dicomweb"] = "local"
+    host: str
+    port: int = Field(ge=1, le=65535)
+    called_ae_title: str
+    calling_ae_title: str = "DXASSIST"
+    timeout_s: float = Field(default=30.0, gt=0)
+
+
+class StoreSettings(_Strict):
+    """Where studies are read from: a local folder (embedded default), a DICOMweb server, or a
+    PACS over DIMSE (C-FIND + C-GET)."""
+
+    kind: Literal["local", "dicomweb", "dimse"] = "local"
     path: Path = Path("var/store")
     dicomweb: DicomWebSettings | None = None
+    dimse: DimseSettings | None = None
     write_results: bool = False  # store the SR back into the study (STOW-RS)
 
     @model_validator(mode="after")
     def _dicomweb_needs_url(self) -> StoreSettings:
         if self.kind == "dicomweb" and self.dicomweb is None:
             raise ValueError("store.dicomweb: url required when kind is dicomweb")
+        if self.kind == "dimse" and self.dimse is None:
+            raise ValueError("store.dimse: host, port and called_ae_title required when kind is dimse")
         if self.write_results and self.kind != "dicomweb":
             raise ValueError("store.write_results needs a DICOMweb store")
         return self
@@ -289,9 +303,7 @@ class ApiSettings(_Strict):
 
 def describe_errors(exc: ValidationError) -> str:
     """A validation error as ``location: reason`` lines, without the offending values."""
-    lines = [
-        f"{'.'.join(str(p) for p in e['loc']) or 'settings'}: {e['msg']}" for e in exc.errors(include_input=False)
-    ]
+    lines = [f"{'.'.join(str(p) for p in e['loc']) or 'settings'}: {e['msg']}" for e in exc.errors(include_input=False)]
     return "invalid settings:\n  " + "\n  ".join(lines)
 
 

@@ -159,22 +159,19 @@ def screen(
 
 
 def _query_store(cfg: Settings, modality: str | None, dates: str | None) -> list[str]:
-    from serving.dicom.sources.dicomweb import DicomWebSource
+    from serving.dicom.sources import SearchableSource
     from serving.online.factory import build_source
 
     source = build_source(cfg)
-    if not isinstance(source, DicomWebSource):
-        console.print("[red]--query-* needs store.kind: dicomweb in the settings[/red]")
+    if not isinstance(source, SearchableSource):
+        console.print("[red]--query-* needs a store that can be searched (store.kind: dicomweb or dimse)[/red]")
         raise typer.Exit(2)
-    with source:
-        found: list[str] = []
-        offset = 0
-        while True:
-            page = source.search_studies(modality=modality, study_date=dates, limit=500, offset=offset)
-            found += page
-            if len(page) < 500:
-                return found
-            offset += 500
+    try:
+        return source.search_studies(modality=modality, study_date=dates)
+    finally:
+        close = getattr(source, "close", None)
+        if close is not None:
+            close()
 
 
 def _run_batch(

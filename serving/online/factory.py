@@ -6,6 +6,7 @@ from models.predictor import OnnxPredictor
 from models.registry import resolve
 from serving.core.screening import StudyScreener
 from serving.delivery.worker import Sink
+from serving.dicom.dimse import DimseSource
 from serving.dicom.sources import StudySource
 from serving.dicom.sources.dicomweb import DicomWebSource
 from serving.dicom.sources.local import LocalFolderSource
@@ -35,7 +36,16 @@ def build_screener(settings: Settings) -> StudyScreener:
 
 
 def build_source(settings: Settings) -> StudySource:
-    """The configured study source (local folder or DICOMweb), with the models' acceptance rules."""
+    """The configured study source (local folder, DICOMweb or DIMSE), with the models' acceptance rules."""
+    if settings.store.kind == "dimse" and settings.store.dimse is not None:
+        dimse = settings.store.dimse
+        return DimseSource(
+            dimse.host,
+            dimse.port,
+            dimse.called_ae_title,
+            calling_aet=dimse.calling_ae_title,
+            timeout_s=dimse.timeout_s,
+        )
     if settings.store.kind == "dicomweb" and settings.store.dicomweb is not None:
         web = settings.store.dicomweb
         return DicomWebSource(

@@ -39,7 +39,7 @@ from serving.core.screening import ModelOutputs, PreparedImage, StudyScreener
 from serving.delivery.worker import OutboxWorker, Sink
 from serving.dicom.dimse import StoreScp
 from serving.dicom.sc import overlay_for
-from serving.dicom.sources.dicomweb import DicomWebSource
+from serving.dicom.sources import SearchableSource
 from serving.observability.metrics import ServiceMetrics
 from serving.online.pipeline import Pipeline, PreparedStudy, StudyRequest
 from serving.persistence.outbox import Outbox
@@ -83,7 +83,7 @@ class ScreeningService:
         sinks: Mapping[str, Sink] | None = None,
         scp: ScpSettings | None = None,
         poller: PollerSettings | None = None,
-        poll_source: DicomWebSource | None = None,
+        poll_source: SearchableSource | None = None,
     ) -> None:
         self.sinks = dict(sinks or {})
         self.outbox = Outbox(store.target) if self.sinks else None

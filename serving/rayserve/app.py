@@ -31,7 +31,7 @@ from ray.serve.handle import DeploymentHandle
 from models.predictor import OnnxPredictor
 from models.registry import resolve
 from serving.core.screening import ModelOutputs, StudyScreener, run_model
-from serving.dicom.sources.dicomweb import DicomWebSource
+from serving.dicom.sources import SearchableSource
 from serving.observability.phi import install_logging
 from serving.online.api import LazyService, create_api
 from serving.online.factory import build_predictor, build_screener, build_sinks, build_source
@@ -225,7 +225,7 @@ class Ingress:
             pipeline = ServePipeline(fetcher, models)
         assembler = _screener_without_sessions(settings)
         source = build_source(settings)
-        poll_source = source if isinstance(source, DicomWebSource) else None
+        poll_source = source if isinstance(source, SearchableSource) else None
         _install_service(
             LazyService(
                 lambda: ScreeningService(

@@ -20,6 +20,8 @@ from models.registry import resolve
 from serving.dicom.dimse import DimseSource
 from serving.dicom.sources.dicomweb import DicomWebSource
 from serving.dicom.sources.local import LocalFolderSource
+from serving.online.factory import build_source
+from serving.settings import Settings
 from tests.conftest import write_synthetic_cxr
 from tests.integration.conftest import OrthancServer
 
@@ -39,14 +41,32 @@ def source_and_study(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator
         return
     orthanc: OrthancServer = request.getfixturevalue("orthanc")
     orthanc.upload(cxr)
+    # every store path is chosen by the settings alone (the factory the service uses)
+    store: dict[str, object] = {"kind": request.param}
     if request.param == "dimse":
-        yield DimseSource("127.0.0.1", orthanc.dicom_port, orthanc.aet), uid, cxr
-        return
-    source = DicomWebSource(
-        orthanc.dicomweb, username=orthanc.user, password=orthanc.password, manifests=[resolve("cxr-triage").manifest]
-    )
+        store["dimse"] = {"host": "127.0.0.1", "port": orthanc.dicom_port, "called_ae_title": orthanc.aet}
+    else:
+        store["dicomweb"] = {"url": orthanc.dicomweb, "username": orthanc.user, "password": orthanc.password}
+    settings = Settings.model_validate({"models": [{"id": "cxr-triage"}], "store": store})
+    source = build_source(settings)
+    assert isinstance(source, DimseSource if request.param == "dimse" else DicomWebSource)
     yield source, uid, cxr
-    source.close()
+    close = getattr(source, "close", None)
+    if close is not None:
+        close()
+
+
+def test_searches_page_through_every_result(orthanc: OrthancServer, tmp_path: Path) -> None:
+    """QIDO-RS answers in pages: a sweep with a page smaller than the result set sees every study."""
+    uids = []
+    for n in range(5):
+        cxr = write_synthetic_cxr(tmp_path / f"p{n}.dcm", seed=300 + n)
+        uids.append(str(pydicom.dcmread(cxr, stop_before_pixels=True).StudyInstanceUID))
+        orthanc.upload(cxr)
+    with DicomWebSource(orthanc.dicomweb, username=orthanc.user, password=orthanc.password) as source:
+        found = source.search_studies(modality="CR", page_size=2)
+    assert set(uids) <= set(found)
+    assert len(found) == len(set(found))
 
 
 def test_source_returns_the_study_instances_as_stored(source_and_study: tuple) -> None:

@@ -133,18 +133,31 @@ class DicomWebSource:
     # -- QIDO-RS ---------------------------------------------------------------------------
 
     def search_studies(
-        self, *, modality: str | None = None, study_date: str | None = None, limit: int = 1000, offset: int = 0
+        self,
+        *,
+        modality: str | None = None,
+        study_date: str | None = None,
+        study_instance_uid: str = "",
+        page_size: int = 500,
     ) -> list[str]:
-        """Study Instance UIDs matching modality and a date or range (``YYYYMMDD-YYYYMMDD``)."""
-        params: dict[str, str | int] = {"limit": limit, "offset": offset, "includefield": "0020000D"}
-        if modality:
-            params["ModalitiesInStudy"] = modality
-        if study_date:
-            params["StudyDate"] = study_date
-        response = self._request("GET", "/studies", params=params, headers={"Accept": "application/dicom+json"})
-        if response.status_code == 204 or not response.content:
-            return []
-        return [str(item["0020000D"]["Value"][0]) for item in response.json() if "0020000D" in item]
+        """Every Study Instance UID matching modality and a date or range (``YYYYMMDD-YYYYMMDD``),
+        read page by page (QIDO-RS ``limit``/``offset``) until a short page."""
+        found: list[str] = []
+        while True:
+            params: dict[str, str | int] = {"limit": page_size, "offset": len(found), "includefield": "0020000D"}
+            if modality:
+                params["ModalitiesInStudy"] = modality
+            if study_date:
+                params["StudyDate"] = study_date
+            if study_instance_uid:
+                params["StudyInstanceUID"] = study_instance_uid
+            response = self._request("GET", "/studies", params=params, headers={"Accept": "application/dicom+json"})
+            if response.status_code == 204 or not response.content:
+                return found
+            page = [str(item["0020000D"]["Value"][0]) for item in response.json() if "0020000D" in item]
+            found += page
+            if len(page) < page_size:
+                return found
 
     def list_instances(self, study_instance_uid: str) -> list[QidoInstance]:
         params = {"includefield": ",".join(_TAGS.values())}
