@@ -49,8 +49,8 @@ from models.errors import ReasonCode
 from models.manifest import Code, CodingSchemeValues
 from models.results import Finding, ScreeningResult
 from serving.emr.hl7_messages import ABSENT, PRESENT, reason_text
-from serving.emr.identity import SiteIdentity
 from serving.emr.priority import NOTE, triage_reason
+from serving.settings import SiteIdentity
 
 AI_ASSERTED = Coding(
     system="http://terminology.hl7.org/CodeSystem/v3-ObservationValue",

@@ -42,8 +42,8 @@ from hl7apy.factories import datatype_factory
 
 from models.manifest import CodingSchemeValues
 from models.results import Finding, ScreeningResult
-from serving.emr.identity import HierarchicDesignator, SiteIdentity
 from serving.emr.priority import NOTE, triage_reason
+from serving.settings import HierarchicDesignator, SiteIdentity
 
 VERSION = "2.5.1"
 #: SNOMED CT qualifier values for a finding's presence (as IHE AIR and the SR-to-FHIR mapping use)

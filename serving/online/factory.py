@@ -66,13 +66,18 @@ def build_sinks(settings: Settings) -> dict[str, Sink]:
     emr = settings.emr
     if emr.fhir is not None:
         token = emr.fhir.token.get_secret_value() if emr.fhir.token else None
-        sinks["fhir"] = FhirSink(emr.fhir.url, token=token, timeout_s=emr.fhir.timeout_s)
+        sinks["fhir"] = FhirSink(emr.fhir.url, identity=emr.identity, token=token, timeout_s=emr.fhir.timeout_s)
         if emr.fhir.priority_updates:
-            sinks["fhir-triage"] = FhirTriageSink(emr.fhir.url, token=token, timeout_s=emr.fhir.timeout_s)
+            sinks["fhir-triage"] = FhirTriageSink(
+                emr.fhir.url, identity=emr.identity, token=token, timeout_s=emr.fhir.timeout_s
+            )
     if emr.hl7 is not None:
-        sinks["hl7"] = Hl7MllpSink(emr.hl7.host, emr.hl7.port, timeout_s=emr.hl7.timeout_s)
-        if emr.hl7.priority_updates:
-            sinks["hl7-triage"] = Hl7PriorityUpdateSink(emr.hl7.host, emr.hl7.port, timeout_s=emr.hl7.timeout_s)
+        hl7 = emr.hl7
+        sinks["hl7"] = Hl7MllpSink(hl7.host, hl7.port, identity=emr.identity, timeout_s=hl7.timeout_s)
+        if hl7.priority_updates:
+            sinks["hl7-triage"] = Hl7PriorityUpdateSink(
+                hl7.host, hl7.port, identity=emr.identity, timeout_s=hl7.timeout_s
+            )
     if settings.store.write_results:
         source = build_source(settings)
         if isinstance(source, DicomWebSource):

@@ -365,7 +365,13 @@ class ScreeningService:
             update={"duration_ms": round(elapsed * 1000.0, 1), "requested_priority": job.priority.value}
         )
         # the result, its evidence and one outbox row per sink, committed together before any delivery
-        sinks = list(self.sinks) if result.outcome == OutcomeValues.SCREENED else []
+        # SCREENED: a row for every sink; NOT_SCREENED: for the sinks that report it (the EMR
+        # is told that the AI looked and declined, and why)
+        sinks = [
+            name
+            for name, sink in self.sinks.items()
+            if result.outcome == OutcomeValues.SCREENED or getattr(sink, "reports_not_screened", False)
+        ]
         await asyncio.to_thread(self.store.finish_job, job.id, result, evidence=evidence, sinks=sinks)
         if job.request.spool_dir:
             shutil.rmtree(job.request.spool_dir, ignore_errors=True)
