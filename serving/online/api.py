@@ -1,26 +1,39 @@
-"""HTTP API (FastAPI) over a ``ScreeningService``; OpenAPI at ``/docs`` and ``/openapi.json``.
+"""HTTP API (FastAPI) over a ``ScreeningService``; the OpenAPI document at ``/openapi.json``.
 
 Study identifiers travel in request bodies, never in paths (paths end up in access logs).
-Every endpoint but ``/healthz`` and ``/readyz`` needs ``Authorization: Bearer <token>`` when
-tokens are configured (they must be in ``prod``). Errors map to status codes in one place.
+Every endpoint but ``/healthz`` and ``/readyz`` needs ``Authorization: Bearer <token>`` with a
+token whose scope allows it (``serving.online.edge``: checked on the headers, before any body is
+read; bodies are capped while they stream; every response carries ``no-store`` and security
+headers). Without configured tokens (dev) only loopback clients are answered.
+
+There is no ``/docs`` page: FastAPI's Swagger UI loads its script and styles from a public CDN,
+which a hospital network should neither need nor trust. ``/openapi.json`` (admin scope) can be
+opened in any local OpenAPI viewer. Errors map to status codes in one place (the exception
+handlers below); a 422 names the fields and the reasons, never the values sent.
 """
 
 import asyncio
-import hmac
 import re
+import shutil
 from collections.abc import Awaitable, Callable
 from datetime import UTC, datetime
 from typing import Annotated, Any
 
-from fastapi import Depends, FastAPI, File, HTTPException, Request, Response, UploadFile
+from fastapi import Depends, FastAPI, HTTPException, Query, Request, Response
+from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, PlainTextResponse
 from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
 from pydantic import AfterValidator, BaseModel, ConfigDict, Field
 
-from models.errors import AdmissionRefused, JobFailureValues, ReasonCode
+from models.errors import AdmissionRefused, JobFailureValues, ReasonCode, ResultsDatabaseError
 from models.results import OutcomeValues, ScreeningResult, TriagePriorityValues
+from serving.online.edge import EdgeGuard, Principal, spool_multipart
 from serving.online.pipeline import StudyRequest
 from serving.online.service import JobStatusValues, PriorityValues, ScreeningService
+from serving.settings import ApiSettings
+
+#: seconds a client should wait before retrying after the results database failed
+DATABASE_RETRY_AFTER_S = 5
 
 _UID = re.compile(r"^[0-9]+(\.[0-9]+)*$")
 
@@ -80,6 +93,8 @@ class Health(BaseModel):
     status: str
     models: list[dict[str, Any]] = Field(default_factory=list)
     queue: dict[str, int] = Field(default_factory=dict)
+    #: readiness checks: ``ok`` or why not (models, admission, database, outbox)
+    checks: dict[str, str] = Field(default_factory=dict)
 
 
 _AI_RANK = {TriagePriorityValues.URGENT: 1, TriagePriorityValues.ABNORMAL: 2, TriagePriorityValues.ROUTINE: 3}
@@ -100,13 +115,21 @@ def worklist_rank(
     return rank, label if rank == base else f"{label}, aged {int(waited)} min"
 
 
-def create_api(get_service: Callable[[], Awaitable[ScreeningService]]) -> FastAPI:
-    """Build the app. ``get_service`` returns the started service (started lazily, once)."""
+def create_api(
+    get_service: Callable[[], Awaitable[ScreeningService]],
+    api_settings: Callable[[], ApiSettings | None] | None = None,
+) -> FastAPI:
+    """Build the app. ``get_service`` returns the started service; ``api_settings`` gives the
+    edge its tokens and caps (by default those of the service); while it gives None only
+    health answers."""
     api = FastAPI(
         title="dxassist",
         version="0.1.0",
         description="AI screening of chest radiographs and endoscopy frames. Results are decision support "
         "for a clinician, never a diagnosis.",
+        docs_url=None,
+        redoc_url=None,
+        openapi_url="/openapi.json",
     )
 
     async def service() -> ScreeningService:
@@ -114,16 +137,17 @@ def create_api(get_service: Callable[[], Awaitable[ScreeningService]]) -> FastAP
 
     bearer = HTTPBearer(auto_error=False, description="API token (DXASSIST_API__TOKENS)")
 
-    async def authorised(credentials: Annotated[HTTPAuthorizationCredentials | None, Depends(bearer)]) -> None:
-        svc = await get_service()
-        tokens = [t.get_secret_value() for t in svc.settings.tokens]
-        if not tokens:
-            return
-        token = credentials.credentials if credentials is not None else ""
-        if not any(hmac.compare_digest(token.encode(), t.encode()) for t in tokens):
+    async def authorised(
+        request: Request, credentials: Annotated[HTTPAuthorizationCredentials | None, Depends(bearer)]
+    ) -> Principal:
+        """The edge has checked the token and its scope; this names the bearer scheme in the
+        OpenAPI document and refuses anything that reached a route without a principal."""
+        principal = getattr(request.state, "principal", None)
+        if not isinstance(principal, Principal):
             raise HTTPException(
                 status_code=401, detail="missing or invalid bearer token", headers={"WWW-Authenticate": "Bearer"}
             )
+        return principal
 
     Service = Annotated[ScreeningService, Depends(service)]
     Auth = Depends(authorised)
@@ -167,6 +191,31 @@ def create_api(get_service: Callable[[], Awaitable[ScreeningService]]) -> FastAP
             status_code=503, content={"detail": str(exc)}, headers={"Retry-After": str(exc.retry_after_s)}
         )
 
+    @api.exception_handler(ResultsDatabaseError)
+    async def database_failed(request: Request, exc: ResultsDatabaseError) -> JSONResponse:
+        """The results database is full, locked or unreachable: nothing was accepted, retry later."""
+        return JSONResponse(
+            status_code=503,
+            content={"detail": "results database unavailable", "reason": "RESULTS_DATABASE_UNAVAILABLE"},
+            headers={"Retry-After": str(DATABASE_RETRY_AFTER_S)},
+        )
+
+    @api.exception_handler(RequestValidationError)
+    async def invalid(request: Request, exc: RequestValidationError) -> JSONResponse:
+        """422 with where and why, never the values sent (they may be identifiers, or megabytes)."""
+        errors = [
+            {"loc": [str(p) for p in e.get("loc", ())], "msg": str(e.get("msg", "")), "type": str(e.get("type", ""))}
+            for e in exc.errors()[:20]
+        ]
+        return JSONResponse(status_code=422, content={"detail": errors})
+
+    async def edge_settings() -> ApiSettings | None:
+        if api_settings is not None:
+            return api_settings()
+        return (await get_service()).settings
+
+    api.add_middleware(EdgeGuard, settings=edge_settings)
+
     async def _answer(svc: ScreeningService, job_id: str, wait: float, response: Response) -> ScreeningJob:
         """202 with the queued job, or, when ``wait`` > 0 and the screening ends in time, 200
         with the result (one round trip for a worklist integration)."""
@@ -185,26 +234,57 @@ def create_api(get_service: Callable[[], Awaitable[ScreeningService]]) -> FastAP
         job_id = svc.submit(StudyRequest(study_instance_uid=body.study_instance_uid), body.priority)
         return await _answer(svc, job_id, wait, response)
 
-    @api.post("/v1/screenings/upload", status_code=202, response_model=ScreeningJob, dependencies=[Auth])
+    @api.post(
+        "/v1/screenings/upload",
+        status_code=202,
+        response_model=ScreeningJob,
+        dependencies=[Auth],
+        responses={413: {"description": "larger than api.max_upload_bytes"}, 422: {"description": "no files"}},
+        openapi_extra={
+            "requestBody": {
+                "required": True,
+                "content": {
+                    "multipart/form-data": {
+                        "schema": {
+                            "type": "object",
+                            "required": ["files"],
+                            "properties": {
+                                "files": {
+                                    "type": "array",
+                                    "items": {"type": "string", "format": "binary"},
+                                    "description": "DICOM instances of one study",
+                                }
+                            },
+                        }
+                    }
+                },
+            }
+        },
+    )
     async def upload_screening(
+        request: Request,
         svc: Service,
         response: Response,
-        files: Annotated[list[UploadFile], File(description="DICOM instances of one study")],
         priority: PriorityValues = PriorityValues.ROUTINE,
         wait: float = 0.0,
     ) -> Any:
-        """Screen uploaded DICOM instances (one study); ``wait`` as for ``POST /v1/screenings``."""
+        """Screen uploaded DICOM instances of one study (multipart field ``files``, at most
+        ``api.max_upload_bytes`` in all); ``wait`` as for ``POST /v1/screenings``. The upload
+        streams into a private spool folder: never whole in memory, never in a shared /tmp."""
         await remember(svc)
-        blobs, total = [], 0
-        for f in files:
-            data = await f.read()
-            total += len(data)
-            if total > svc.settings.max_upload_bytes:
-                raise HTTPException(status_code=413, detail=f"upload larger than {svc.settings.max_upload_bytes} bytes")
-            blobs.append(data)
-        if not blobs:
-            raise HTTPException(status_code=422, detail="no files")
-        job_id = await asyncio.to_thread(svc.submit_upload, blobs, priority)
+        svc.check_admission(priority)  # a full queue refuses before the body is read
+        folder, _count = await spool_multipart(
+            request.headers.get("content-type", ""),
+            request.stream(),
+            svc.settings.spool_dir,
+            "files",
+            svc.settings.max_upload_files,
+        )
+        try:
+            job_id = await asyncio.to_thread(svc.submit_spooled, folder, priority)
+        except BaseException:
+            await asyncio.to_thread(shutil.rmtree, folder, True)
+            raise
         return await _answer(svc, job_id, wait, response)
 
     @api.post("/v1/events/stable-study", status_code=202, dependencies=[Auth])
@@ -224,7 +304,7 @@ def create_api(get_service: Callable[[], Awaitable[ScreeningService]]) -> FastAP
         return _job_view(svc, screening_id)
 
     @api.get("/v1/worklist", response_model=list[WorklistItem], dependencies=[Auth])
-    async def worklist(svc: Service, limit: int = 200) -> list[WorklistItem]:
+    async def worklist(svc: Service, limit: Annotated[int, Query(ge=1, le=1000)] = 200) -> list[WorklistItem]:
         """Screened studies in reading order: the AI only raises priority, never lowers a requested
         one; waiting studies move up one level per ``ageing_minutes`` so none waits forever."""
         await remember(svc)
@@ -256,10 +336,13 @@ def create_api(get_service: Callable[[], Awaitable[ScreeningService]]) -> FastAP
 
     @api.get("/readyz", response_model=Health, responses={503: {"model": Health}})
     async def readyz(svc: Service) -> Any:
-        """Readiness: models loaded and their self-test passed."""
+        """Readiness: models loaded and self-tested, admitting work, the results database and
+        the outbox answering (one cheap query each) and no write failing."""
         await remember(svc)
-        body = Health(status="ready" if svc.ready else "not ready", queue=svc.queue_depth())
-        return JSONResponse(status_code=200 if svc.ready else 503, content=body.model_dump())
+        checks = await svc.readiness()
+        ready = all(v == "ok" for v in checks.values())
+        body = Health(status="ready" if ready else "not ready", queue=svc.queue_depth(), checks=checks)
+        return JSONResponse(status_code=200 if ready else 503, content=body.model_dump())
 
     @api.get("/metrics", response_class=PlainTextResponse, dependencies=[Auth])
     async def metrics(svc: Service) -> PlainTextResponse:
@@ -271,7 +354,9 @@ def create_api(get_service: Callable[[], Awaitable[ScreeningService]]) -> FastAP
 
 
 class LazyService:
-    """Starts a service once, on first use, inside the running event loop."""
+    """Starts a service once, on first use or eagerly (``await lazy()`` at process start, as
+    the Serve ingress does, so that resumed jobs move without waiting for a request), inside
+    the running event loop."""
 
     def __init__(self, factory: Callable[[], ScreeningService]) -> None:
         self._factory = factory

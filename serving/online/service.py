@@ -18,11 +18,12 @@ import logging
 import shutil
 import time
 import uuid
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
 from enum import StrEnum
 from pathlib import Path
+from typing import Any
 
 from pydicom.dataset import Dataset
 
@@ -30,6 +31,7 @@ from models.errors import (
     InferenceFailed,
     JobFailureValues,
     QueueFull,
+    ResultsDatabaseError,
     ServiceDraining,
     SourceError,
     StudyNotFound,
@@ -42,6 +44,7 @@ from serving.dicom.sc import overlay_for
 from serving.dicom.sources import SearchableSource
 from serving.observability.metrics import ServiceMetrics
 from serving.online.pipeline import Pipeline, PreparedStudy, StudyRequest
+from serving.online.spool import private_dir, sweep_partials, write_private
 from serving.persistence.outbox import Outbox
 from serving.persistence.results import JobRecord, ResultsStore
 from serving.settings import ApiSettings, PollerSettings, ScpSettings
@@ -108,18 +111,32 @@ class ScreeningService:
         self._wakeup = asyncio.Event()
         self._dispatcher: asyncio.Task[None] | None = None
         self._draining = False
+        self._drain_lock = asyncio.Lock()
+        self._drained: bool | None = None
+        #: the type of the last failed database write, None once a write succeeds again
+        self._db_error: str | None = None
+        self._models_ready = False
         self.ready = False
 
     # -- lifecycle -------------------------------------------------------------------------
 
     async def start(self) -> None:
-        """Warm up (model self-test), resume unfinished jobs, start dispatching."""
+        """Warm up (model self-test), sweep half-written uploads, resume unfinished jobs,
+        start dispatching. Called at process start (not at the first request): resumed jobs
+        move at once."""
+        private_dir(self.settings.spool_dir)  # 0700: spooled instances are patient data
+        swept = sweep_partials(self.settings.spool_dir)
+        if swept:
+            logger.info("removed %d partial uploads", swept)
         info = await self.pipeline.model_info()
         for m in info:
             self.metrics.model_info.labels(str(m["model"]), str(m["version"]), str(m["provider"])).set(1)
         resumed = 0
         for record in self.store.pending_jobs():
-            self._enqueue(_Job(record.id, PriorityValues(record.priority), _request_of(record)), persist=False)
+            try:
+                self._enqueue(_Job(record.id, PriorityValues(record.priority), _request_of(record)), persist=False)
+            except QueueFull:
+                break  # the rest stays persisted as QUEUED for the next start
             resumed += 1
         if resumed:
             logger.info("resumed %d unfinished screening jobs", resumed)
@@ -139,12 +156,22 @@ class ScreeningService:
             self._poller = asyncio.create_task(self._poll_forever())
         if self.outbox is not None:  # also delivers what a previous process left pending
             self._delivery = asyncio.create_task(self._deliver_forever())
-        self.ready = all(bool(m["ready"]) for m in info)
+        self._models_ready = all(bool(m["ready"]) for m in info)
+        self.ready = self._models_ready
 
     async def drain(self, timeout_s: float = 30.0) -> bool:
-        """Stop admitting, wait for in-flight studies; queued jobs stay persisted for the next start."""
+        """Stop admitting at once (from here ``submit`` raises ``ServiceDraining``: 503 with
+        Retry-After), wait up to ``timeout_s`` for the studies in flight; queued jobs, and any
+        still running at the deadline, stay persisted and resume at the next start. Returns
+        True when nothing was left running. Calling it again waits for the first call."""
         self._draining = True
         self.ready = False
+        async with self._drain_lock:
+            if self._drained is None:
+                self._drained = await self._drain(timeout_s)
+            return self._drained
+
+    async def _drain(self, timeout_s: float) -> bool:
         if self._scp is not None:
             await asyncio.to_thread(self._scp.stop)
         if self._poller is not None:
@@ -180,7 +207,63 @@ class ScreeningService:
         task = self._dispatcher
         return task is not None and task.done() and not self._draining
 
+    async def readiness(self) -> dict[str, str]:
+        """Readiness checks, each ``ok`` or why not: models self-tested, admitting, dispatching,
+        the results database answering a cheap query and no write failing, the outbox
+        answering and its delivery loop alive."""
+        checks = {
+            "models": "ok" if self._models_ready else "not loaded or self-test failed",
+            "admission": "draining" if self._draining else "ok",
+            "dispatcher": "stopped" if self.dispatcher_failed() or self._dispatcher is None else "ok",
+        }
+        try:
+            await asyncio.to_thread(self.store.job, "readiness-probe")
+            checks["database"] = "ok" if self._db_error is None else f"writes failing ({self._db_error})"
+        except ResultsDatabaseError as exc:
+            checks["database"] = f"unavailable ({type(exc).__name__})"
+        if self.outbox is not None:
+            try:
+                await asyncio.to_thread(self.outbox.status)
+                alive = self._delivery is not None and not self._delivery.done()
+                checks["outbox"] = "ok" if alive or self._draining else "delivery loop stopped"
+            except ResultsDatabaseError as exc:
+                checks["outbox"] = f"unavailable ({type(exc).__name__})"
+        return checks
+
+    async def _persist(self, what: str, fn: Callable[..., object], *args: Any, **kwargs: Any) -> bool:
+        """Run a database write off the loop; while the database fails (full, locked, gone),
+        retry with backoff (0.1 s doubling to 5 s) until it succeeds (True), or give up once the
+        service drains (False) (the job then stays as last persisted and resumes at the next start).
+        The job is never abandoned in a state the database does not know."""
+        delay = 0.1
+        while True:
+            try:
+                await asyncio.to_thread(fn, *args, **kwargs)
+            except ResultsDatabaseError as exc:
+                if self._db_error is None:
+                    logger.error("results database write failed (%s); retrying", type(exc).__name__)
+                self._db_error = type(exc).__name__
+                self.metrics.rejected.labels(f"db-{what}").inc()
+                if self._draining:
+                    return False
+                await asyncio.sleep(delay)
+                delay = min(delay * 2, 5.0)
+                continue
+            if self._db_error is not None:
+                logger.info("results database writes succeed again")
+            self._db_error = None
+            return True
+
     # -- admission -------------------------------------------------------------------------
+
+    def check_admission(self, priority: PriorityValues) -> None:
+        """Raise ``ServiceDraining`` or ``QueueFull`` now, before a caller reads an upload."""
+        if self._draining:
+            raise ServiceDraining()
+        queue = self._queues[priority]
+        if queue.full():
+            self.metrics.rejected.labels(priority.value).inc()
+            raise QueueFull(f"{priority.value} queue is full", retry_after_s=1)
 
     def _enqueue(self, job: _Job, *, persist: bool = True) -> None:
         queue = self._queues[job.priority]
@@ -191,7 +274,11 @@ class ScreeningService:
                 retry_after_s=max(1, int(queue.qsize() * 0.5 / self.settings.max_inflight)),
             )
         if persist:
-            self.store.add_job(job.id, job.priority.value, job.request.study_instance_uid, job.request.spool_dir)
+            try:
+                self.store.add_job(job.id, job.priority.value, job.request.study_instance_uid, job.request.spool_dir)
+            except ResultsDatabaseError as exc:  # nothing accepted: the caller gets 503 + Retry-After
+                self._db_error = type(exc).__name__
+                raise
         queue.put_nowait(job)
         self.metrics.queue_depth.labels(job.priority.value).set(queue.qsize())
         self._wakeup.set()
@@ -269,21 +356,19 @@ class ScreeningService:
 
     def submit_upload(self, files: Sequence[bytes], priority: PriorityValues) -> str:
         """Spool uploaded instances to disk first (they must survive a restart), then submit."""
-        if self._draining:
-            raise ServiceDraining()
-        queue = self._queues[priority]
-        if queue.full():
-            self.metrics.rejected.labels(priority.value).inc()
-            raise QueueFull(f"{priority.value} queue is full", retry_after_s=1)
-        spool = self.settings.spool_dir / uuid.uuid4().hex
-        spool.mkdir(parents=True)
-        for i, data in enumerate(files):
-            (spool / f"{i:05d}.dcm").write_bytes(data)
+        self.check_admission(priority)
+        spool = private_dir(private_dir(self.settings.spool_dir) / uuid.uuid4().hex)
         try:
+            for i, data in enumerate(files):
+                write_private(spool / f"{i:05d}.dcm", data)
             return self.submit(StudyRequest(spool_dir=str(spool)), priority)
         except BaseException:
             shutil.rmtree(spool, ignore_errors=True)
             raise
+
+    def submit_spooled(self, folder: Path, priority: PriorityValues) -> str:
+        """Submit instances already streamed into a private spool folder (the HTTP upload)."""
+        return self.submit(StudyRequest(spool_dir=str(folder)), priority)
 
     # -- dispatch --------------------------------------------------------------------------
 
@@ -339,26 +424,30 @@ class ScreeningService:
     async def _run_job(self, job: _Job) -> None:
         queued_s = time.monotonic() - job.enqueued
         self.metrics.stage_seconds.labels("queue").observe(queued_s)
-        # database writes run off the event loop (fsync on SQLite, a round trip on PostgreSQL)
-        await asyncio.to_thread(self.store.update_job, job.id, JobStatusValues.RUNNING)
+        # database writes run off the event loop (fsync on SQLite, a round trip on PostgreSQL);
+        # while the database fails they are retried, so no job is left RUNNING unrecorded
+        if not await self._persist("running", self.store.update_job, job.id, JobStatusValues.RUNNING):
+            return  # draining with the database down: still QUEUED there, resumes at the next start
         start = time.monotonic()
         try:
             result, evidence = await asyncio.wait_for(self._screen(job), timeout=self.settings.request_timeout_s)
         except TimeoutError:
-            self._fail(job, JobFailureValues.TIMEOUT, f"not finished within {self.settings.request_timeout_s:.0f} s")
+            await self._fail(
+                job, JobFailureValues.TIMEOUT, f"not finished within {self.settings.request_timeout_s:.0f} s"
+            )
             return
         except StudyNotFound:
-            self._fail(job, JobFailureValues.STUDY_NOT_FOUND, "study not found in the configured store")
+            await self._fail(job, JobFailureValues.STUDY_NOT_FOUND, "study not found in the configured store")
             return
         except SourceError as exc:
-            self._fail(job, JobFailureValues.SOURCE_UNAVAILABLE, type(exc).__name__)
+            await self._fail(job, JobFailureValues.SOURCE_UNAVAILABLE, type(exc).__name__)
             return
         except Exception as exc:  # the service stays up; the job records why
             # type only, no traceback: library messages can quote URLs/UIDs (patient data)
             logger.error(
                 "screening job failed (%s)", type(exc).__name__, extra={"request_id": job.id, "stage": "screen"}
             )
-            self._fail(job, JobFailureValues.INTERNAL_ERROR, type(exc).__name__)
+            await self._fail(job, JobFailureValues.INTERNAL_ERROR, type(exc).__name__)
             return
         elapsed = time.monotonic() - start
         result = result.model_copy(
@@ -372,7 +461,9 @@ class ScreeningService:
             for name, sink in self.sinks.items()
             if result.outcome == OutcomeValues.SCREENED or getattr(sink, "reports_not_screened", False)
         ]
-        await asyncio.to_thread(self.store.finish_job, job.id, result, evidence=evidence, sinks=sinks)
+        saved = await self._persist("finish", self.store.finish_job, job.id, result, evidence=evidence, sinks=sinks)
+        if not saved:
+            return  # draining with the database down: the job resumes (and is screened again) at the next start
         if job.request.spool_dir:
             shutil.rmtree(job.request.spool_dir, ignore_errors=True)
         self.metrics.stage_seconds.labels("total").observe(elapsed + queued_s)
@@ -387,8 +478,15 @@ class ScreeningService:
             },
         )
 
-    def _fail(self, job: _Job, reason: JobFailureValues, detail: str) -> None:
-        self.store.update_job(job.id, JobStatusValues.FAILED, error_reason=reason.value, error_detail=detail)
+    async def _fail(self, job: _Job, reason: JobFailureValues, detail: str) -> None:
+        await self._persist(
+            "failed",
+            self.store.update_job,
+            job.id,
+            JobStatusValues.FAILED,
+            error_reason=reason.value,
+            error_detail=detail,
+        )
         self.metrics.screenings.labels("FAILED", job.priority.value).inc()
         logger.warning("screening failed", extra={"request_id": job.id, "reason": reason.value})
 

@@ -1,5 +1,13 @@
 """Start the Serve application on a local Ray instance (for ``dxassist serve``/``demo``, the
-integration test and the benchmark). A cluster deployment uses ``serve deploy`` instead."""
+integration test and the benchmark). A cluster deployment uses ``serve deploy`` instead.
+
+The local Ray is one node bound to loopback: its GCS, raylet, object manager, workers, agents
+and metrics exporters listen on 127.0.0.1 only, and no dashboard runs. Ray 2.60's ``ray.init``
+rewrites a loopback ``_node_ip_address`` to the host's routable address
+(``resolve_ip_for_localhost``), after which its servers listen on every interface; for the
+duration of the call that rewrite is turned off (``loopback_ray``). The test suite lists the
+started cluster's listening sockets and fails on any non-loopback one.
+"""
 
 from __future__ import annotations
 
@@ -34,6 +42,39 @@ def wait_ready(base_url: str, timeout_s: float = 180.0) -> None:
     )
 
 
+def init_loopback_ray(**kwargs: Any) -> None:
+    """``ray.init`` of a fresh single-node Ray whose every server binds 127.0.0.1 only."""
+    import ray
+    import ray._private.services as services
+
+    original = services.resolve_ip_for_localhost
+    services.resolve_ip_for_localhost = lambda host: host  # see module doc
+    try:
+        ray.init(
+            _node_ip_address="127.0.0.1",
+            include_dashboard=False,
+            logging_level=logging.WARNING,
+            log_to_driver=False,
+            **kwargs,
+        )
+    finally:
+        services.resolve_ip_for_localhost = original
+    node_ip = ray.util.get_node_ip_address()
+    if node_ip != "127.0.0.1":
+        ray.shutdown()
+        raise RuntimeError("the local Ray did not bind loopback; refusing to serve on an exposed node")
+
+
+def drain_app(timeout_s: float, app_name: str = "dxassist") -> bool:
+    """Ask the running app's ingress to stop admitting (503 + Retry-After from then on) and
+    wait up to ``timeout_s`` for its running screenings; True when none was left running."""
+    from ray import serve
+
+    handle = serve.get_app_handle(app_name)
+    finished: bool = handle.drain.remote(timeout_s).result(timeout_s=timeout_s + 30)
+    return finished
+
+
 @contextmanager
 def local_serve(
     settings_path: str | None,
@@ -56,13 +97,7 @@ def local_serve(
         env_vars["DXASSIST_API__TOKENS"] = api_token
     if topology != "auto":  # a settings override (the builder and every replica read the same)
         env_vars["DXASSIST_SERVE__TOPOLOGY"] = topology
-    ray.init(
-        num_cpus=num_cpus,
-        include_dashboard=False,
-        runtime_env={"env_vars": env_vars},
-        logging_level=logging.WARNING,
-        log_to_driver=False,
-    )
+    init_loopback_ray(num_cpus=num_cpus, runtime_env={"env_vars": env_vars})
     try:
         serve.start(http_options={"host": host, "port": port})
         saved = {k: os.environ.get(k) for k in env_vars}

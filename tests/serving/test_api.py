@@ -82,7 +82,7 @@ def running(
         return ScreeningService(pipeline, screener, ResultsStore(db or tmp_path / "results.sqlite3"), settings)
 
     lazy = LazyService(factory)
-    with TestClient(create_api(lazy)) as client:
+    with TestClient(create_api(lazy), client=("127.0.0.1", 50000)) as client:
         client.get("/readyz")  # starts the service
         yield client, lambda: holder["p"]
         if lazy.started is not None:
@@ -252,7 +252,7 @@ def test_unexpected_failure_is_recorded_without_patient_data_in_logs(
     service = ScreeningService(
         pipeline, screener, ResultsStore(tmp_path / "r.sqlite3"), ApiSettings(spool_dir=tmp_path / "s")
     )
-    with caplog.at_level(logging.DEBUG), TestClient(create_api(LazyService(lambda: service))) as client:
+    with caplog.at_level(logging.DEBUG), TestClient(create_api(LazyService(lambda: service)), client=("127.0.0.1", 50000)) as client:
         job = client.post("/v1/screenings", json={"study_instance_uid": uid}).json()["screening_id"]
         body = wait_for(client, job)
         client.portal.call(service.drain, 5.0)
