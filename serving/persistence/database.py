@@ -1,133 +1,129 @@
-"""The results database: SQLite by default, PostgreSQL when ``results.url`` is configured.
+"""Engines for the results database: SQLite by default, PostgreSQL when ``results.url`` is set.
 
-The stores (``ResultsStore``, ``Outbox``) write one portable SQL dialect: ``?`` placeholders,
-``INSERT ... RETURNING id``, ISO-8601 text timestamps compared as text. This module maps the
-few differences (placeholders, identity columns, binary columns, how a write transaction
-starts) so the same statements run on both.
+The stores (``ResultsStore``, ``Outbox``) write SQLAlchemy Core statements against the tables of
+``serving.persistence.schema``; SQLAlchemy renders them for each database. The schema itself is
+made only by the Alembic migrations (``serving.persistence.migrate``).
 
-SQLite runs in WAL mode with ``synchronous=FULL``: a committed result survives a power cut.
-PostgreSQL is for sites that run several service replicas or hosts against one outbox: the
-outbox claims rows with ``FOR UPDATE SKIP LOCKED`` there, so two workers never send the same
-delivery at once. Connection errors become ``ResultsDatabaseError`` (the DSN, which may carry
-a password, is never put in a message); a broken PostgreSQL connection is reopened on next use.
+SQLite runs in WAL mode (readers never block the writer) with ``synchronous=FULL``: a committed
+result, the clinical record of what the AI said, survives a power cut, not only a process crash
+(``NORMAL`` in WAL mode may lose the last commits on power loss). Write transactions start with
+``BEGIN IMMEDIATE`` so two processes sharing the file (service, CLI, batch) queue for the write lock
+instead of failing at commit; ``busy_timeout`` bounds the wait. PostgreSQL (psycopg 3) is for sites
+that run several replicas or hosts against one database; broken connections are replaced on next
+use (``pool_pre_ping``).
+
+Errors leave this module as ``ResultsDatabaseError`` subclasses whose messages name only the
+exception type: SQLAlchemy's own messages quote statements, parameters (UIDs) and the DSN
+(a password). Engines are built with ``hide_parameters`` for the same reason.
 """
 
 from __future__ import annotations
 
-import sqlite3
-import threading
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any, Literal
 
-from models.errors import ResultsDatabaseError
+from sqlalchemy import Connection, Engine, create_engine, event, exc
+from sqlalchemy.engine import URL, make_url
+
+from models.errors import ResultsConflict, ResultsDatabaseError
 
 Dialect = Literal["sqlite", "postgresql"]
-Params = Sequence[Any]
+
+_WRITE = "dxassist_write"
 
 
 def is_postgres_url(target: str | Path) -> bool:
     return isinstance(target, str) and target.startswith(("postgresql://", "postgres://"))
 
 
+def database_url(target: str | Path) -> URL:
+    """The SQLAlchemy URL of a SQLite file path or a ``postgresql://`` URL (psycopg 3 driver)."""
+    if is_postgres_url(target):
+        url = make_url(str(target))
+        return url.set(drivername="postgresql+psycopg")
+    return URL.create("sqlite+pysqlite", database=str(target))
+
+
+def _sqlite_connect(dbapi_connection: Any, _record: Any) -> None:
+    # the driver's own implicit transactions are off: ``_sqlite_begin`` says BEGIN itself
+    dbapi_connection.isolation_level = None
+    cursor = dbapi_connection.cursor()
+    cursor.execute("PRAGMA journal_mode=WAL")
+    cursor.execute("PRAGMA synchronous=FULL")
+    cursor.execute("PRAGMA busy_timeout=10000")
+    cursor.close()
+
+
+def _sqlite_begin(connection: Connection) -> None:
+    writes = connection.get_execution_options().get(_WRITE, False)
+    connection.exec_driver_sql("BEGIN IMMEDIATE" if writes else "BEGIN")
+
+
+def make_engine(target: str | Path) -> Engine:
+    """An engine for ``target`` (a SQLite path, created with its folder, or a PostgreSQL URL)."""
+    url = database_url(target)
+    if url.get_backend_name() == "sqlite":
+        Path(str(url.database)).parent.mkdir(parents=True, exist_ok=True)
+        engine = create_engine(url, hide_parameters=True, connect_args={"check_same_thread": False, "timeout": 10.0})
+        event.listen(engine, "connect", _sqlite_connect)
+        event.listen(engine, "begin", _sqlite_begin)
+        return engine
+    try:
+        import psycopg  # noqa: F401  # optional dependency: only sites that configure PostgreSQL need it
+    except ImportError as error:
+        raise ResultsDatabaseError("PostgreSQL results database needs the 'postgres' extra (psycopg)") from error
+    return create_engine(
+        url, hide_parameters=True, pool_pre_ping=True, pool_size=4, connect_args={"connect_timeout": 10}
+    )
+
+
+def _typed(error: exc.SQLAlchemyError, dialect: str) -> ResultsDatabaseError:
+    """The typed error for a database failure; the message names only exception types."""
+    where = "PostgreSQL results database" if dialect == "postgresql" else "results database"
+    cause = type(getattr(error, "orig", None) or error).__name__
+    if isinstance(error, exc.IntegrityError) or cause in ("RaiseException", "IntegrityError"):
+        return ResultsConflict(f"{where} refused a write that breaks a constraint ({cause})")
+    if isinstance(error, exc.OperationalError) and dialect == "postgresql":
+        return ResultsDatabaseError(f"{where} unreachable or failed ({cause})")
+    return ResultsDatabaseError(f"{where} failed ({cause})")
+
+
 class Database:
-    """One connection, serialised by a lock (the stores are small and write rarely)."""
+    """An engine and the two ways to use it: ``read()`` and ``write()`` transactions."""
 
     def __init__(self, target: str | Path) -> None:
         self.target = target
-        self.dialect: Dialect = "postgresql" if is_postgres_url(target) else "sqlite"
-        self.lock = threading.RLock()
-        self._conn: Any = None
-        self._connect()
-
-    # -- connection ------------------------------------------------------------------------
-
-    def _connect(self) -> None:
-        if self.dialect == "sqlite":
-            path = Path(self.target)
-            path.parent.mkdir(parents=True, exist_ok=True)
-            conn = sqlite3.connect(path, check_same_thread=False, isolation_level=None)
-            conn.execute("PRAGMA journal_mode=WAL")
-            conn.execute("PRAGMA synchronous=FULL")
-            conn.execute("PRAGMA busy_timeout=5000")
-            self._conn = conn
-            return
-        import psycopg  # optional dependency: only sites that configure PostgreSQL need it
-
-        try:
-            self._conn = psycopg.connect(str(self.target), autocommit=True, connect_timeout=10)
-        except psycopg.Error as exc:
-            raise ResultsDatabaseError(f"PostgreSQL results database unreachable ({type(exc).__name__})") from exc
-
-    def _live(self) -> Any:
-        if self.dialect == "postgresql" and (self._conn is None or self._conn.closed or self._conn.broken):
-            self._connect()
-        return self._conn
-
-    def _sql(self, sql: str) -> str:
-        return sql.replace("?", "%s") if self.dialect == "postgresql" else sql
-
-    # -- statements ------------------------------------------------------------------------
-
-    def execute(self, sql: str, params: Params = ()) -> Any:
-        """Run one statement; returns the cursor (``fetchone``/``fetchall``/``rowcount``)."""
-        with self.lock:
-            return self._run(self._live(), sql, params)
-
-    def _run(self, conn: Any, sql: str, params: Params) -> Any:
-        if self.dialect == "sqlite":
-            return conn.execute(sql, tuple(params))
-        import psycopg
-
-        try:
-            return conn.execute(self._sql(sql), tuple(params))
-        except psycopg.OperationalError as exc:
-            raise ResultsDatabaseError(f"PostgreSQL results database failed ({type(exc).__name__})") from exc
-
-    def insert(self, sql: str, params: Params = ()) -> int:
-        """An ``INSERT`` (without RETURNING); returns the new row's id."""
-        row = self.execute(sql + " RETURNING id", params).fetchone()
-        return int(row[0])
+        self.engine = make_engine(target)
+        self.dialect: Dialect = "postgresql" if self.engine.dialect.name == "postgresql" else "sqlite"
 
     @contextmanager
-    def transaction(self) -> Iterator[Database]:
-        """A write transaction, held under the lock; commits on success, rolls back on error.
+    def read(self) -> Iterator[Connection]:
+        """A read transaction (a consistent snapshot on both databases)."""
+        with self._transaction(write=False) as conn:
+            yield conn
 
-        SQLite takes the write lock up front (``BEGIN IMMEDIATE``) so two processes sharing the
-        file serialise instead of failing at commit."""
-        with self.lock:
-            conn = self._live()
-            if self.dialect == "sqlite":
-                conn.execute("BEGIN IMMEDIATE")
-                try:
-                    yield self
-                except BaseException:
-                    conn.execute("ROLLBACK")
-                    raise
-                conn.execute("COMMIT")
-                return
-            import psycopg
+    @contextmanager
+    def write(self) -> Iterator[Connection]:
+        """A write transaction: commits on success, rolls back on any error (nothing half-written)."""
+        with self._transaction(write=True) as conn:
+            yield conn
 
-            try:
-                with conn.transaction():
-                    yield self
-            except psycopg.OperationalError as exc:
-                raise ResultsDatabaseError(f"PostgreSQL transaction failed ({type(exc).__name__})") from exc
+    @contextmanager
+    def _transaction(self, *, write: bool) -> Iterator[Connection]:
+        try:
+            with self.engine.connect() as conn:
+                if write:
+                    conn.execution_options(**{_WRITE: True})
+                with conn.begin():
+                    yield conn
+        except exc.SQLAlchemyError as error:
+            raise _typed(error, self.dialect) from error
 
-    def create_schema(self, ddl: str) -> None:
-        """Run ``CREATE ... IF NOT EXISTS`` statements written with ``{id}`` and ``{blob}``."""
-        if self.dialect == "sqlite":
-            text = ddl.format(id="INTEGER PRIMARY KEY AUTOINCREMENT", blob="BLOB")
-        else:
-            text = ddl.format(id="BIGINT GENERATED BY DEFAULT AS IDENTITY PRIMARY KEY", blob="BYTEA")
-        with self.lock:
-            conn = self._live()
-            for statement in (s.strip() for s in text.split(";")):
-                if statement:
-                    conn.execute(statement)
+    def typed(self, error: exc.SQLAlchemyError) -> ResultsDatabaseError:
+        """The typed error for a failure outside ``read``/``write`` (migrations)."""
+        return _typed(error, self.dialect)
 
     def close(self) -> None:
-        with self.lock:
-            if self._conn is not None:
-                self._conn.close()
+        self.engine.dispose()

@@ -1,59 +1,57 @@
-"""The results store: one row per screening (JSON result body), the jobs, the evidence headers
-and the outbox, in SQLite (embedded default, WAL) or PostgreSQL (``serving.persistence.database``).
+"""The results store: one record per screening (never overwritten), the jobs, evidence headers,
+idempotency keys, the audit log and readers' feedback, in SQLite (embedded default) or PostgreSQL.
 
-The database holds PHI (it is the clinical record of what the AI said) and lives with the
-other PHI stores; nothing from it is logged.
+Integrity rules kept here, in transactions, so that every caller (API, SCP, webhook, poller, CLI,
+batch, several replicas) gets them:
+
+* Each screening is its own row with its provenance (``source``, ``triggered_by``,
+  ``requested_by``) and a public time-ordered id; the database refuses UPDATE of a screening.
+* A study's *reference* result (worklist, ``latest``, EMR delivery) is its newest screening of the
+  store's copy (PACS fetch or SCP push); an upload or local file counts only while no store copy
+  was screened. An upload claiming another study's UID therefore never displaces the PACS result.
+* One dedupe key for store-sourced jobs (the Study UID): at most one QUEUED/RUNNING job per key
+  (a partial unique index), and automatic triggers add none for a study already screened from
+  the store. Uploads have no key: they never block a PACS screening.
+* ``Idempotency-Key``: (client, key) -> (request hash, job); a retry gets the same job, a
+  different request with the same key is ``IdempotencyKeyReused``.
+
+The database holds PHI (the clinical record of what the AI said); nothing from it is logged.
 """
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from io import BytesIO
 from pathlib import Path
+from typing import Any
 
 from pydicom import dcmread
 from pydicom.dataset import Dataset
+from sqlalchemy import Connection, Text, and_, case, cast, func, insert, literal, select, update
 
+from models.errors import IdempotencyKeyReused, ResultsConflict
 from models.results import ScreeningResult
 from serving.persistence.database import Database
-from serving.persistence.outbox import SCHEMA as OUTBOX_SCHEMA
+from serving.persistence.ids import new_screening_uuid
+from serving.persistence.migrate import ensure_schema
+from serving.persistence.schema import (
+    STORE_SOURCES,
+    SYSTEM_ACTOR,
+    SourceValues,
+    TriggerValues,
+    VerdictValues,
+    audit_log,
+    deliveries,
+    feedback,
+    idempotency_keys,
+    jobs,
+    screenings,
+)
+from serving.persistence.schema import evidence as evidence_table
 
-_SCHEMA = """
-CREATE TABLE IF NOT EXISTS screenings (
-    id {id},
-    created_at TEXT NOT NULL,
-    study_instance_uid TEXT NOT NULL,
-    study_ref TEXT NOT NULL,
-    outcome TEXT NOT NULL,
-    reason TEXT,
-    priority TEXT,
-    models TEXT NOT NULL,
-    result_json TEXT NOT NULL
-);
-CREATE INDEX IF NOT EXISTS screenings_study ON screenings (study_instance_uid);
-CREATE INDEX IF NOT EXISTS screenings_ref ON screenings (study_ref);
-CREATE TABLE IF NOT EXISTS jobs (
-    id TEXT PRIMARY KEY,
-    created_at TEXT NOT NULL,
-    updated_at TEXT NOT NULL,
-    priority TEXT NOT NULL,
-    status TEXT NOT NULL,
-    study_instance_uid TEXT,
-    spool_dir TEXT,
-    screening_id INTEGER,
-    error_reason TEXT,
-    error_detail TEXT
-);
-CREATE INDEX IF NOT EXISTS jobs_status ON jobs (status);
-CREATE INDEX IF NOT EXISTS jobs_study ON jobs (study_instance_uid);
-CREATE TABLE IF NOT EXISTS evidence (
-    screening_id INTEGER NOT NULL,
-    header {blob} NOT NULL            -- the screened instance without pixel data (for the SR)
-);
-CREATE INDEX IF NOT EXISTS evidence_screening ON evidence (screening_id);
-"""
+_ACTIVE = ("QUEUED", "RUNNING")
 
 
 @dataclass(frozen=True)
@@ -70,6 +68,88 @@ class JobRecord:
     screening_id: int | None
     error_reason: str | None
     error_detail: str | None
+    source: str = SourceValues.UNKNOWN.value
+    triggered_by: str = TriggerValues.UNKNOWN.value
+    requested_by: str = "unknown"
+    dedupe_key: str | None = None
+
+
+@dataclass(frozen=True)
+class Provenance:
+    """Who and what produced a screening (see ``serving.persistence.schema``)."""
+
+    source: SourceValues
+    triggered_by: TriggerValues
+    requested_by: str = SYSTEM_ACTOR
+
+
+@dataclass(frozen=True)
+class Idempotency:
+    """An ``Idempotency-Key`` as the store keeps it: per client, with the request's hash."""
+
+    actor: str
+    key: str
+    request_hash: str
+
+
+@dataclass(frozen=True)
+class Admission:
+    """What ``add_job`` did: ``created`` a new job, or found the one to answer with (``job_id``);
+    ``job_id`` is None when an automatic trigger found the study already screened."""
+
+    job_id: str | None
+    created: bool
+
+
+@dataclass(frozen=True)
+class ScreeningRecord:
+    """One stored screening with its provenance."""
+
+    id: int
+    screening_uuid: str
+    created_at: str
+    source: str
+    triggered_by: str
+    requested_by: str
+    result: ScreeningResult
+
+
+@dataclass(frozen=True)
+class FeedbackRecord:
+    id: int
+    created_at: str
+    screening_id: str
+    finding_key: str
+    verdict: VerdictValues
+    comment: str | None
+    reader_id: str
+
+
+@dataclass(frozen=True)
+class AuditEntry:
+    at: str
+    actor: str
+    action: str
+    screening_id: str | None
+    study_ref: str | None
+
+
+_JOB_COLUMNS = (
+    jobs.c.id,
+    jobs.c.created_at,
+    jobs.c.updated_at,
+    jobs.c.priority,
+    jobs.c.status,
+    jobs.c.study_instance_uid,
+    jobs.c.spool_dir,
+    jobs.c.screening_id,
+    jobs.c.error_reason,
+    jobs.c.error_detail,
+    jobs.c.source,
+    jobs.c.triggered_by,
+    jobs.c.requested_by,
+    jobs.c.dedupe_key,
+)
 
 
 def _now() -> str:
@@ -82,73 +162,238 @@ def _header_bytes(ds: Dataset) -> bytes:
     return buffer.getvalue()
 
 
-class ResultsStore:
-    """Append-only record of screening results. Thread-safe (one connection, a lock).
+def _authority() -> Any:
+    """1 for a screening of the store's copy of a study, 0 otherwise (upload, files, unknown)."""
+    return case((screenings.c.source.in_(STORE_SOURCES), 1), else_=0)
 
-    ``target`` is a SQLite file path or a ``postgresql://`` URL."""
+
+class ResultsStore:
+    """Append-only record of screening results; thread-safe (a connection pool).
+
+    ``target`` is a SQLite file path or a ``postgresql://`` URL. Opening it brings the schema to
+    the newest migration (``serving.persistence.migrate.ensure_schema``)."""
 
     def __init__(self, target: Path | str) -> None:
         self.target = target
         self._db = Database(target)
-        self._lock = self._db.lock
-        self._db.create_schema(_SCHEMA)
-        self._db.create_schema(OUTBOX_SCHEMA)
+        try:
+            ensure_schema(self._db)
+        except BaseException:
+            self._db.close()
+            raise
 
-    def _insert(self, result: ScreeningResult) -> int:
-        return self._db.insert(
-            "INSERT INTO screenings (created_at, study_instance_uid, study_ref, outcome, reason, priority, models,"
-            " result_json) VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
-            (
-                _now(),
-                result.study_instance_uid,
-                result.study_ref,
-                result.outcome.value,
-                result.reason.value if result.reason else None,
-                result.priority.value if result.priority else None,
-                ",".join(result.models),
-                result.model_dump_json(),
-            ),
+    # -- screenings ------------------------------------------------------------------------
+
+    def _insert(self, conn: Connection, result: ScreeningResult, provenance: Provenance, uuid: str) -> int:
+        row = conn.execute(
+            insert(screenings)
+            .values(
+                created_at=_now(),
+                study_instance_uid=result.study_instance_uid,
+                study_ref=result.study_ref,
+                outcome=result.outcome.value,
+                reason=result.reason.value if result.reason else None,
+                priority=result.priority.value if result.priority else None,
+                models=",".join(result.models),
+                result_json=result.model_dump_json(),
+                screening_uuid=uuid,
+                source=provenance.source.value,
+                triggered_by=provenance.triggered_by.value,
+                requested_by=provenance.requested_by,
+            )
+            .returning(screenings.c.id)
+        ).one()
+        return int(row[0])
+
+    def save(
+        self,
+        result: ScreeningResult,
+        provenance: Provenance = Provenance(SourceValues.FILES, TriggerValues.CLI),
+    ) -> int:
+        """Commit a result as a new record (durable before return); returns its row id."""
+        with self._db.write() as conn:
+            return self._insert(conn, result, provenance, new_screening_uuid())
+
+    def _reference(self, study_instance_uid: str, *, prefer_store: bool = True) -> Any:
+        order = (_authority().desc(), screenings.c.id.desc()) if prefer_store else (screenings.c.id.desc(),)
+        return (
+            select(screenings.c.result_json)
+            .where(screenings.c.study_instance_uid == study_instance_uid)
+            .order_by(*order)
         )
 
-    def save(self, result: ScreeningResult) -> int:
-        """Commit a result (durable before return); returns its row id."""
-        with self._lock:
-            return self._insert(result)
-
-    def latest(self, study_instance_uid: str) -> ScreeningResult | None:
-        with self._lock:
-            row = self._db.execute(
-                "SELECT result_json FROM screenings WHERE study_instance_uid = ? ORDER BY id DESC LIMIT 1",
-                (study_instance_uid,),
-            ).fetchone()
+    def latest(self, study_instance_uid: str, *, prefer_store: bool = True) -> ScreeningResult | None:
+        """The study's reference result: its newest screening of the store's copy, else its newest
+        (``prefer_store=False``: the newest whatever its source)."""
+        with self._db.read() as conn:
+            row = conn.execute(self._reference(study_instance_uid, prefer_store=prefer_store).limit(1)).first()
         return ScreeningResult.model_validate_json(row[0]) if row else None
 
     def result(self, screening_id: int) -> ScreeningResult | None:
-        with self._lock:
-            row = self._db.execute("SELECT result_json FROM screenings WHERE id = ?", (screening_id,)).fetchone()
+        with self._db.read() as conn:
+            row = conn.execute(select(screenings.c.result_json).where(screenings.c.id == screening_id)).first()
         return ScreeningResult.model_validate_json(row[0]) if row else None
 
-    def latest_per_study(self, limit: int = 200) -> list[tuple[str, str | None, ScreeningResult]]:
-        """(created_at, requested priority or None, result) of each study's newest screening."""
-        with self._lock:
-            rows = self._db.execute(
-                "SELECT s.created_at, j.priority, s.result_json FROM screenings s LEFT JOIN jobs j"
-                " ON j.screening_id = s.id WHERE s.id IN"
-                " (SELECT MAX(id) FROM screenings GROUP BY study_instance_uid) ORDER BY s.id DESC LIMIT ?",
-                (limit,),
-            ).fetchall()
+    def screenings_for(self, study_instance_uid: str) -> list[ScreeningRecord]:
+        """Every screening of a study with its provenance, oldest first (nothing is overwritten)."""
+        with self._db.read() as conn:
+            rows = conn.execute(
+                select(
+                    screenings.c.id,
+                    screenings.c.screening_uuid,
+                    screenings.c.created_at,
+                    screenings.c.source,
+                    screenings.c.triggered_by,
+                    screenings.c.requested_by,
+                    screenings.c.result_json,
+                )
+                .where(screenings.c.study_instance_uid == study_instance_uid)
+                .order_by(screenings.c.id)
+            ).all()
+        return [
+            ScreeningRecord(int(r[0]), str(r[1]), r[2], r[3], r[4], r[5], ScreeningResult.model_validate_json(r[6]))
+            for r in rows
+        ]
+
+    def latest_per_study(
+        self, limit: int = 200, *, prefer_store: bool = True
+    ) -> list[tuple[str, str | None, ScreeningResult]]:
+        """(created_at, requested priority or None, result) of each study's reference screening
+        (see ``latest``), newest first. Screenings without a Study UID each stand alone."""
+        order = (_authority().desc(), screenings.c.id.desc()) if prefer_store else (screenings.c.id.desc(),)
+        study = func.coalesce(
+            func.nullif(screenings.c.study_instance_uid, ""), literal("#") + cast(screenings.c.id, Text)
+        )
+        ranked = select(
+            screenings.c.id.label("id"), func.row_number().over(partition_by=study, order_by=order).label("n")
+        ).subquery()
+        query = (
+            select(screenings.c.created_at, jobs.c.priority, screenings.c.result_json)
+            .join(ranked, and_(ranked.c.id == screenings.c.id, ranked.c.n == 1))
+            .outerjoin(jobs, jobs.c.screening_id == screenings.c.id)
+            .order_by(screenings.c.id.desc())
+            .limit(max(0, limit))
+        )
+        with self._db.read() as conn:
+            rows = conn.execute(query).all()
         return [(r[0], r[1], ScreeningResult.model_validate_json(r[2])) for r in rows]
+
+    def count(self) -> int:
+        with self._db.read() as conn:
+            return int(conn.execute(select(func.count()).select_from(screenings)).scalar_one())
 
     # -- jobs ------------------------------------------------------------------------------
 
-    def add_job(self, job_id: str, priority: str, study_instance_uid: str | None, spool_dir: str | None) -> None:
-        now = _now()
-        with self._lock:
-            self._db.execute(
-                "INSERT INTO jobs (id, created_at, updated_at, priority, status, study_instance_uid, spool_dir)"
-                " VALUES (?, ?, ?, ?, 'QUEUED', ?, ?)",
-                (job_id, now, now, priority, study_instance_uid, spool_dir),
+    def _store_screened(self, conn: Connection, study_instance_uid: str) -> bool:
+        found = conn.execute(
+            select(literal(1))
+            .where(screenings.c.study_instance_uid == study_instance_uid, screenings.c.source.in_(STORE_SOURCES))
+            .limit(1)
+        ).first()
+        return found is not None
+
+    def add_job(
+        self,
+        job_id: str,
+        priority: str,
+        study_instance_uid: str | None,
+        spool_dir: str | None,
+        *,
+        provenance: Provenance | None = None,
+        dedupe_key: str | None = None,
+        idempotency: Idempotency | None = None,
+        unless_screened: bool = False,
+    ) -> Admission:
+        """Persist a QUEUED job, unless an equivalent one answers the request:
+
+        * ``idempotency`` seen before with the same request hash: that job (``IdempotencyKeyReused``
+          when the hash differs);
+        * ``dedupe_key`` of a job still QUEUED/RUNNING: that job;
+        * ``unless_screened`` (automatic triggers) and the study already screened from the store:
+          no job (``job_id`` None).
+
+        One transaction; a concurrent writer that wins a race is found on the second pass."""
+        provenance = provenance or Provenance(SourceValues.UNKNOWN, TriggerValues.UNKNOWN)
+        for attempt in range(2):
+            try:
+                with self._db.write() as conn:
+                    return self._admit(
+                        conn,
+                        job_id,
+                        priority,
+                        study_instance_uid,
+                        spool_dir,
+                        provenance,
+                        dedupe_key,
+                        idempotency,
+                        unless_screened,
+                    )
+            except ResultsConflict:
+                if attempt:
+                    raise
+        raise AssertionError("unreachable")
+
+    def _admit(
+        self,
+        conn: Connection,
+        job_id: str,
+        priority: str,
+        study_instance_uid: str | None,
+        spool_dir: str | None,
+        provenance: Provenance,
+        dedupe_key: str | None,
+        idempotency: Idempotency | None,
+        unless_screened: bool,
+    ) -> Admission:
+        if idempotency is not None:
+            seen = conn.execute(
+                select(idempotency_keys.c.request_hash, idempotency_keys.c.job_id).where(
+                    idempotency_keys.c.actor == idempotency.actor, idempotency_keys.c.key == idempotency.key
+                )
+            ).first()
+            if seen is not None:
+                if seen[0] != idempotency.request_hash:
+                    raise IdempotencyKeyReused("Idempotency-Key already used for a different request")
+                return Admission(str(seen[1]), False)
+        answer: str | None = None
+        if dedupe_key is not None:
+            if unless_screened and self._store_screened(conn, dedupe_key):
+                return Admission(None, False)
+            active = conn.execute(
+                select(jobs.c.id).where(jobs.c.dedupe_key == dedupe_key, jobs.c.status.in_(_ACTIVE)).limit(1)
+            ).first()
+            if active is not None:
+                answer = str(active[0])
+        created = answer is None
+        if answer is None:
+            now = _now()
+            conn.execute(
+                insert(jobs).values(
+                    id=job_id,
+                    created_at=now,
+                    updated_at=now,
+                    priority=priority,
+                    status="QUEUED",
+                    study_instance_uid=study_instance_uid,
+                    spool_dir=spool_dir,
+                    source=provenance.source.value,
+                    triggered_by=provenance.triggered_by.value,
+                    requested_by=provenance.requested_by,
+                    dedupe_key=dedupe_key,
+                )
             )
+            answer = job_id
+        if idempotency is not None:
+            conn.execute(
+                insert(idempotency_keys).values(
+                    actor=idempotency.actor,
+                    key=idempotency.key,
+                    request_hash=idempotency.request_hash,
+                    job_id=answer,
+                    created_at=_now(),
+                )
+            )
+        return Admission(answer, created)
 
     def update_job(
         self,
@@ -159,11 +404,17 @@ class ResultsStore:
         error_reason: str | None = None,
         error_detail: str | None = None,
     ) -> None:
-        with self._lock:
-            self._db.execute(
-                "UPDATE jobs SET status = ?, updated_at = ?, screening_id = COALESCE(?, screening_id),"
-                " error_reason = ?, error_detail = ? WHERE id = ?",
-                (status, _now(), screening_id, error_reason, error_detail, job_id),
+        with self._db.write() as conn:
+            conn.execute(
+                update(jobs)
+                .where(jobs.c.id == job_id)
+                .values(
+                    status=status,
+                    updated_at=_now(),
+                    screening_id=func.coalesce(screening_id, jobs.c.screening_id),
+                    error_reason=error_reason,
+                    error_detail=error_detail,
+                )
             )
 
     def finish_job(
@@ -174,61 +425,150 @@ class ResultsStore:
         evidence: Sequence[Dataset] = (),
         sinks: Sequence[str] = (),
     ) -> int:
-        """One transaction: the result, its evidence headers, one outbox row per sink, job DONE.
+        """One transaction: the result (with the job's provenance, the job id as its public id),
+        its evidence headers, one outbox row per sink, job DONE.
 
-        No result exists without its pending deliveries, and no delivery without its result."""
-        with self._db.transaction() as db:
-            screening_id = self._insert(result)
+        No result exists without its pending deliveries, and no delivery without its result. A
+        screening that is not the study's reference (an upload after the store's copy was
+        screened) is recorded but not delivered: the EMR keeps the PACS result."""
+        with self._db.write() as conn:
+            job = conn.execute(
+                select(jobs.c.source, jobs.c.triggered_by, jobs.c.requested_by).where(jobs.c.id == job_id)
+            ).first()
+            provenance = (
+                Provenance(SourceValues(job[0]), TriggerValues(job[1]), str(job[2]))
+                if job is not None
+                else Provenance(SourceValues.UNKNOWN, TriggerValues.UNKNOWN, "unknown")
+            )
+            is_reference = (
+                provenance.source.value in STORE_SOURCES
+                or not result.study_instance_uid
+                or not self._store_screened(conn, result.study_instance_uid)
+            )
+            screening_id = self._insert(conn, result, provenance, job_id)
             for header in evidence:
-                db.execute("INSERT INTO evidence VALUES (?, ?)", (screening_id, _header_bytes(header)))
+                conn.execute(insert(evidence_table).values(screening_id=screening_id, header=_header_bytes(header)))
             now = _now()
-            for sink in sinks:
-                db.execute(
-                    "INSERT INTO deliveries (screening_id, sink, status, attempts, next_at, created_at, updated_at)"
-                    " VALUES (?, ?, 'PENDING', 0, ?, ?, ?)",
-                    (screening_id, sink, now, now, now),
+            for sink in sinks if is_reference else ():
+                conn.execute(
+                    insert(deliveries).values(
+                        screening_id=screening_id,
+                        sink=sink,
+                        status="PENDING",
+                        attempts=0,
+                        next_at=now,
+                        created_at=now,
+                        updated_at=now,
+                    )
                 )
-            db.execute(
-                "UPDATE jobs SET status = 'DONE', updated_at = ?, screening_id = ? WHERE id = ?",
-                (_now(), screening_id, job_id),
+            conn.execute(
+                update(jobs).where(jobs.c.id == job_id).values(status="DONE", updated_at=now, screening_id=screening_id)
             )
         return screening_id
 
     def for_delivery(self, screening_id: int) -> tuple[ScreeningResult, list[Dataset]] | None:
         """The result and its evidence headers, as the outbox needs them."""
-        result = self.result(screening_id)
-        if result is None:
-            return None
-        with self._lock:
-            blobs = self._db.execute("SELECT header FROM evidence WHERE screening_id = ?", (screening_id,)).fetchall()
-        return result, [dcmread(BytesIO(bytes(b[0]))) for b in blobs]
+        with self._db.read() as conn:
+            row = conn.execute(select(screenings.c.result_json).where(screenings.c.id == screening_id)).first()
+            if row is None:
+                return None
+            blobs = conn.execute(
+                select(evidence_table.c.header).where(evidence_table.c.screening_id == screening_id)
+            ).all()
+        return ScreeningResult.model_validate_json(row[0]), [dcmread(BytesIO(bytes(b[0]))) for b in blobs]
 
     def job(self, job_id: str) -> JobRecord | None:
-        with self._lock:
-            row = self._db.execute("SELECT * FROM jobs WHERE id = ?", (job_id,)).fetchone()
+        with self._db.read() as conn:
+            row = conn.execute(select(*_JOB_COLUMNS).where(jobs.c.id == job_id)).first()
         return JobRecord(*row) if row else None
 
     def pending_jobs(self) -> list[JobRecord]:
         """Jobs not finished (QUEUED or RUNNING when the service stopped), oldest first."""
-        with self._lock:
-            rows = self._db.execute(
-                "SELECT * FROM jobs WHERE status IN ('QUEUED', 'RUNNING') ORDER BY created_at"
-            ).fetchall()
+        with self._db.read() as conn:
+            rows = conn.execute(
+                select(*_JOB_COLUMNS).where(jobs.c.status.in_(_ACTIVE)).order_by(jobs.c.created_at, jobs.c.id)
+            ).all()
         return [JobRecord(*r) for r in rows]
 
     def has_screening_for(self, study_instance_uid: str) -> bool:
-        """A study already screened, or queued/running: automatic triggers must not add another."""
-        with self._lock:
-            row = self._db.execute(
-                "SELECT 1 FROM screenings WHERE study_instance_uid = ? UNION ALL "
-                "SELECT 1 FROM jobs WHERE study_instance_uid = ? AND status IN ('QUEUED', 'RUNNING') LIMIT 1",
-                (study_instance_uid, study_instance_uid),
-            ).fetchone()
-        return row is not None
+        """The study was screened from the store, or a store-sourced job for it is queued/running:
+        an automatic trigger must not add another. Uploads do not count (they prove nothing about
+        the store's copy, and must never silence the PACS)."""
+        with self._db.read() as conn:
+            if self._store_screened(conn, study_instance_uid):
+                return True
+            active = conn.execute(
+                select(literal(1)).where(jobs.c.dedupe_key == study_instance_uid, jobs.c.status.in_(_ACTIVE)).limit(1)
+            ).first()
+        return active is not None
 
-    def count(self) -> int:
-        with self._lock:
-            return int(self._db.execute("SELECT COUNT(*) FROM screenings").fetchone()[0])
+    # -- audit log -------------------------------------------------------------------------
+
+    def audit(self, actor: str, action: str, screening_id: str | None = None, study_ref: str | None = None) -> None:
+        """Append one audit row: who (token id or ``system``), what, which screening/study ref."""
+        self.audit_many(actor, action, [(screening_id, study_ref)])
+
+    def audit_many(self, actor: str, action: str, subjects: Iterable[tuple[str | None, str | None]]) -> None:
+        """Append one row per (screening id, study ref), in one transaction."""
+        now = _now()
+        rows = [{"at": now, "actor": actor, "action": action, "screening_id": s, "study_ref": r} for s, r in subjects]
+        if rows:
+            with self._db.write() as conn:
+                conn.execute(insert(audit_log), rows)
+
+    def audit_entries(self, screening_id: str | None = None) -> list[AuditEntry]:
+        query = select(
+            audit_log.c.at, audit_log.c.actor, audit_log.c.action, audit_log.c.screening_id, audit_log.c.study_ref
+        ).order_by(audit_log.c.id)
+        if screening_id is not None:
+            query = query.where(audit_log.c.screening_id == screening_id)
+        with self._db.read() as conn:
+            return [AuditEntry(*r) for r in conn.execute(query).all()]
+
+    # -- feedback --------------------------------------------------------------------------
+
+    def add_feedback(
+        self,
+        screening_id: str,
+        finding_key: str,
+        verdict: VerdictValues | str,
+        reader_id: str,
+        comment: str | None = None,
+    ) -> int:
+        """Record a reader's verdict on one finding of a screening (public id); returns its row id.
+        A reader who changes their mind adds a row: ``feedback_for`` lists them in order."""
+        value = VerdictValues(verdict)
+        with self._db.write() as conn:
+            row = conn.execute(
+                insert(feedback)
+                .values(
+                    created_at=_now(),
+                    screening_id=screening_id,
+                    finding_key=finding_key,
+                    verdict=value.value,
+                    comment=comment,
+                    reader_id=reader_id,
+                )
+                .returning(feedback.c.id)
+            ).one()
+        return int(row[0])
+
+    def feedback_for(self, screening_id: str) -> list[FeedbackRecord]:
+        with self._db.read() as conn:
+            rows = conn.execute(
+                select(
+                    feedback.c.id,
+                    feedback.c.created_at,
+                    feedback.c.screening_id,
+                    feedback.c.finding_key,
+                    feedback.c.verdict,
+                    feedback.c.comment,
+                    feedback.c.reader_id,
+                )
+                .where(feedback.c.screening_id == screening_id)
+                .order_by(feedback.c.id)
+            ).all()
+        return [FeedbackRecord(int(r[0]), r[1], r[2], r[3], VerdictValues(r[4]), r[5], r[6]) for r in rows]
 
     def close(self) -> None:
         self._db.close()

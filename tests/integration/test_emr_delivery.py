@@ -206,8 +206,7 @@ def test_every_finding_delivered_exactly_once_through_emr_outage_and_restart(
         worker = OutboxWorker(Outbox(db, base_backoff_s=0.05), restarted.sinks, restarted.store.for_delivery)
         deadline = time.monotonic() + 60
         while outbox.status().pending and time.monotonic() < deadline:
-            with outbox._lock:  # make every backed-off row due now, as time passing would
-                outbox._db.execute("UPDATE deliveries SET next_at = '0' WHERE status = 'PENDING'")
+            outbox.due_now()  # every backed-off row due now, as time passing would make it
             worker.run_once()
         status = outbox.status()
         assert (status.pending, status.dead, status.done) == (0, 0, 8)

@@ -10,16 +10,18 @@ from pathlib import Path
 import pytest
 from pydicom import dcmread
 
-from models.errors import ResultsDatabaseError
+from models.errors import ResultsConflict, ResultsDatabaseError
 from models.predictor import OnnxPredictor
 from models.results import ScreeningResult
 from serving.core.screening import StudyScreener, screen_paths
 from serving.persistence.outbox import Outbox
-from serving.persistence.results import ResultsStore
+from serving.persistence.results import Provenance, ResultsStore
+from serving.persistence.schema import SourceValues, TriggerValues
 from tests.conftest import write_synthetic_cxr
 from tests.integration.conftest import PostgresServer
 
 pytestmark = pytest.mark.integration
+FROM_PACS = Provenance(SourceValues.PACS_FETCH, TriggerValues.API, "token:test")
 
 
 @pytest.fixture
@@ -32,7 +34,8 @@ def test_result_evidence_and_deliveries_commit_together(
     results_db: Path | str, one_result: ScreeningResult, tmp_path: Path
 ) -> None:
     store = ResultsStore(results_db)
-    store.add_job("job-1", "ROUTINE", one_result.study_instance_uid, None)
+    uid = one_result.study_instance_uid
+    store.add_job("job-1", "routine", uid, None, provenance=FROM_PACS, dedupe_key=uid)
     header = dcmread(write_synthetic_cxr(tmp_path / "h.dcm", seed=1), stop_before_pixels=True)
     screening_id = store.finish_job("job-1", one_result, evidence=[header], sinks=["fhir", "hl7"])
 
@@ -56,8 +59,9 @@ def test_a_failed_finish_leaves_neither_result_nor_delivery(
 ) -> None:
     store = ResultsStore(results_db)
     store.add_job("job-1", "ROUTINE", one_result.study_instance_uid, None)
-    with pytest.raises(Exception, match=r"(?i)unique"):  # the second "fhir" row violates UNIQUE(screening, sink)
+    with pytest.raises(ResultsConflict) as raised:  # the second "fhir" row violates UNIQUE(screening, sink)
         store.finish_job("job-1", one_result, sinks=["fhir", "fhir"])
+    assert one_result.study_instance_uid not in str(raised.value)  # typed, and no parameters quoted
     assert store.count() == 0
     outbox = Outbox(results_db)
     assert outbox.status().pending == 0
