@@ -34,6 +34,7 @@ _SCHEMES: Final[dict[str, tuple[str, str, str]]] = {
     "UCUM": ("2.16.840.1.113883.6.8", "Unified Code for Units of Measure", "Regenstrief Institute"),
     "RADLEX": ("2.16.840.1.113883.6.256", "RadLex", "Radiological Society of North America"),
     "LN": ("2.16.840.1.113883.6.1", "LOINC", "Regenstrief Institute"),
+    "UMLS": ("2.16.840.1.113883.6.86", "Unified Medical Language System", "National Library of Medicine"),
 }
 
 PRESENT: Final = hd.sr.CodedConcept(value="52101004", scheme_designator="SCT", meaning="Present")
@@ -95,6 +96,18 @@ def schemes_in(ds: Dataset) -> set[str]:
 
     walk(ds)
     return found
+
+
+def copy_laterality(source: Dataset, target: Dataset) -> None:
+    """General Series Laterality (Type 2C) of a derived object: the source's, with its Body Part
+    Examined so validators can tell an unpaired part (chest) from a paired one."""
+    if source.get("BodyPartExamined"):
+        target.BodyPartExamined = source.BodyPartExamined
+    laterality = source.get("Laterality") or source.get("ImageLaterality")
+    if laterality in ("L", "R"):
+        target.Laterality = laterality
+    elif "Laterality" in target and not target.Laterality:
+        del target.Laterality
 
 
 def is_grayscale(ds: Dataset) -> bool:

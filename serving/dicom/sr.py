@@ -1,111 +1,301 @@
-"""DICOM SR (TID 1500 Measurement Report, Comprehensive 3D SR) of a screening result, with highdicom.
+"""DICOM SR (TID 1500 Measurement Report, Comprehensive 3D SR) of a screening result, with highdicom,
+in the form viewers render (IHE AI Results style).
 
-One measurement group per finding: finding type and site, qualitative evaluation present/absent
-at the model's operating point, the model score, and the algorithm identification (TID 4019:
-model id, version, threshold). The SR is preliminary and unverified (AI output, not a signed
-report). Its UIDs derive from the result, so re-sending the same result never creates a second SR.
+* Image Library (TID 1600): every screened image of the study.
+* Imaging Measurements: one TID 1410 planar-ROI group per positive finding with a region, each
+  with a SCOORD (closed polyline box in the source image's pixel coordinates) referencing that
+  image (and frame), the finding as the coded Finding (121071), the probability as a NUM whose
+  concept is the finding itself (so OHIF, which labels a region with its first NUM, shows
+  "Pneumothorax: 98.70 %"), the model's threshold as Threshold Value (DCM 122411), the finding
+  Present (SCT), the finding site and the algorithm identification (TID 4019).
+* Qualitative Evaluations (DCM 126010): every other finding (negatives, positives without a
+  region) as finding = Present/Absent with probability and threshold, the processing summary
+  (CID 6047) and a comment per image that was not screened, with its reason. These stay out of
+  Imaging Measurements on purpose: OHIF 3.13 crashes on a document mixing groups with and
+  without SCOORD.
+
+The SR is preliminary and unverified (AI output, not a signed report). Its UIDs derive from the
+result, so re-sending the same result never creates a second SR. Every coding scheme it uses is
+declared in the Coding Scheme Identification Sequence.
 """
 
 from __future__ import annotations
 
-import hashlib
 from collections.abc import Sequence
+from typing import cast
 
 import highdicom as hd
+import numpy as np
 from pydicom.dataset import Dataset
 from pydicom.sr.codedict import codes
-from pydicom.uid import UID, generate_uid
+from pydicom.uid import generate_uid
 
-from models.manifest import Code as ModelCode
 from models.results import Finding, OutcomeValues, ScreeningResult
+from serving.dicom.common import (
+    ABSENT,
+    MANUFACTURER,
+    PERCENT,
+    PRESENT,
+    PROBABILITY,
+    ROOT,
+    THRESHOLD,
+    PlacedFinding,
+    concept,
+    declare_schemes,
+    placed_findings,
+    result_uid,
+    schemes_in,
+)
 
-_ROOT = "1.2.826.0.1.3680043.8.498."
-_SCORE = hd.sr.CodedConcept(value="SCORE", scheme_designator="99DXASSIST", meaning="AI model score")
-_PRESENT = hd.sr.CodedConcept(value="52101004", scheme_designator="SCT", meaning="Present")
-_ABSENT = hd.sr.CodedConcept(value="2667000", scheme_designator="SCT", meaning="Absent")
-_NO_UNITS = hd.sr.CodedConcept(value="1", scheme_designator="UCUM", meaning="no units")
+__all__ = ["build_sr", "result_uid"]
+
 _IMAGING = hd.sr.CodedConcept(value="363679005", scheme_designator="SCT", meaning="Imaging")
 _PROCEDURES = {
     "CR": hd.sr.CodedConcept(value="168731009", scheme_designator="SCT", meaning="Chest X-ray"),
     "DX": hd.sr.CodedConcept(value="168731009", scheme_designator="SCT", meaning="Chest X-ray"),
     "ES": hd.sr.CodedConcept(value="73761001", scheme_designator="SCT", meaning="Colonoscopy"),
 }
+_QUALITATIVE = hd.sr.CodedConcept(value="C0034375", scheme_designator="UMLS", meaning="Qualitative Evaluations")
+_SUMMARY = hd.sr.CodedConcept(value="111017", scheme_designator="DCM", meaning="CAD Processing and Findings Summary")
+_COMMENT = hd.sr.CodedConcept(value="121106", scheme_designator="DCM", meaning="Comment")
+_OUTCOMES = {
+    (True, True): ("111242", "All algorithms succeeded; with findings"),
+    (True, False): ("111241", "All algorithms succeeded; without findings"),
+    (False, True): ("111244", "Not all algorithms succeeded; with findings"),
+    (False, False): ("111243", "Not all algorithms succeeded; without findings"),
+}
+_NONE_SUCCEEDED = ("111245", "No algorithms succeeded; without findings")
 
 
-def _concept(code: ModelCode) -> hd.sr.CodedConcept:
-    return hd.sr.CodedConcept(value=code.value, scheme_designator=code.scheme.value, meaning=code.meaning)
+class _EntryDescriptors(hd.sr.ImageLibraryEntryDescriptors):
+    """TID 1602 descriptors that tolerate a radiograph without Patient Orientation or Imager
+    Pixel Spacing (real files often lack them): those descriptors are left out, not invented."""
+
+    def _generate_projection_radiography_descriptors(self, dataset: Dataset) -> list[hd.sr.ContentItem]:
+        items: list[hd.sr.ContentItem] = []
+        orientation = list(dataset.get("PatientOrientation") or [])
+        if len(orientation) == 2 and all(orientation):
+            for name, value in zip(
+                (codes.DCM.PatientOrientationRow, codes.DCM.PatientOrientationColumn), orientation, strict=True
+            ):
+                items.append(
+                    hd.sr.TextContentItem(
+                        name=name, value=str(value), relationship_type=hd.sr.RelationshipTypeValues.HAS_ACQ_CONTEXT
+                    )
+                )
+        spacing = [float(v) for v in (dataset.get("ImagerPixelSpacing") or [])]
+        if len(spacing) == 2 and all(v > 0 for v in spacing):
+            for name, value in (
+                (codes.DCM.HorizontalPixelSpacing, spacing[1]),
+                (codes.DCM.VerticalPixelSpacing, spacing[0]),
+            ):
+                items.append(
+                    hd.sr.NumContentItem(
+                        name=name,
+                        value=value,
+                        unit=codes.UCUM.Millimeter,
+                        relationship_type=hd.sr.RelationshipTypeValues.HAS_ACQ_CONTEXT,
+                    )
+                )
+        return items
 
 
-def result_uid(result: ScreeningResult, purpose: str) -> UID:
-    """Deterministic UID for this result (same result -> same SR UIDs -> no duplicate on retry)."""
-    digest = hashlib.sha256(
-        "|".join(
-            [purpose, result.study_instance_uid, *result.models, *(f"{f.key}={f.score}" for f in result.findings)]
-        ).encode()
-    ).hexdigest()
-    return generate_uid(prefix=_ROOT, entropy_srcs=[digest])
+def _image_library(images: Sequence[Dataset]) -> hd.sr.ContainerContentItem:
+    """TID 1600 Image Library: one group with every screened image of the study."""
+    entries = []
+    for image in images:
+        item = hd.sr.ImageContentItem(
+            name=hd.sr.CodedConcept(value="260753009", scheme_designator="SCT", meaning="Source"),
+            referenced_sop_class_uid=str(image.SOPClassUID),
+            referenced_sop_instance_uid=str(image.SOPInstanceUID),
+            relationship_type=hd.sr.RelationshipTypeValues.CONTAINS,
+        )
+        item.ContentSequence = hd.sr.ContentSequence(
+            cast(Sequence[hd.sr.ContentItem], _EntryDescriptors(image)), is_root=False, is_sr=True
+        )
+        entries.append(item)
+    group = hd.sr.ContainerContentItem(
+        name=codes.DCM.ImageLibraryGroup, relationship_type=hd.sr.RelationshipTypeValues.CONTAINS
+    )
+    group.ContentSequence = hd.sr.ContentSequence(entries, is_root=False, is_sr=True)
+    library = hd.sr.ContainerContentItem(
+        name=codes.DCM.ImageLibrary, relationship_type=hd.sr.RelationshipTypeValues.CONTAINS
+    )
+    library.ContentSequence = hd.sr.ContentSequence([group], is_root=False, is_sr=True)
+    return library
 
 
-def _group(finding: Finding, evidence: Sequence[Dataset]) -> hd.sr.MeasurementsAndQualitativeEvaluations:
-    algorithm = hd.sr.AlgorithmIdentification(
+def _algorithm(finding: Finding) -> hd.sr.AlgorithmIdentification:
+    return hd.sr.AlgorithmIdentification(
         name=finding.model_id, version=finding.model_version, parameters=[f"threshold={finding.threshold}"]
     )
-    return hd.sr.MeasurementsAndQualitativeEvaluations(
+
+
+def _percent(value: float) -> float:
+    return round(100.0 * value, 2)
+
+
+def _roi_group(placed: PlacedFinding) -> hd.sr.PlanarROIMeasurementsAndQualitativeEvaluations:
+    finding, image = placed.finding, placed.image
+    algorithm = _algorithm(finding)
+    source = hd.sr.SourceImageForRegion(
+        referenced_sop_class_uid=str(image.SOPClassUID),
+        referenced_sop_instance_uid=str(image.SOPInstanceUID),
+        referenced_frame_numbers=[placed.frame_number] if placed.frame_number else None,
+    )
+    region = hd.sr.ImageRegion(
+        graphic_type=hd.sr.GraphicTypeValues.POLYLINE,
+        graphic_data=np.array(placed.polyline(), dtype=np.float64),
+        source_image=source,
+    )
+    return hd.sr.PlanarROIMeasurementsAndQualitativeEvaluations(
         tracking_identifier=hd.sr.TrackingIdentifier(
-            uid=generate_uid(
-                prefix=_ROOT, entropy_srcs=[finding.model_id, finding.key, *(str(e.SOPInstanceUID) for e in evidence)]
-            ),
-            identifier=f"{finding.model_id}:{finding.key}",
+            uid=generate_uid(prefix=ROOT, entropy_srcs=[finding.model_id, finding.key, str(image.SOPInstanceUID)]),
+            identifier=f"{finding.display} ({finding.model_id})",
         ),
-        finding_type=_concept(finding.code),
-        finding_sites=[hd.sr.FindingSite(anatomic_location=_concept(finding.body_site))],
+        referenced_region=region,
+        finding_type=concept(finding.code),
         algorithm_id=algorithm,
-        qualitative_evaluations=[
-            hd.sr.QualitativeEvaluation(name=_concept(finding.code), value=_PRESENT if finding.positive else _ABSENT)
+        finding_sites=[hd.sr.FindingSite(anatomic_location=concept(finding.body_site))],
+        measurements=[
+            hd.sr.Measurement(
+                name=concept(finding.code), value=_percent(finding.score), unit=PERCENT, algorithm_id=algorithm
+            ),
+            hd.sr.Measurement(name=THRESHOLD, value=_percent(finding.threshold), unit=PERCENT, algorithm_id=algorithm),
         ],
-        measurements=[hd.sr.Measurement(name=_SCORE, value=finding.score, unit=_NO_UNITS, algorithm_id=algorithm)],
+        qualitative_evaluations=[hd.sr.QualitativeEvaluation(name=concept(finding.code), value=PRESENT)],
+    )
+
+
+def _evaluation(finding: Finding) -> hd.sr.CodeContentItem:
+    """finding = Present/Absent, with the probability and the threshold as its properties."""
+    item = hd.sr.CodeContentItem(
+        name=concept(finding.code),
+        value=PRESENT if finding.positive else ABSENT,
+        relationship_type=hd.sr.RelationshipTypeValues.CONTAINS,
+    )
+    item.ContentSequence = hd.sr.ContentSequence(
+        [
+            hd.sr.NumContentItem(
+                name=PROBABILITY,
+                value=_percent(finding.score),
+                unit=PERCENT,
+                relationship_type=hd.sr.RelationshipTypeValues.HAS_PROPERTIES,
+            ),
+            hd.sr.NumContentItem(
+                name=THRESHOLD,
+                value=_percent(finding.threshold),
+                unit=PERCENT,
+                relationship_type=hd.sr.RelationshipTypeValues.HAS_PROPERTIES,
+            ),
+            hd.sr.TextContentItem(
+                name=codes.DCM.AlgorithmName,
+                value=f"{finding.model_id}@{finding.model_version}",
+                relationship_type=hd.sr.RelationshipTypeValues.HAS_PROPERTIES,
+            ),
+        ],
+        is_root=False,
+        is_sr=True,
+    )
+    return item
+
+
+def _qualitative(result: ScreeningResult, placed: Sequence[PlacedFinding]) -> hd.sr.ContainerContentItem:
+    shown = {(p.finding.model_id, p.finding.key) for p in placed}
+    screened = [i for i in result.images if i.outcome == OutcomeValues.SCREENED]
+    not_screened = [i for i in result.images if i.outcome != OutcomeValues.SCREENED]
+    if not screened:
+        summary = _NONE_SUCCEEDED
+    else:
+        summary = _OUTCOMES[(not not_screened, bool(result.positive_findings))]
+    items: list[hd.sr.ContentItem] = [
+        hd.sr.CodeContentItem(
+            name=_SUMMARY,
+            value=hd.sr.CodedConcept(value=summary[0], scheme_designator="DCM", meaning=summary[1]),
+            relationship_type=hd.sr.RelationshipTypeValues.CONTAINS,
+        )
+    ]
+    items += [_evaluation(f) for f in result.findings if (f.model_id, f.key) not in shown]
+    if result.outcome != OutcomeValues.SCREENED and result.reason is not None:
+        items.append(
+            hd.sr.TextContentItem(
+                name=_COMMENT,
+                value=f"Study not screened: {result.reason.value}",
+                relationship_type=hd.sr.RelationshipTypeValues.CONTAINS,
+            )
+        )
+    for n, image in enumerate(not_screened, start=1):
+        reason = image.reason.value if image.reason else "UNKNOWN"
+        items.append(
+            hd.sr.TextContentItem(
+                name=_COMMENT,
+                value=f"Image {n} of {len(not_screened)} not screened: {reason}",
+                relationship_type=hd.sr.RelationshipTypeValues.CONTAINS,
+            )
+        )
+    container = hd.sr.ContainerContentItem(name=_QUALITATIVE, relationship_type=hd.sr.RelationshipTypeValues.CONTAINS)
+    container.ContentSequence = hd.sr.ContentSequence(items, is_root=False, is_sr=True)
+    return container
+
+
+def _placeholder() -> hd.sr.MeasurementsAndQualitativeEvaluations:
+    """highdicom wants one group; with no region to show it is removed again (an SR without an
+    Imaging Measurements container is what a viewer handles best)."""
+    return hd.sr.MeasurementsAndQualitativeEvaluations(
+        tracking_identifier=hd.sr.TrackingIdentifier(uid=generate_uid(prefix=ROOT), identifier="none")
     )
 
 
 def build_sr(result: ScreeningResult, evidence: Sequence[Dataset]) -> Dataset:
-    """The SR for a SCREENED result; ``evidence`` are the screened images' headers (no pixels needed).
+    """The SR for a result; ``evidence`` are the study's image headers (no pixels needed).
+
+    A NOT_SCREENED result gets an SR too when an image header of the study is kept (its reason
+    is in the Qualitative Evaluations).
 
     Raises:
-        ValueError: the result was not screened, or no evidence of that study is given.
+        ValueError: no evidence image of the result's study.
     """
-    if result.outcome != OutcomeValues.SCREENED or not result.findings:
-        raise ValueError("result: only SCREENED results with findings become an SR")
-    evidence = [e for e in evidence if str(e.StudyInstanceUID) == result.study_instance_uid]
-    if not evidence:
+    images = [e for e in evidence if str(e.StudyInstanceUID) == result.study_instance_uid]
+    if not images:
         raise ValueError("evidence: no image of the screened study")
-    models = sorted({(f.model_id, f.model_version) for f in result.findings})
+    placed = placed_findings(result, images)
+    models = sorted({(f.model_id, f.model_version) for f in result.findings}) or [("dxassist", "")]
     observer = hd.sr.ObserverContext(
         observer_type=codes.DCM.Device,
         observer_identifying_attributes=hd.sr.DeviceObserverIdentifyingAttributes(
-            uid=generate_uid(prefix=_ROOT, entropy_srcs=[f"{m}@{v}" for m, v in models]),
-            name="dxassist",
-            manufacturer_name="dxassist",
-            model_name=", ".join(f"{m}@{v}" for m, v in models),
+            uid=generate_uid(prefix=ROOT, entropy_srcs=[f"{m}@{v}" for m, v in models]),
+            name=MANUFACTURER,
+            manufacturer_name=MANUFACTURER,
+            model_name=", ".join(f"{m}@{v}" for m, v in models)[:64],
         ),
     )
-    modality = str(evidence[0].get("Modality", ""))
+    modality = str(images[0].get("Modality", ""))
     report = hd.sr.MeasurementReport(
         observation_context=hd.sr.ObservationContext(observer_device_context=observer),
         procedure_reported=_PROCEDURES.get(modality, _IMAGING),
-        imaging_measurements=[_group(f, evidence) for f in result.findings],
+        imaging_measurements=[_roi_group(p) for p in placed] or [_placeholder()],
         title=codes.DCM.ImagingMeasurementReport,
     )
+    content = report[0].ContentSequence
+    at = next(
+        (i for i, item in enumerate(content) if item.ConceptNameCodeSequence[0].CodeValue == "126010"), len(content)
+    )
+    if at < len(content) and not placed:  # no region to show: no empty Imaging Measurements container
+        del content[at]
+    content.insert(at, _image_library(images))  # TID 1500 row 8: before Imaging Measurements
+    content.append(_qualitative(result, placed))
     sr = hd.sr.Comprehensive3DSR(
-        evidence=list(evidence),
+        evidence=images,
         content=report,
         series_instance_uid=result_uid(result, "series"),
         series_number=990,
         sop_instance_uid=result_uid(result, "sop"),
         instance_number=1,
-        manufacturer="dxassist",
+        manufacturer=MANUFACTURER,
         is_complete=True,
         is_final=False,
         is_verified=False,
         series_description="dxassist AI findings (preliminary)",
     )
+    declare_schemes(sr, schemes_in(sr))
     return sr

@@ -1,40 +1,104 @@
-"""Results back into the study in the DICOM store: the SR (and overlays) by STOW-RS.
+"""Results back into the study in the DICOM store by STOW-RS: the SR, the GSPS, the Secondary
+Captures and the SEG, as the destination's ``store.write_objects`` allows.
 
-The objects' UIDs derive from the result (``serving.dicom.sr.result_uid``), so a retried
+The objects' UIDs derive from the result (``serving.dicom.common.result_uid``), so a retried
 delivery stores the same instances again rather than new ones.
 """
 
 from __future__ import annotations
 
+from collections.abc import Iterable, Sequence
+
+import numpy as np
+from numpy.typing import NDArray
 from pydicom.dataset import Dataset
 
-from models.errors import DeliveryFailed, DeliveryRejected, SourceError
+from models.errors import DeliveryFailed, DeliveryRejected, DxAssistError, SourceError
+from models.pixels import decode_frames, read_dataset
 from models.results import ScreeningResult
-from serving.dicom.sc import is_own_overlay
-from serving.dicom.sources.dicomweb import DicomWebSource
+from serving.dicom.common import placed_findings
+from serving.dicom.gsps import build_gsps
+from serving.dicom.sc import SEG_SOP_CLASS, build_scs, is_own_object
+from serving.dicom.sources.dicomweb import DicomWebSource, QidoInstance
 from serving.dicom.sr import build_sr
+
+ALL_OBJECTS = ("sr", "gsps", "sc", "seg")
 
 
 class DicomSrSink:
-    """The TID 1500 SR, and the heatmap Secondary Capture when there is one, into the same study
-    (one STOW-RS request)."""
+    """The result objects into the screened study (one STOW-RS request per result).
+
+    The SR and GSPS need only the image headers kept with the result; the Secondary Captures
+    are drawn on the original pixels, retrieved from the same store (WADO-RS) at delivery; the
+    SEG was made when the study was screened (the masks exist only then) and travels with the
+    evidence."""
 
     name = "dicom-sr"
 
-    def __init__(self, source: DicomWebSource) -> None:
+    def __init__(self, source: DicomWebSource, *, objects: Iterable[str] = ALL_OBJECTS) -> None:
         self.source = source
+        self.objects = frozenset(objects)
 
     def close(self) -> None:
         self.source.close()
 
-    def deliver(self, delivery_id: int, result: ScreeningResult, evidence: list[Dataset]) -> None:
-        if not result.findings:
-            return
-        images = [e for e in evidence if not is_own_overlay(e)]
-        overlays = [e for e in evidence if is_own_overlay(e)]
+    def _frames(
+        self, result: ScreeningResult, images: Sequence[Dataset]
+    ) -> dict[tuple[str, int | None], NDArray[np.float32]]:
+        """Display-ready pixels of the frames that carry a positive region (and of the first
+        image, for the summary)."""
+        wanted: dict[str, set[int | None]] = {}
+        for p in placed_findings(result, images):
+            wanted.setdefault(str(p.image.SOPInstanceUID), set()).add(p.frame_number)
+        if not wanted and images:
+            wanted[str(images[0].SOPInstanceUID)] = {None}
+        frames: dict[tuple[str, int | None], NDArray[np.float32]] = {}
+        for image in images:
+            numbers = wanted.get(str(image.SOPInstanceUID))
+            if not numbers:
+                continue
+            instance = QidoInstance(
+                series_instance_uid=str(image.SeriesInstanceUID),
+                sop_instance_uid=str(image.SOPInstanceUID),
+                sop_class_uid=str(image.SOPClassUID),
+                modality=str(image.get("Modality", "")),
+                body_part_examined="",
+                view_position="",
+            )
+            try:
+                ds = read_dataset(self.source.retrieve(result.study_instance_uid, instance))
+                for number in numbers:
+                    frame = decode_frames(ds, frame_indices=[(number or 1) - 1])[0]
+                    frames[(str(image.SOPInstanceUID), number)] = frame.pixels
+            except SourceError:
+                raise
+            except DxAssistError:
+                continue  # the image cannot be decoded here: no SC of it, the rest still goes
+        return frames
+
+    def objects_for(self, result: ScreeningResult, evidence: list[Dataset]) -> list[Dataset]:
+        """The objects this destination takes for ``result`` (empty when there is nothing to say)."""
+        images = [e for e in evidence if not is_own_object(e)]
+        made = [e for e in evidence if is_own_object(e)]
         if not images:
-            raise DeliveryRejected("no evidence headers kept for this result")
+            if result.findings:
+                raise DeliveryRejected("no evidence headers kept for this result")
+            return []  # not screened and no image header to reference: nothing to store
+        objects: list[Dataset] = []
+        if "sr" in self.objects:
+            objects.append(build_sr(result, images))
+        if "gsps" in self.objects and (gsps := build_gsps(result, images)) is not None:
+            objects.append(gsps)
+        if "sc" in self.objects and result.positive_findings:
+            objects += build_scs(result, images, self._frames(result, images))
+        if "seg" in self.objects:
+            objects += [d for d in made if str(d.SOPClassUID) == SEG_SOP_CLASS]
+        return objects
+
+    def deliver(self, delivery_id: int, result: ScreeningResult, evidence: list[Dataset]) -> None:
         try:
-            self.source.store([build_sr(result, images), *overlays])
+            objects = self.objects_for(result, evidence)
+            if objects:
+                self.source.store(objects)
         except SourceError as exc:
             raise DeliveryFailed(f"store unavailable ({type(exc).__name__})") from exc

@@ -1,5 +1,7 @@
-"""DICOM SR TID 1500 of a screening result: valid IOD (dciodvfy), findings and algorithm inside,
-same UIDs for the same result (no duplicate on re-send), refused for NOT_SCREENED."""
+"""The DICOM result objects of a screened study: SR (TID 1500 with TID 1410 SCOORD groups), GSPS,
+Secondary Captures and SEG are valid IODs for dciodvfy (no errors, no warnings), carry what
+viewers need (regions on the source image in its pixel coordinates, the finding as the label,
+declared coding schemes), and keep their UIDs for the same result."""
 
 from __future__ import annotations
 
@@ -8,66 +10,157 @@ from pathlib import Path
 
 import pydicom
 import pytest
+from pydicom.dataset import Dataset
 
+from models.errors import ReasonCode
+from models.pixels import decode_frames, read_dataset
 from models.predictor import OnnxPredictor
 from models.registry import resolve
-from serving.core.screening import StudyScreener, screen_paths
+from models.results import OutcomeValues, ScreeningResult
+from serving.core.screening import InstanceInput, StudyScreener
+from serving.dicom.common import placed_findings
+from serving.dicom.gsps import build_gsps
+from serving.dicom.sc import BANNER, build_scs
+from serving.dicom.seg import build_seg
 from serving.dicom.sr import build_sr
 from tests.conftest import write_synthetic_cxr
 
+SYNTHETIC_ENDOSCOPY = Path("var/store/demo/synthetic/endoscopy/frame_polyp.dcm")
+
 
 @pytest.fixture(scope="module")
-def screened(tmp_path_factory: pytest.TempPathFactory) -> tuple:
-    path = write_synthetic_cxr(tmp_path_factory.mktemp("sr") / "cxr.dcm", seed=81, findings={"pneumothorax": True})
-    screener = StudyScreener([OnnxPredictor(resolve("cxr-triage"), providers="cpu")], study_ref_key=b"k")
-    result = screen_paths(screener, [path])[0]
-    return result, pydicom.dcmread(path, stop_before_pixels=True)
+def screener() -> StudyScreener:
+    return StudyScreener(
+        [
+            OnnxPredictor(resolve("cxr-triage"), providers="cpu"),
+            OnnxPredictor(resolve("endoscopy-polyp"), providers="cpu"),
+        ],
+        study_ref_key=b"k",
+    )
 
 
-def test_sr_is_a_valid_comprehensive_3d_sr(screened: tuple, tmp_path: Path) -> None:
-    result, header = screened
-    sr = build_sr(result, [header])
-    path = tmp_path / "sr.dcm"
-    sr.save_as(path, enforce_file_format=True)
+def _screen(screener: StudyScreener, path: Path) -> tuple[ScreeningResult, list, Dataset]:
+    image = screener.prepare(InstanceInput(str(path), "x"))
+    assert not hasattr(image, "reason"), image
+    paired = [(image, screener.infer(image.model_id, image.tensors))]
+    return screener.assemble(image.study_instance_uid, paired, []), paired, image.header
+
+
+@pytest.fixture(scope="module")
+def chest(screener: StudyScreener, tmp_path_factory: pytest.TempPathFactory) -> tuple:
+    path = write_synthetic_cxr(
+        tmp_path_factory.mktemp("sr") / "cxr.dcm",
+        seed=81,
+        findings={"pneumothorax": True, "pleural_effusion": True},
+        size=(640, 560),
+    )
+    result, _, header = _screen(screener, path)
+    assert {f.key for f in result.positive_findings} >= {"pneumothorax"}
+    return result, header, path
+
+
+def dciodvfy(ds: Dataset, path: Path) -> list[str]:
+    """dciodvfy's errors and warnings for ``ds``."""
+    ds.save_as(path, enforce_file_format=True)
     check = subprocess.run(["dciodvfy", str(path)], capture_output=True, text=True)
-    errors = [line for line in (check.stdout + check.stderr).splitlines() if line.startswith("Error")]
-    assert errors == []
-    back = pydicom.dcmread(path)
+    return [line for line in (check.stdout + check.stderr).splitlines() if line.startswith(("Error", "Warning"))]
+
+
+def test_sr_has_a_scoord_group_per_positive_finding_on_the_source_image(chest: tuple, tmp_path: Path) -> None:
+    result, header, _ = chest
+    sr = build_sr(result, [header])
+    assert dciodvfy(sr, tmp_path / "sr.dcm") == []
+    back = pydicom.dcmread(tmp_path / "sr.dcm")
     assert back.StudyInstanceUID == header.StudyInstanceUID and back.PatientID == header.PatientID
     assert back.CompletionFlag == "COMPLETE" and back.VerificationFlag == "UNVERIFIED"
-    dump = subprocess.run(["dsrdump", str(path)], capture_output=True, text=True).stdout
-    assert "Pneumothorax" in dump and "cxr-triage" in dump and "threshold=" in dump
+    content = {item.ConceptNameCodeSequence[0].CodeMeaning: item for item in back.ContentSequence}
+    assert "Image Library" in content
+    groups = content["Imaging Measurements"].ContentSequence
+    assert len(groups) == len(result.positive_findings)
+    for group, placed in zip(groups, placed_findings(result, [header]), strict=True):
+        items = group.ContentSequence
+        scoord = next(i for i in items if i.ValueType == "SCOORD")
+        assert scoord.GraphicType == "POLYLINE"
+        ref = scoord.ContentSequence[0].ReferencedSOPSequence[0]
+        assert ref.ReferencedSOPInstanceUID == header.SOPInstanceUID
+        xs, ys = scoord.GraphicData[0::2], scoord.GraphicData[1::2]
+        assert 0 <= min(xs) < max(xs) <= header.Columns and 0 <= min(ys) < max(ys) <= header.Rows
+        # OHIF labels a region with its first NUM: that must be the finding itself
+        first_num = next(i for i in items if i.ValueType == "NUM")
+        assert first_num.ConceptNameCodeSequence[0].CodeMeaning == placed.finding.code.meaning
+        assert first_num.ConceptNameCodeSequence[0].CodingSchemeDesignator == "SCT"
+    negatives = content["Qualitative Evaluations"].ContentSequence
+    assert len(negatives) == 1 + len(result.findings) - len(groups)  # the summary, then each other finding
+    declared = {item.CodingSchemeDesignator for item in back.CodingSchemeIdentificationSequence}
+    assert {"DCM", "SCT", "UCUM", "UMLS"} <= declared and not any(d.startswith("99") for d in declared)
 
 
-def test_same_result_gives_same_sr_uids(screened: tuple) -> None:
-    result, header = screened
+def test_same_result_gives_same_uids(chest: tuple) -> None:
+    result, header, _ = chest
     a, b = build_sr(result, [header]), build_sr(result, [header])
     assert a.SOPInstanceUID == b.SOPInstanceUID and a.SeriesInstanceUID == b.SeriesInstanceUID
+    ga, gb = build_gsps(result, [header]), build_gsps(result, [header])
+    assert ga is not None and gb is not None and ga.SOPInstanceUID == gb.SOPInstanceUID != a.SOPInstanceUID
 
 
-def test_not_screened_result_has_no_sr(screened: tuple) -> None:
-    result, header = screened
-    with pytest.raises(ValueError, match="only SCREENED"):
-        build_sr(result.model_copy(update={"outcome": "NOT_SCREENED", "findings": []}), [header])
+def test_not_screened_result_is_encoded_without_measurement_groups(chest: tuple, tmp_path: Path) -> None:
+    result, header, _ = chest
+    failed = result.model_copy(
+        update={
+            "outcome": OutcomeValues.NOT_SCREENED,
+            "findings": [],
+            "reason": ReasonCode.INFERENCE_FAILED,
+            "priority": None,
+        }
+    )
+    sr = build_sr(failed, [header])
+    assert dciodvfy(sr, tmp_path / "sr.dcm") == []
+    names = [item.ConceptNameCodeSequence[0].CodeMeaning for item in sr.ContentSequence]
+    assert "Imaging Measurements" not in names
+    texts = [i.TextValue for i in sr.ContentSequence[-1].ContentSequence if i.ValueType == "TEXT"]
+    assert texts == ["Study not screened: INFERENCE_FAILED"]
 
 
-def test_heatmap_secondary_capture_is_valid_and_labelled(screened: tuple, tmp_path: Path) -> None:
-    import numpy as np
+def test_gsps_outlines_each_region_with_a_short_text(chest: tuple, tmp_path: Path) -> None:
+    result, header, _ = chest
+    gsps = build_gsps(result, [header])
+    assert gsps is not None and dciodvfy(gsps, tmp_path / "pr.dcm") == []
+    annotation = gsps.GraphicAnnotationSequence[0]
+    assert annotation.ReferencedImageSequence[0].ReferencedSOPInstanceUID == header.SOPInstanceUID
+    assert len(annotation.GraphicObjectSequence) == len(result.positive_findings)
+    texts = [t.UnformattedTextValue for t in annotation.TextObjectSequence]
+    top = max(result.positive_findings, key=lambda f: f.score)
+    assert f"AI, preliminary: {top.display} {top.score:.2f}" in texts
+    assert any("NOT FOR DIAGNOSIS" in t for t in texts)
 
-    from serving.dicom.sc import BANNER, build_sc, render_overlay
 
-    result, header = screened
-    image = np.random.default_rng(0).random((1, 224, 224), dtype=np.float32)
-    heat = np.zeros((7, 7), np.float32)
-    heat[2, 5] = 1.0
-    overlay = render_overlay(image, heat, "Pneumothorax 0.97")
-    assert overlay.shape == (512, 512, 3) and overlay.dtype == np.uint8
-    assert overlay[:24].mean() < overlay[24:].mean()  # the banner strip is drawn
-    sc = build_sc(result, header, overlay)
-    path = tmp_path / "sc.dcm"
-    sc.save_as(path, enforce_file_format=True)
-    check = subprocess.run(["dciodvfy", str(path)], capture_output=True, text=True)
-    assert [line for line in (check.stdout + check.stderr).splitlines() if line.startswith("Error")] == []
-    back = pydicom.dcmread(path)
-    assert back.StudyInstanceUID == header.StudyInstanceUID and back.BurnedInAnnotation == "YES"
-    assert "NOT FOR DIAGNOSIS" in BANNER and back.SOPClassUID == "1.2.840.10008.5.1.4.1.1.7"
+def test_secondary_captures_are_registered_to_the_original(chest: tuple, tmp_path: Path) -> None:
+    result, header, path = chest
+    pixels = decode_frames(read_dataset(str(path)))[0].pixels
+    scs = build_scs(result, [header], {(str(header.SOPInstanceUID), None): pixels})
+    critical = [f for f in result.positive_findings if f.critical]
+    assert len(scs) == len(critical) + 1  # one per critical positive finding, then the summary
+    for n, sc in enumerate(scs):
+        assert dciodvfy(sc, tmp_path / f"sc{n}.dcm") == []
+        assert (sc.Rows, sc.Columns) == (header.Rows, header.Columns)
+        assert sc.SourceImageSequence[0].ReferencedSOPInstanceUID == header.SOPInstanceUID
+        assert sc.BurnedInAnnotation == "YES" and list(sc.ImageType) == ["DERIVED", "SECONDARY"]
+        assert "preliminary" in sc.DerivationDescription
+    drawn = scs[-1].pixel_array
+    assert drawn[:10].mean() < drawn[10:].mean()  # the black banner strip is on top
+    assert "NOT FOR DIAGNOSIS" in BANNER
+
+
+def test_polyp_mask_becomes_a_valid_seg(screener: StudyScreener, tmp_path: Path) -> None:
+    if not SYNTHETIC_ENDOSCOPY.exists():
+        pytest.fail("run `make demo` (or dxassist demo) to build the synthetic endoscopy frames")
+    result, paired, header = _screen(screener, SYNTHETIC_ENDOSCOPY)
+    assert [f.key for f in result.positive_findings] == ["polyp"]
+    segs = build_seg(result, paired, screener.loaded)
+    assert len(segs) == 1 and dciodvfy(segs[0], tmp_path / "seg.dcm") == []
+    seg = segs[0]
+    assert seg.SegmentSequence[0].SegmentLabel == "Colonic polyp"
+    assert seg.ReferencedSeriesSequence[0].ReferencedInstanceSequence[0].ReferencedSOPInstanceUID == (
+        header.SOPInstanceUID
+    )
+    assert 0 < seg.pixel_array.sum() < header.Rows * header.Columns / 2
