@@ -77,6 +77,9 @@ class StoreSettings(_Strict):
     dicomweb: DicomWebSettings | None = None
     dimse: DimseSettings | None = None
     write_results: bool = False  # store the SR back into the study (STOW-RS)
+    #: which result objects go back into the study (some PACS refuse SR or PR): TID 1500 SR,
+    #: GSPS with the regions, Secondary Captures (critical findings + summary), SEG of masks
+    write_objects: list[Literal["sr", "gsps", "sc", "seg"]] = ["sr", "gsps", "sc", "seg"]
 
     @model_validator(mode="after")
     def _dicomweb_needs_url(self) -> StoreSettings:

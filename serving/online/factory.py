@@ -81,5 +81,5 @@ def build_sinks(settings: Settings) -> dict[str, Sink]:
     if settings.store.write_results:
         source = build_source(settings)
         if isinstance(source, DicomWebSource):
-            sinks["dicom-sr"] = DicomSrSink(source)
+            sinks["dicom-sr"] = DicomSrSink(source, objects=settings.store.write_objects)
     return sinks

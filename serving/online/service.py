@@ -40,7 +40,7 @@ from models.results import OutcomeValues, ScreeningResult
 from serving.core.screening import ModelOutputs, PreparedImage, StudyScreener
 from serving.delivery.worker import OutboxWorker, Sink
 from serving.dicom.dimse import StoreScp
-from serving.dicom.sc import overlay_for
+from serving.dicom.seg import build_seg
 from serving.dicom.sources import SearchableSource
 from serving.observability.metrics import ServiceMetrics
 from serving.online.pipeline import Pipeline, PreparedStudy, StudyRequest
@@ -527,10 +527,8 @@ class ScreeningService:
             uid = job.request.study_instance_uid
         evidence = [i.header for i in prepared.prepared if i.header is not None]
         result = self.screener.assemble(uid, paired, prepared.rejected)
-        if "dicom-sr" in self.sinks:  # an overlay for viewers that cannot show the SR
-            overlay = overlay_for(result, paired, self.screener.loaded)
-            if overlay is not None:
-                evidence.append(overlay)
+        if "dicom-sr" in self.sinks:  # masks exist only now: their SEG travels with the evidence
+            evidence += build_seg(result, paired, self.screener.loaded)
         return result, evidence
 
     # -- queries ---------------------------------------------------------------------------
