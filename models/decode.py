@@ -185,9 +185,9 @@ def prepare_instance(
     try:
         with parse_guard(limits):
             ds = read_dataset(source, limits=limits)
-            study, sop = _uid(ds, "StudyInstanceUID"), _uid(ds, "SOPInstanceUID")
             try:
                 evidence = evidence_of(ds, limits)
+                study, sop = _uid(evidence, "StudyInstanceUID"), _uid(evidence, "SOPInstanceUID")
             except InputRejected:
                 raise
             except RecursionError as exc:

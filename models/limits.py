@@ -96,18 +96,20 @@ def inflated_size(data: bytes | memoryview, limit: int) -> int:
     inflater = zlib.decompressobj(-zlib.MAX_WBITS)
     total = 0
     view = memoryview(data)
-    step = 1 * MIB
+    step = 1 * MIB  # input and output chunk: the measurement holds at most this much
     try:
         for start in range(0, len(view), step):
-            chunk = inflater.decompress(view[start : start + step], limit + 1 - total)
-            total += len(chunk)
-            while inflater.unconsumed_tail and total <= limit:
-                chunk = inflater.decompress(inflater.unconsumed_tail, limit + 1 - total)
-                total += len(chunk)
-            if total > limit:
+            pending: bytes | memoryview = view[start : start + step]
+            while pending and total <= limit:
+                total += len(inflater.decompress(pending, step))
+                pending = inflater.unconsumed_tail
+            if total > limit or inflater.eof:
                 break
-        if total <= limit:
-            total += len(inflater.flush())
+        while total <= limit and not inflater.eof:
+            chunk = inflater.decompress(b"", step)
+            if not chunk:
+                break
+            total += len(chunk)
     except zlib.error as exc:
         raise InvalidDicom(ReasonCode.CORRUPT_FILE, "deflated dataset is not a valid deflate stream") from exc
     if total > limit:
@@ -178,7 +180,7 @@ def _install() -> None:
             return
         import pydicom.filereader as filereader
 
-        filereader.read_sequence_item = _guarded(filereader.read_sequence_item)  # type: ignore[assignment]
+        filereader.read_sequence_item = _guarded(filereader.read_sequence_item)
         _installed = True
 
 
