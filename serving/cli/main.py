@@ -275,25 +275,52 @@ def _screen_over_http(
 @app.command()
 def serve(
     settings: SettingsOpt = None,
-    host: Annotated[str, typer.Option(help="bind address (keep 127.0.0.1 unless behind a TLS proxy)")] = "127.0.0.1",
-    port: Annotated[int, typer.Option()] = 8000,
+    host: Annotated[
+        str | None, typer.Option(help="bind address (default api.host; non-loopback needs API tokens)")
+    ] = None,
+    port: Annotated[int | None, typer.Option(help="port (default api.port)")] = None,
     num_cpus: Annotated[int | None, typer.Option(help="CPUs for the local Ray instance")] = None,
 ) -> None:
-    """Run the Ray Serve application locally on the embedded defaults until Ctrl-C."""
+    """Run the Ray Serve application on a local, loopback-bound Ray until SIGTERM or Ctrl-C.
+
+    Stopping is graceful: admission closes at once (503 with Retry-After), running screenings
+    finish (up to ``api.drain_timeout_s``), queued ones stay persisted and resume at the next
+    start; the exit status is 0. Without API tokens the API is open, so it binds loopback only.
+    """
     import signal
     import threading
 
-    from serving.rayserve.local_cluster import local_serve
+    from serving.rayserve.local_cluster import drain_app, local_serve
+    from serving.settings import is_loopback
 
     install_logging(logging.INFO)
+    cfg = _load_settings(settings)
+    bind = host or cfg.api.host
+    if not cfg.api.tokens:
+        if not is_loopback(bind):
+            console.print(
+                f"[red]refusing to bind {bind}: no API tokens are configured, so the API would be open to "
+                "anyone who can reach it. Set DXASSIST_API__TOKENS, or bind 127.0.0.1.[/red]"
+            )
+            raise typer.Exit(2)
+        console.print(
+            "[bold yellow]DEV MODE: no API tokens configured. The API is open to every process on this "
+            "machine and answers loopback clients only. Set DXASSIST_API__TOKENS for anything else.[/bold yellow]"
+        )
     stop = threading.Event()
-    signal.signal(signal.SIGTERM, lambda *_: stop.set())
-    with local_serve(str(settings) if settings else None, host=host, port=port, num_cpus=num_cpus) as base:
-        console.print(f"dxassist serving at {base} (OpenAPI: {base}/docs). Ctrl-C to stop.")
-        try:
-            stop.wait()
-        except KeyboardInterrupt:
+    with local_serve(
+        str(settings) if settings else None, host=bind, port=port or cfg.api.port, num_cpus=num_cpus
+    ) as base:
+        # ray.init replaced this process's SIGTERM handler with an immediate exit: take it back
+        signal.signal(signal.SIGTERM, lambda *_: stop.set())
+        signal.signal(signal.SIGINT, lambda *_: stop.set())
+        console.print(f"dxassist serving at {base} (OpenAPI document: {base}/openapi.json). Ctrl-C to stop.")
+        while not stop.wait(0.5):
             pass
+        console.print(f"stopping: admission closed, waiting up to {cfg.api.drain_timeout_s:.0f} s for running work")
+        finished = drain_app(cfg.api.drain_timeout_s)
+        console.print("drained" if finished else "drain timed out: unfinished screenings resume at the next start")
+    console.print("stopped")
 
 
 @app.command()

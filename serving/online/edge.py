@@ -131,22 +131,25 @@ class EdgeGuard:
                 await _reply(send_secure, 413, f"request body larger than {cap} bytes", {"connection": "close"})
                 return
         received = 0
+        too_large = False
 
         async def counted() -> Message:
-            nonlocal received
+            nonlocal received, too_large
             message = await receive()
             if message["type"] == "http.request":
                 received += len(message.get("body", b""))
                 if received > cap:
+                    too_large = True
                     raise BodyTooLarge(cap)
             return message
 
         try:
             await self.app(scope, counted, send_secure)
-        except BodyTooLarge as exc:
-            if started:
+        except BaseException:
+            # the cap may surface wrapped (an ExceptionGroup from a middleware's task group)
+            if not too_large or started:
                 raise
-            await _reply(send_secure, 413, str(exc.detail), {"connection": "close"})
+            await _reply(send_secure, 413, f"request body larger than {cap} bytes", {"connection": "close"})
 
     def _authorise(
         self, scope: Scope, settings: ApiSettings, method: str, path: str

@@ -204,9 +204,15 @@ fastapi_app = create_api(_get_service)
 )
 @serve.ingress(fastapi_app)
 class Ingress:
-    """HTTP API + admission/priority/persistence; holds no model session."""
+    """HTTP API + admission/priority/persistence; holds no model session (staged) or screens in
+    its own threads (inline).
 
-    def __init__(
+    The service starts in the constructor, not at the first request: jobs a previous replica
+    left unfinished resume at once, and the replica reports healthy only once started.
+    ``drain`` (called by ``dxassist serve`` on SIGTERM) stops admission and waits for running
+    work; ``__del__`` (Serve's shutdown) does the same if nobody asked before."""
+
+    async def __init__(  # type: ignore[misc]  # Serve awaits an async constructor (serve.ingress)
         self,
         fetcher: DeploymentHandle | None,
         models: dict[str, DeploymentHandle],
@@ -240,6 +246,21 @@ class Ingress:
                 )
             )
         )
+        if not settings.api.tokens:
+            logger.warning(
+                "DEV MODE: no API tokens configured; the API answers loopback clients only. "
+                "Set DXASSIST_API__TOKENS before exposing it."
+            )
+        await _get_service()  # eager start: resume unfinished jobs now
+
+    async def drain(self, timeout_s: float | None = None) -> bool:
+        """Stop admitting (503 + Retry-After from now on) and wait for the running screenings
+        up to ``timeout_s`` (default ``api.drain_timeout_s``); True when none was left running."""
+        lazy = _current_service()
+        if lazy is None or lazy.started is None:
+            return True
+        service = lazy.started
+        return await service.drain(service.settings.drain_timeout_s if timeout_s is None else timeout_s)
 
     async def check_health(self) -> None:
         lazy = _current_service()
@@ -249,7 +270,7 @@ class Ingress:
     async def __del__(self) -> None:
         lazy = _current_service()
         if lazy is not None and lazy.started is not None:
-            await lazy.started.drain(timeout_s=50)
+            await lazy.started.drain(timeout_s=lazy.started.settings.drain_timeout_s)
             lazy.started.close()
 
 

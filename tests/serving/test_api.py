@@ -23,7 +23,6 @@ from serving.online.pipeline import LocalPipeline, PreparedStudy, StudyRequest
 from serving.online.service import ScreeningService
 from serving.persistence.results import ResultsStore
 from serving.settings import ApiSettings
-from tests.conftest import write_synthetic_cxr
 
 
 class GatedPipeline:
@@ -45,13 +44,6 @@ class GatedPipeline:
 
     async def model_info(self) -> list[dict[str, object]]:
         return await self.inner.model_info()
-
-
-@pytest.fixture
-def store_dir(tmp_path: Path) -> Path:
-    for seed in (41, 42, 43, 44, 45):
-        write_synthetic_cxr(tmp_path / "store" / f"s{seed}.dcm", seed=seed)
-    return tmp_path / "store"
 
 
 def uid_of(path: Path) -> str:
@@ -252,7 +244,10 @@ def test_unexpected_failure_is_recorded_without_patient_data_in_logs(
     service = ScreeningService(
         pipeline, screener, ResultsStore(tmp_path / "r.sqlite3"), ApiSettings(spool_dir=tmp_path / "s")
     )
-    with caplog.at_level(logging.DEBUG), TestClient(create_api(LazyService(lambda: service)), client=("127.0.0.1", 50000)) as client:
+    with (
+        caplog.at_level(logging.DEBUG),
+        TestClient(create_api(LazyService(lambda: service)), client=("127.0.0.1", 50000)) as client,
+    ):
         job = client.post("/v1/screenings", json={"study_instance_uid": uid}).json()["screening_id"]
         body = wait_for(client, job)
         client.portal.call(service.drain, 5.0)
