@@ -15,13 +15,13 @@ handlers below); a 422 names the fields and the reasons, never the values sent.
 import asyncio
 import re
 import shutil
-from collections.abc import Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable
 from datetime import UTC, datetime
 from typing import Annotated, Any
 
 from fastapi import Depends, FastAPI, HTTPException, Query, Request, Response
 from fastapi.exceptions import RequestValidationError
-from fastapi.responses import JSONResponse, PlainTextResponse
+from fastapi.responses import JSONResponse, PlainTextResponse, StreamingResponse
 from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
 from pydantic import AfterValidator, BaseModel, ConfigDict, Field
 
@@ -216,20 +216,28 @@ def create_api(
 
     api.add_middleware(EdgeGuard, settings=edge_settings)
 
-    async def _answer(svc: ScreeningService, job_id: str, wait: float, response: Response) -> ScreeningJob:
-        """202 with the queued job, or, when ``wait`` > 0 and the screening ends in time, 200
-        with the result (one round trip for a worklist integration)."""
-        if wait > 0:
+    async def _answer(svc: ScreeningService, job_id: str, wait: float, response: Response) -> Any:
+        """202 with the job as it is now; with ``wait`` > 0 the 202, its ``Location`` and
+        ``X-Screening-Id`` go out at once and the body (the job, DONE with its result when the
+        screening ended within ``wait``) follows when the screening ends or the wait expires:
+        one round trip for a worklist integration, and a client whose replica dies while it
+        waits still holds a typed answer that names its screening (never a bare 500)."""
+        where = {"Location": f"/v1/screenings/{job_id}", "X-Screening-Id": job_id}
+        if wait <= 0:
+            response.headers.update(where)
+            return _job_view(svc, job_id)
+
+        async def body() -> AsyncIterator[bytes]:
             await svc.wait_for(job_id, min(wait, 60.0))
-        view = _job_view(svc, job_id)
-        if view.status in (JobStatusValues.DONE, JobStatusValues.FAILED):
-            response.status_code = 200
-        return view
+            yield (await asyncio.to_thread(_job_view, svc, job_id)).model_dump_json().encode()
+
+        return StreamingResponse(body(), status_code=202, media_type="application/json", headers=where)
 
     @api.post("/v1/screenings", status_code=202, response_model=ScreeningJob, dependencies=[Auth])
     async def request_screening(body: ScreeningRequestBody, svc: Service, response: Response, wait: float = 0.0) -> Any:
         """Screen a study from the configured DICOM store. Returns at once (202), or with
-        ``wait`` (seconds, at most 60) holds the answer until the screening ends (200)."""
+        ``wait`` (seconds, at most 60) holds the body until the screening ends (202 and the
+        ``Location`` at once, the job with its result when done)."""
         await remember(svc)
         job_id = svc.submit(StudyRequest(study_instance_uid=body.study_instance_uid), body.priority)
         return await _answer(svc, job_id, wait, response)

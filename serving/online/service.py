@@ -178,6 +178,9 @@ class ScreeningService:
             self._poller.cancel()
         if self._dispatcher:
             self._dispatcher.cancel()
+        for queue in self._queues.values():  # queued jobs run at the next start: answer their waiters now
+            while not queue.empty():
+                self._signal_done(queue.get_nowait().id)
         finished = True
         if self._inflight:
             _done, pending = await asyncio.wait(self._inflight, timeout=timeout_s)

@@ -107,7 +107,7 @@ def test_auth_is_required_everywhere_but_health(tmp_path: Path, predictor: OnnxP
         assert wait_for(client, response.json()["screening_id"], good)["status"] == "DONE"
 
 
-def test_post_with_wait_answers_with_the_result_or_202_when_not_done_in_time(
+def test_post_with_wait_answers_with_the_result_when_done_in_time(
     tmp_path: Path, predictor: OnnxPredictor, store_dir: Path
 ) -> None:
     with running(tmp_path, predictor, store_dir, gate=True) as (client, pipeline):
@@ -118,10 +118,11 @@ def test_post_with_wait_answers_with_the_result_or_202_when_not_done_in_time(
         done = client.post(
             "/v1/screenings", params={"wait": 20}, json={"study_instance_uid": uid_of(store_dir / "s42.dcm")}
         )
-        assert done.status_code == 200 and done.json()["status"] == "DONE"
+        assert done.status_code == 202 and done.json()["status"] == "DONE"
+        assert done.headers["location"] == f"/v1/screenings/{done.json()['screening_id']}"
         assert done.json()["result"]["study_instance_uid"] == uid_of(store_dir / "s42.dcm")
         missing = client.post("/v1/screenings", params={"wait": 20}, json={"study_instance_uid": "1.2.3.998"})
-        assert missing.status_code == 200  # finished: FAILED with its reason, no UID in the detail
+        assert missing.status_code == 202  # finished: FAILED with its reason, no UID in the detail
         assert (missing.json()["status"], missing.json()["error_reason"]) == ("FAILED", "STUDY_NOT_FOUND")
         assert "1.2.3.998" not in missing.json()["error_detail"]
 

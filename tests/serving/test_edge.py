@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import stat
 import time
@@ -296,3 +297,63 @@ def _service_of(client: TestClient) -> Any:
             getter = dependant.dependencies[0].call
             found.append(client.portal.call(getter))
     return found[0]
+
+
+def test_a_waiting_client_holds_its_screening_id_before_the_screening_ends(
+    tmp_path: Path, predictor: OnnxPredictor, store_dir: Path
+) -> None:
+    """Finding: after a replica was killed, clients waiting on POST ?wait= got a bare 500
+    although their jobs were saved: now the 202 with Location and X-Screening-Id is sent
+    before the wait, so whatever happens to the replica the client knows its screening."""
+    import asyncio
+
+    with running(tmp_path, predictor, store_dir, gate=True) as (client, pipe):
+        body = json.dumps({"study_instance_uid": uid_of(store_dir / "s41.dcm")}).encode()
+        sent: list[dict[str, Any]] = []
+
+        async def post_and_watch() -> tuple[dict[str, str], bool]:
+            delivered = False
+
+            async def receive() -> dict[str, Any]:
+                nonlocal delivered
+                if not delivered:
+                    delivered = True
+                    return {"type": "http.request", "body": body, "more_body": False}
+                await asyncio.sleep(3600)  # the client stays connected
+                return {"type": "http.disconnect"}
+
+            async def send(message: dict[str, Any]) -> None:
+                sent.append(message)
+
+            scope = {
+                "type": "http",
+                "asgi": {"version": "3.0"},
+                "http_version": "1.1",
+                "method": "POST",
+                "scheme": "http",
+                "path": "/v1/screenings",
+                "raw_path": b"/v1/screenings",
+                "query_string": b"wait=30",
+                "root_path": "",
+                "headers": [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode())],
+                "client": ("127.0.0.1", 40000),
+                "server": ("127.0.0.1", 8000),
+            }
+            task = asyncio.create_task(client.app(scope, receive, send))  # type: ignore[arg-type]
+            for _ in range(500):
+                if any(m["type"] == "http.response.start" for m in sent):
+                    break
+                await asyncio.sleep(0.01)
+            start = next(m for m in sent if m["type"] == "http.response.start")
+            finished = any(m["type"] == "http.response.body" and not m.get("more_body") for m in sent)
+            pipe().gate.set()  # type: ignore[union-attr]  # the screening may end now
+            await asyncio.wait_for(task, 30)
+            return {k.decode(): v.decode() for k, v in start["headers"]}, finished
+
+        headers, finished_before_gate = client.portal.call(post_and_watch)
+        assert not finished_before_gate  # the headers came while the screening was still held
+        assert sent[0]["status"] == 202
+        job_id = headers["x-screening-id"]
+        assert headers["location"] == f"/v1/screenings/{job_id}"
+        final = json.loads(b"".join(m.get("body", b"") for m in sent if m["type"] == "http.response.body"))
+        assert final["screening_id"] == job_id and final["status"] == "DONE"
