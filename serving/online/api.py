@@ -13,33 +13,33 @@ handlers below); a 422 names the fields and the reasons, never the values sent.
 """
 
 import asyncio
-import re
 import shutil
 from collections.abc import AsyncIterator, Awaitable, Callable
 from datetime import UTC, datetime
 from typing import Annotated, Any
 
-from fastapi import Depends, FastAPI, HTTPException, Query, Request, Response
+from fastapi import Depends, FastAPI, Header, HTTPException, Query, Request, Response
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, PlainTextResponse, StreamingResponse
 from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
 from pydantic import AfterValidator, BaseModel, ConfigDict, Field
 
-from models.errors import AdmissionRefused, JobFailureValues, ReasonCode, ResultsDatabaseError
+from models.errors import AdmissionRefused, JobFailureValues, ReasonCode, RequestRejected, ResultsDatabaseError
 from models.results import OutcomeValues, ScreeningResult, TriagePriorityValues
+from serving.core.uids import is_dicom_uid
 from serving.online.edge import EdgeGuard, Principal, spool_multipart
+from serving.online.integrity import default_provenance, request_hash
 from serving.online.pipeline import StudyRequest
 from serving.online.service import JobStatusValues, PriorityValues, ScreeningService
+from serving.persistence.results import Idempotency
 from serving.settings import ApiSettings
 
 #: seconds a client should wait before retrying after the results database failed
 DATABASE_RETRY_AFTER_S = 5
 
-_UID = re.compile(r"^[0-9]+(\.[0-9]+)*$")
-
 
 def _check_uid(value: str) -> str:
-    if not _UID.match(value):
+    if not is_dicom_uid(value):  # fullmatch: a trailing newline is not a UID
         raise ValueError("not a DICOM UID (digits and dots)")
     return value
 
@@ -151,6 +151,16 @@ def create_api(
 
     Service = Annotated[ScreeningService, Depends(service)]
     Auth = Depends(authorised)
+    Who = Annotated[Principal, Auth]  # the same dependency: evaluated once per request
+    IdempotencyKey = Annotated[
+        str | None,
+        Header(
+            alias="Idempotency-Key",
+            min_length=1,
+            max_length=255,
+            description="a retried POST with the same key answers with the same screening",
+        ),
+    ]
 
     @api.middleware("http")
     async def count_requests(request: Request, call_next: Callable[[Request], Awaitable[Response]]) -> Response:
@@ -183,6 +193,11 @@ def create_api(
             error_detail=record.error_detail,
             result=result,
         )
+
+    @api.exception_handler(RequestRejected)
+    async def rejected(request: Request, exc: RequestRejected) -> JSONResponse:
+        """A request refused for what it says (a UID in a file, a reused Idempotency-Key)."""
+        return JSONResponse(status_code=exc.status_code, content={"detail": str(exc), "reason": type(exc).__name__})
 
     @api.exception_handler(AdmissionRefused)
     async def refused(request: Request, exc: AdmissionRefused) -> JSONResponse:
@@ -234,12 +249,29 @@ def create_api(
         return StreamingResponse(body(), status_code=202, media_type="application/json", headers=where)
 
     @api.post("/v1/screenings", status_code=202, response_model=ScreeningJob, dependencies=[Auth])
-    async def request_screening(body: ScreeningRequestBody, svc: Service, response: Response, wait: float = 0.0) -> Any:
+    async def request_screening(
+        body: ScreeningRequestBody,
+        svc: Service,
+        response: Response,
+        who: Who,
+        idempotency_key: IdempotencyKey = None,
+        wait: float = 0.0,
+    ) -> Any:
         """Screen a study from the configured DICOM store. Returns at once (202), or with
         ``wait`` (seconds, at most 60) holds the body until the screening ends (202 and the
-        ``Location`` at once, the job with its result when done)."""
+        ``Location`` at once, the job with its result when done). The
+        study already queued, or a retry with the same ``Idempotency-Key``, answers with that
+        screening; the same key with another body is a 422."""
         await remember(svc)
-        job_id = svc.submit(StudyRequest(study_instance_uid=body.study_instance_uid), body.priority)
+        request = StudyRequest(study_instance_uid=body.study_instance_uid)
+        key = request_hash("screening", body.study_instance_uid, body.priority.value)
+        job_id = svc.submit(
+            request,
+            body.priority,
+            provenance=default_provenance(request, who.id),
+            idempotency=Idempotency(who.id, idempotency_key, key) if idempotency_key else None,
+        )
+        await asyncio.to_thread(svc.store.audit, who.id, "request", job_id)
         return await _answer(svc, job_id, wait, response)
 
     @api.post(
@@ -273,6 +305,8 @@ def create_api(
         request: Request,
         svc: Service,
         response: Response,
+        who: Who,
+        idempotency_key: IdempotencyKey = None,
         priority: PriorityValues = PriorityValues.ROUTINE,
         wait: float = 0.0,
     ) -> Any:
@@ -289,30 +323,38 @@ def create_api(
             svc.settings.max_upload_files,
         )
         try:
-            job_id = await asyncio.to_thread(svc.submit_spooled, folder, priority)
+            job_id = await asyncio.to_thread(
+                svc.submit_spooled, folder, priority, requested_by=who.id, idempotency_key=idempotency_key
+            )
         except BaseException:
             await asyncio.to_thread(shutil.rmtree, folder, True)
             raise
+        await asyncio.to_thread(svc.store.audit, who.id, "upload", job_id)
         return await _answer(svc, job_id, wait, response)
 
     @api.post("/v1/events/stable-study", status_code=202, dependencies=[Auth])
-    async def stable_study(body: StableStudyEvent, svc: Service) -> Any:
-        """Webhook for the PACS: a study became stable. Screened once; repeats are ignored."""
+    async def stable_study(body: StableStudyEvent, svc: Service, who: Who) -> Any:
+        """Webhook for the PACS: a study became stable. Screened once; repeats are ignored (an
+        upload claiming the same Study UID is not a screening of the PACS copy: it does not count)."""
         await remember(svc)
-        job_id = svc.submit_automatic(body.study_instance_uid, "webhook")
+        job_id = svc.submit_automatic(body.study_instance_uid, "webhook", who.id)
+        await asyncio.to_thread(svc.store.audit, who.id, "webhook", job_id)
         return {"screening_id": job_id, "duplicate": job_id is None}
 
     @api.get("/v1/screenings/{screening_id}", response_model=ScreeningJob, dependencies=[Auth])
-    async def get_screening(screening_id: str, svc: Service, wait: float = 0.0) -> ScreeningJob:
+    async def get_screening(screening_id: str, svc: Service, who: Who, wait: float = 0.0) -> ScreeningJob:
         """Status (QUEUED, RUNNING, DONE, FAILED) and, once DONE, the result. ``wait`` (seconds,
         at most 60) holds the answer until the screening ends: no polling needed."""
         await remember(svc)
         if wait > 0:
             await svc.wait_for(screening_id, min(wait, 60.0))
-        return _job_view(svc, screening_id)
+        view = _job_view(svc, screening_id)
+        ref = view.result.study_ref if view.result is not None else None
+        await asyncio.to_thread(svc.store.audit, who.id, "read", screening_id, ref)
+        return view
 
     @api.get("/v1/worklist", response_model=list[WorklistItem], dependencies=[Auth])
-    async def worklist(svc: Service, limit: Annotated[int, Query(ge=1, le=1000)] = 200) -> list[WorklistItem]:
+    async def worklist(svc: Service, who: Who, limit: Annotated[int, Query(ge=1, le=1000)] = 200) -> list[WorklistItem]:
         """Screened studies in reading order: the AI only raises priority, never lowers a requested
         one; waiting studies move up one level per ``ageing_minutes`` so none waits forever."""
         await remember(svc)
@@ -335,6 +377,7 @@ def create_api(
                 )
             )
         items.sort(key=lambda i: (i.rank, i.screened_at))  # oldest first within a level
+        await asyncio.to_thread(svc.store.audit_many, who.id, "read-worklist", [(None, i.study_ref) for i in items])
         return items
 
     @api.get("/healthz", response_model=Health)

@@ -38,15 +38,19 @@ from models.errors import (
 )
 from models.results import OutcomeValues, ScreeningResult
 from serving.core.screening import ModelOutputs, PreparedImage, StudyScreener
+from serving.core.uids import is_dicom_uid
 from serving.delivery.worker import OutboxWorker, Sink
 from serving.dicom.dimse import StoreScp
 from serving.dicom.seg import build_seg
 from serving.dicom.sources import SearchableSource
 from serving.observability.metrics import ServiceMetrics
+from serving.online.integrity import default_provenance, spool_hash, upload_study_uid
 from serving.online.pipeline import Pipeline, PreparedStudy, StudyRequest
 from serving.online.spool import private_dir, sweep_partials, write_private
+from serving.persistence.ids import new_screening_uuid
 from serving.persistence.outbox import Outbox
-from serving.persistence.results import JobRecord, ResultsStore
+from serving.persistence.results import Idempotency, JobRecord, Provenance, ResultsStore
+from serving.persistence.schema import STORE_SOURCES, SYSTEM_ACTOR, SourceValues, TriggerValues
 from serving.settings import ApiSettings, PollerSettings, ScpSettings
 
 logger = logging.getLogger(__name__)
@@ -70,6 +74,10 @@ class _Job:
     priority: PriorityValues
     request: StudyRequest
     enqueued: float = field(default_factory=time.monotonic)
+    provenance: Provenance | None = None
+    dedupe_key: str | None = None  # the Study UID of a store-sourced job (serving.persistence.results)
+    idempotency: Idempotency | None = None
+    unless_screened: bool = False  # automatic triggers: no job when the store's copy was screened
 
 
 class ScreeningService:
@@ -268,7 +276,10 @@ class ScreeningService:
             self.metrics.rejected.labels(priority.value).inc()
             raise QueueFull(f"{priority.value} queue is full", retry_after_s=1)
 
-    def _enqueue(self, job: _Job, *, persist: bool = True) -> None:
+    def _enqueue(self, job: _Job, *, persist: bool = True) -> str | None:
+        """Persist and queue ``job``; returns the id of the job that answers (another one when
+        the store found an equivalent: same Idempotency-Key or dedupe key), None when an
+        automatic trigger's study was already screened from the store."""
         queue = self._queues[job.priority]
         if queue.full():
             self.metrics.rejected.labels(job.priority.value).inc()
@@ -278,32 +289,86 @@ class ScreeningService:
             )
         if persist:
             try:
-                self.store.add_job(job.id, job.priority.value, job.request.study_instance_uid, job.request.spool_dir)
+                admission = self.store.add_job(
+                    job.id,
+                    job.priority.value,
+                    job.request.study_instance_uid,
+                    job.request.spool_dir,
+                    provenance=job.provenance,
+                    dedupe_key=job.dedupe_key,
+                    idempotency=job.idempotency,
+                    unless_screened=job.unless_screened,
+                )
             except ResultsDatabaseError as exc:  # nothing accepted: the caller gets 503 + Retry-After
                 self._db_error = type(exc).__name__
                 raise
+            if not admission.created:
+                return admission.job_id
         queue.put_nowait(job)
         self.metrics.queue_depth.labels(job.priority.value).set(queue.qsize())
         self._wakeup.set()
-
-    def submit(self, request: StudyRequest, priority: PriorityValues) -> str:
-        """Persist and enqueue; returns the job id. Raises ``QueueFull`` or ``ServiceDraining``."""
-        if self._draining:
-            raise ServiceDraining()
-        job = _Job(uuid.uuid4().hex, priority, request)
-        self._enqueue(job)
         return job.id
 
-    def submit_automatic(self, study_instance_uid: str, trigger: str) -> str | None:
+    def submit(
+        self,
+        request: StudyRequest,
+        priority: PriorityValues,
+        *,
+        provenance: Provenance | None = None,
+        idempotency: Idempotency | None = None,
+    ) -> str:
+        """Persist and enqueue; returns the job id: the existing job's for a retried
+        Idempotency-Key, or for a study already queued from the store (one dedupe key for SCP,
+        webhook, poller and API). Raises ``QueueFull``, ``ServiceDraining``,
+        ``IdempotencyKeyReused``."""
+        job_id, _created = self._submit(request, priority, provenance, idempotency)
+        assert job_id is not None  # only automatic submissions can find nothing to do
+        return job_id
+
+    def _submit(
+        self,
+        request: StudyRequest,
+        priority: PriorityValues,
+        provenance: Provenance | None,
+        idempotency: Idempotency | None = None,
+        *,
+        unless_screened: bool = False,
+    ) -> tuple[str | None, bool]:
+        """(answering job id, whether it is a new job)."""
+        if self._draining:
+            raise ServiceDraining()
+        provenance = provenance or default_provenance(request, SYSTEM_ACTOR)
+        store_copy = provenance.source.value in STORE_SOURCES
+        job = _Job(
+            new_screening_uuid(),
+            priority,
+            request,
+            provenance=provenance,
+            dedupe_key=request.study_instance_uid if store_copy else None,
+            idempotency=idempotency,
+            unless_screened=unless_screened,
+        )
+        job_id = self._enqueue(job)
+        return job_id, job_id == job.id
+
+    def submit_automatic(self, study_instance_uid: str, trigger: str, requested_by: str = SYSTEM_ACTOR) -> str | None:
         """A trigger that fires on its own (webhook, poller): never screens a study twice.
 
-        Returns the job id, or None when the study was already screened or is queued."""
-        if self.store.has_screening_for(study_instance_uid):
-            self.metrics.triggers.labels(trigger, "duplicate").inc()
+        Returns the job id, or None when the study's store copy was already screened or is
+        queued (checked with the new job's insert, in one transaction). An upload claiming the
+        same Study UID does not count: it says nothing about the store's copy."""
+        if not is_dicom_uid(study_instance_uid):
+            self.metrics.triggers.labels(trigger, "refused").inc()
             return None
-        job_id = self.submit(StudyRequest(study_instance_uid=study_instance_uid), PriorityValues.ROUTINE)
-        self.metrics.triggers.labels(trigger, "submitted").inc()
-        return job_id
+        provenance = Provenance(SourceValues.PACS_FETCH, TriggerValues(trigger), requested_by)
+        job_id, created = self._submit(
+            StudyRequest(study_instance_uid=study_instance_uid),
+            PriorityValues.ROUTINE,
+            provenance,
+            unless_screened=True,
+        )
+        self.metrics.triggers.labels(trigger, "submitted" if created else "duplicate").inc()
+        return job_id if created else None
 
     def _on_scp_stable(self, study_instance_uid: str, folder: Path) -> None:
         """From the SCP's watcher thread: hand the spooled study to the event loop."""
@@ -311,15 +376,22 @@ class ScreeningService:
             return
 
         def submit() -> None:
-            if self.store.has_screening_for(study_instance_uid):
-                self.metrics.triggers.labels("c-store", "duplicate").inc()
-                shutil.rmtree(folder, ignore_errors=True)
-                return
-            try:
-                self.submit(StudyRequest(spool_dir=str(folder)), PriorityValues.ROUTINE)
-                self.metrics.triggers.labels("c-store", "submitted").inc()
-            except (QueueFull, ServiceDraining):
+            if not is_dicom_uid(study_instance_uid):
                 self.metrics.triggers.labels("c-store", "refused").inc()  # the spool stays for an operator
+                return
+            try:  # saved WITH its Study UID: the poller and the webhook see it queued
+                _job_id, created = self._submit(
+                    StudyRequest(study_instance_uid=study_instance_uid, spool_dir=str(folder)),
+                    PriorityValues.ROUTINE,
+                    Provenance(SourceValues.SCP_PUSH, TriggerValues.SCP),
+                    unless_screened=True,
+                )
+            except (QueueFull, ServiceDraining, ResultsDatabaseError):
+                self.metrics.triggers.labels("c-store", "refused").inc()  # the spool stays for an operator
+                return
+            self.metrics.triggers.labels("c-store", "submitted" if created else "duplicate").inc()
+            if not created:
+                shutil.rmtree(folder, ignore_errors=True)
 
         self._loop.call_soon_threadsafe(submit)
 
@@ -369,9 +441,33 @@ class ScreeningService:
             shutil.rmtree(spool, ignore_errors=True)
             raise
 
-    def submit_spooled(self, folder: Path, priority: PriorityValues) -> str:
-        """Submit instances already streamed into a private spool folder (the HTTP upload)."""
-        return self.submit(StudyRequest(spool_dir=str(folder)), priority)
+    def submit_spooled(
+        self,
+        folder: Path,
+        priority: PriorityValues,
+        *,
+        requested_by: str = SYSTEM_ACTOR,
+        idempotency_key: str | None = None,
+    ) -> str:
+        """Submit instances already streamed into a private spool folder (the HTTP upload).
+
+        The files' Study UID is checked (``InvalidIdentifier``) and recorded; the screening is an
+        ``upload``: it never replaces or silences the result of the store's copy. With an
+        ``idempotency_key`` a retried upload (same files, same priority) answers with the first
+        job and its spool folder is removed."""
+        uid = upload_study_uid(folder)
+        idempotency = (
+            Idempotency(requested_by, idempotency_key, spool_hash(folder, priority.value))
+            if idempotency_key is not None
+            else None
+        )
+        request = StudyRequest(study_instance_uid=uid, spool_dir=str(folder))
+        provenance = Provenance(SourceValues.UPLOAD, TriggerValues.API, requested_by)
+        job_id, created = self._submit(request, priority, provenance, idempotency)
+        assert job_id is not None
+        if not created:
+            shutil.rmtree(folder, ignore_errors=True)
+        return job_id
 
     # -- dispatch --------------------------------------------------------------------------
 
@@ -525,7 +621,7 @@ class ScreeningService:
         paired: list[tuple[PreparedImage, ModelOutputs | InferenceFailed]],
     ) -> tuple[ScreeningResult, list[Dataset]]:
         uids = [i.study_instance_uid for i in prepared.prepared] + [r.study_instance_uid for r in prepared.rejected]
-        uid = next((u for u in uids if u), "")
+        uid = next((u for u in uids if is_dicom_uid(u)), "")
         if not uid and job.request.study_instance_uid:
             uid = job.request.study_instance_uid
         evidence = [i.header for i in prepared.prepared if i.header is not None]
