@@ -151,6 +151,7 @@ def evidence_of(ds: Dataset, limits: DecodeLimits = DEFAULT_LIMITS) -> Dataset:
     meta = getattr(ds, "file_meta", None)
     if meta is not None:
         evidence.file_meta = FileMetaDataset(_clean_copy(meta, 0, limits))
+        evidence.preamble = b"\x00" * 128  # stored and read back as a DICOM file (results database)
     implicit, little = ds.original_encoding
     evidence.set_original_encoding(implicit, little, ds.original_character_set)
     return evidence
