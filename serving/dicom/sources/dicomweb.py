@@ -1,7 +1,8 @@
 """DICOMweb study source (QIDO-RS, WADO-RS) and sink (STOW-RS), on httpx.
 
-* Every request has a timeout; connection errors, timeouts and 5xx are retried with exponential
-  backoff, then raised as ``SourceUnavailable``. 404 is ``StudyNotFound``. Messages carry no UIDs.
+* Every request has a timeout; connection errors, timeouts, 429 and 5xx are retried (tenacity:
+  exponential backoff with jitter, capped), then raised as ``SourceUnavailable``. 404 is
+  ``StudyNotFound``. Messages carry no UIDs.
 * ``instances`` asks QIDO-RS for the study's instances with the attributes input QA needs and
   retrieves, by WADO-RS, only those a configured model could accept (a CT localizer or an SR in
   the study is never downloaded).
@@ -21,6 +22,7 @@ from typing import Any
 import httpx
 from pydicom.dataset import Dataset
 from pydicom.filebase import DicomBytesIO
+from tenacity import RetryCallState, Retrying, retry_if_exception_type, stop_after_attempt, wait_exponential_jitter
 
 from models.errors import SourceUnavailable, StudyNotFound
 from models.manifest import ModelManifest
@@ -83,6 +85,21 @@ def parse_multipart(content_type: str, body: bytes) -> list[bytes]:
     return parts
 
 
+class _Retryable(Exception):
+    """A failure another attempt may not repeat (connection, timeout, 429, 5xx); names no URL."""
+
+    def __init__(self, failure: str) -> None:
+        super().__init__(failure)
+        self.failure = failure
+
+
+def _log_retry(state: RetryCallState) -> None:
+    failure = state.outcome.exception() if state.outcome is not None else None
+    delay = state.next_action.sleep if state.next_action is not None else 0.0
+    why = failure.failure if isinstance(failure, _Retryable) else type(failure).__name__
+    logger.warning("DICOMweb request failed (%s), retry %d in %.2fs", why, state.attempt_number, delay)
+
+
 class DicomWebSource:
     """A DICOMweb server (Orthanc's DICOMweb plugin, dcm4chee, a cloud PACS) as study source."""
 
@@ -96,6 +113,7 @@ class DicomWebSource:
         timeout_s: float = 10.0,
         retries: int = 3,
         backoff_s: float = 0.5,
+        max_backoff_s: float = 10.0,
         manifests: Sequence[ModelManifest] = (),
         transport: httpx.BaseTransport | None = None,
         sleep: Callable[[float], None] = time.sleep,
@@ -107,28 +125,43 @@ class DicomWebSource:
         )
         self.retries = retries
         self.backoff_s = backoff_s
+        self.max_backoff_s = max_backoff_s
         self.manifests = list(manifests)
         self._sleep = sleep
 
+    def _attempt(self, method: str, url: str, **kwargs: Any) -> httpx.Response:
+        """One request: the response, ``StudyNotFound``/``SourceUnavailable`` for answers that a
+        retry cannot change (404, other 4xx), ``_Retryable`` for those it can."""
+        try:
+            response = self.client.request(method, url, **kwargs)
+        except (httpx.TransportError, httpx.TimeoutException) as exc:
+            raise _Retryable(type(exc).__name__) from None
+        if response.status_code == 404:
+            raise StudyNotFound("study not found in the DICOMweb store")
+        if response.status_code >= 500 or response.status_code == 429:
+            raise _Retryable(f"HTTP {response.status_code}")
+        if response.status_code >= 400:
+            raise SourceUnavailable(f"DICOMweb store answered HTTP {response.status_code}")
+        return response
+
     def _request(self, method: str, url: str, **kwargs: Any) -> httpx.Response:
-        for attempt in range(self.retries + 1):
-            try:
-                response = self.client.request(method, url, **kwargs)
-            except (httpx.TransportError, httpx.TimeoutException) as exc:
-                failure = type(exc).__name__
-            else:
-                if response.status_code == 404:
-                    raise StudyNotFound("study not found in the DICOMweb store")
-                if response.status_code < 500 and response.status_code != 429:
-                    if response.status_code >= 400:
-                        raise SourceUnavailable(f"DICOMweb store answered HTTP {response.status_code}")
-                    return response
-                failure = f"HTTP {response.status_code}"
-            if attempt < self.retries:
-                delay = self.backoff_s * (2**attempt)
-                logger.warning("DICOMweb request failed (%s), retry %d in %.1fs", failure, attempt + 1, delay)
-                self._sleep(delay)
-        raise SourceUnavailable(f"DICOMweb store unavailable after {self.retries + 1} attempts ({failure})")
+        """``_attempt`` with up to ``retries`` retries (tenacity): exponential backoff from
+        ``backoff_s``, plus up to ``backoff_s`` of random jitter (clients that failed together do
+        not retry together), each wait capped at ``max_backoff_s``."""
+        retrying = Retrying(
+            stop=stop_after_attempt(self.retries + 1),
+            wait=wait_exponential_jitter(initial=self.backoff_s, max=self.max_backoff_s, jitter=self.backoff_s),
+            retry=retry_if_exception_type(_Retryable),
+            sleep=self._sleep,
+            before_sleep=_log_retry,
+            reraise=True,
+        )
+        try:
+            return retrying(self._attempt, method, url, **kwargs)
+        except _Retryable as exc:
+            raise SourceUnavailable(
+                f"DICOMweb store unavailable after {self.retries + 1} attempts ({exc.failure})"
+            ) from None
 
     # -- QIDO-RS ---------------------------------------------------------------------------
 
@@ -141,23 +174,30 @@ class DicomWebSource:
         page_size: int = 500,
     ) -> list[str]:
         """Every Study Instance UID matching modality and a date or range (``YYYYMMDD-YYYYMMDD``),
-        read page by page (QIDO-RS ``limit``/``offset``) until a short page."""
+        read page by page (QIDO-RS ``limit``/``offset``) until a short page.
+
+        The modality is matched here on the returned ModalitiesInStudy rather than sent as a
+        filter: some stores (Orthanc 1.10) apply ``offset`` before filtering on that computed
+        attribute and answer every page after the first with nothing."""
         found: list[str] = []
+        offset = 0
         while True:
-            params: dict[str, str | int] = {"limit": page_size, "offset": len(found), "includefield": "0020000D"}
-            if modality:
-                params["ModalitiesInStudy"] = modality
+            params: dict[str, str | int] = {"limit": page_size, "offset": offset, "includefield": "0020000D,00080061"}
             if study_date:
                 params["StudyDate"] = study_date
             if study_instance_uid:
                 params["StudyInstanceUID"] = study_instance_uid
             response = self._request("GET", "/studies", params=params, headers={"Accept": "application/dicom+json"})
-            if response.status_code == 204 or not response.content:
+            items = [] if response.status_code == 204 or not response.content else response.json()
+            for item in items:
+                if "0020000D" not in item:
+                    continue
+                modalities = {str(m).upper() for m in item.get("00080061", {}).get("Value", [])}
+                if modality is None or modality.upper() in modalities:
+                    found.append(str(item["0020000D"]["Value"][0]))
+            if len(items) < page_size:
                 return found
-            page = [str(item["0020000D"]["Value"][0]) for item in response.json() if "0020000D" in item]
-            found += page
-            if len(page) < page_size:
-                return found
+            offset += len(items)
 
     def list_instances(self, study_instance_uid: str) -> list[QidoInstance]:
         params = {"includefield": ",".join(_TAGS.values())}
