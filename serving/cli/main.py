@@ -95,7 +95,7 @@ def _run_screen(
         screener = build_screener(settings)
     except DxAssistError as exc:
         console.print(f"[red]model error:[/red] {exc}")
-        raise typer.Exit(3) from exc
+        raise typer.Exit(2) from exc
     results = screen_paths(screener, files, group_by_study=not per_file)
     if save:
         store = ResultsStore(settings.results.target)
@@ -132,7 +132,18 @@ def screen(
     save: Annotated[bool, typer.Option("--save/--no-save", help="record results in the results store")] = True,
     settings: SettingsOpt = None,
 ) -> None:
-    """Screen DICOM files or folders and print the findings (with --out: a resumable batch job)."""
+    """Screen DICOM files or folders and print the findings (with --out: a resumable batch job).
+
+    Every file that can be screened is; the others are reported NOT_SCREENED with a reason.
+
+    Exit codes:
+
+    0  every study screened
+
+    1  some study not screened (batch job: or not fetched)
+
+    2  usage or configuration error (arguments, paths, settings, models)
+    """
     install_logging(logging.WARNING)
     paths = paths or []
     from_store = uids is not None or query_modality is not None or query_dates is not None
@@ -140,7 +151,9 @@ def screen(
         if from_store or not paths:
             console.print("[red]--uids/--query-* need --out (a batch job); give files or folders otherwise[/red]")
             raise typer.Exit(2)
-        _run_screen(paths, _load_settings(settings), as_json=as_json, per_file=per_file, save=save)
+        results = _run_screen(paths, _load_settings(settings), as_json=as_json, per_file=per_file, save=save)
+        if any(r.outcome != OutcomeValues.SCREENED for r in results):
+            raise typer.Exit(1)
         return
     study_uids: list[str] = []
     if uids is not None:
@@ -237,6 +250,8 @@ def _run_batch(
     if summary.errors:
         console.print(f"[yellow]{len(summary.errors)} studies could not be fetched; run again to retry them[/yellow]")
     console.print(f"Results: {csv_path}, {parquet_path}\nReport:  {report}")
+    if summary.errors or n_ok < len(summary.results):
+        raise typer.Exit(1)
 
 
 def _screen_over_http(
