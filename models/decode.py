@@ -20,6 +20,7 @@ Every failure, whatever its type (pydicom, numpy, Pillow, the pylibjpeg codecs, 
 
 from __future__ import annotations
 
+import os
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any, BinaryIO, Final
@@ -38,7 +39,7 @@ from models.preprocessing import Pipeline, get_pipeline
 from models.qa import route
 from models.results import StudyIdentity
 
-Source = str | bytes | BinaryIO
+Source = str | os.PathLike[str] | bytes | BinaryIO
 
 #: Value representations of bulk data: kept out of the evidence header above ``_BULK_BYTES``.
 _BULK_VRS: Final = frozenset({"OB", "OW", "OF", "OD", "OL", "OV", "UN"})
@@ -248,3 +249,17 @@ def prepare_instance(
             f"image could not be prepared ({type(exc).__name__})",
             fault=FAULT_UNEXPECTED,
         )
+
+
+def study_uid_of(source: Source, limits: DecodeLimits = DEFAULT_LIMITS) -> str:
+    """The Study Instance UID from a file's header (no pixels read), or ``""`` when the file
+    cannot be read within ``limits``. Never raises for bad input: planners that group files by
+    study call it on every file of a folder before any screening starts."""
+    try:
+        with parse_guard(limits):
+            ds = read_dataset(source, header_only=True, limits=limits)
+            return _uid(ds, "StudyInstanceUID")
+    except BaseException as exc:  # InputRejected, or a deferred element that cannot be converted
+        if _is_fatal(exc):
+            raise
+        return ""

@@ -32,8 +32,8 @@ from typing import Any, Literal
 
 import numpy as np
 
-from models.errors import InferenceFailed, InputRejected, SourceError
-from models.pixels import read_dataset
+from models.decode import study_uid_of
+from models.errors import InferenceFailed, SourceError
 from models.predictor import cuda_device_count
 from models.results import ScreeningResult
 from serving.core.screening import InstanceInput, ModelOutputs, PreparedImage, RejectedImage, StudyScreener, run_model
@@ -60,10 +60,7 @@ def plan_studies(inputs: list[Path]) -> list[PlannedStudy]:
     n = 0
     for root in inputs:
         for path in candidate_files(root):
-            try:
-                uid = str(read_dataset(path, header_only=True).get("StudyInstanceUID", ""))
-            except InputRejected:
-                uid = ""
+            uid = study_uid_of(path)  # never raises: a hostile header stands alone
             key = uid or f"file:{n}"
             n += 1
             studies.setdefault(key, PlannedStudy(key, [])).files.append(path)

@@ -11,8 +11,8 @@ import logging
 from dataclasses import dataclass
 from pathlib import Path
 
-from models.errors import InputRejected, StudyNotFound
-from models.pixels import read_dataset
+from models.decode import study_uid_of
+from models.errors import StudyNotFound
 from serving.core.screening import InstanceInput
 
 logger = logging.getLogger(__name__)
@@ -48,10 +48,7 @@ class LocalFolderSource:
             old = self._index.get(path)
             if old and old.size == stat.st_size and old.mtime_ns == stat.st_mtime_ns:
                 continue
-            try:
-                uid = str(read_dataset(path, header_only=True).get("StudyInstanceUID", ""))
-            except InputRejected:
-                uid = ""
+            uid = study_uid_of(path)  # "" for a file that cannot be read; never raises
             self._index[path] = IndexedFile(path, uid, stat.st_size, stat.st_mtime_ns)
         for gone in set(self._index) - seen:
             del self._index[gone]
