@@ -2,6 +2,8 @@
 
 The artifact's sha256 is checked before a session is created (``ModelIntegrityError``), and
 the session's input/output signature is checked against the manifest (``ManifestError``).
+When the manifest declares an out-of-distribution gate, its statistics are verified and loaded
+with the session, and ``ood_distances`` turns the ``features`` output into one distance per row.
 CUDA (and, when asked, TensorRT) are requested only when a GPU is really present, so a CPU
 machine with onnxruntime-gpu installed falls back cleanly and without error lines;
 ``provider`` reports what the session really runs on.
@@ -24,6 +26,7 @@ from numpy.typing import NDArray
 
 from models.errors import InferenceFailed, ManifestError
 from models.manifest import LoadedManifest, ModelManifest, OutputRoleValues, load_manifest, verify_artifact
+from models.ood import OodGate
 
 logger = logging.getLogger(__name__)
 
@@ -53,11 +56,16 @@ def cuda_device_count() -> int:
 
 
 def choose_providers(
-    preference: ProviderPreference = "auto", device_id: int = 0
+    preference: ProviderPreference = "auto",
+    device_id: int = 0,
+    *,
+    available: set[str] | None = None,
+    gpu: bool | None = None,
 ) -> list[str | tuple[str, dict[str, object]]]:
-    """Execution providers to ask for, best first; CPU is always last."""
-    available = set(ort.get_available_providers())
-    gpu = cuda_device_count() > 0
+    """Execution providers to ask for, best first; CPU is always last. ``available`` and ``gpu``
+    default to what this machine's ONNX Runtime build and driver report."""
+    available = set(ort.get_available_providers()) if available is None else available
+    gpu = cuda_device_count() > 0 if gpu is None else gpu
     providers: list[str | tuple[str, dict[str, object]]] = []
     if preference == "tensorrt" and gpu and "TensorrtExecutionProvider" in available:
         providers.append(("TensorrtExecutionProvider", {"device_id": device_id, "trt_engine_cache_enable": True}))
@@ -111,6 +119,8 @@ class OnnxPredictor:
         self._check_signature()
         self.provider: str = self.session.get_providers()[0]
         self._outputs = [o.name for o in self.manifest.outputs]
+        #: the version's out-of-distribution gate (None for a version fitted without one)
+        self.ood: OodGate | None = OodGate.of(loaded)
 
     @classmethod
     def from_path(cls, manifest_path: str | Path, **kwargs: object) -> OnnxPredictor:
@@ -179,6 +189,12 @@ class OnnxPredictor:
         if spec.activation == "sigmoid":
             return sigmoid(raw)
         return raw
+
+    def ood_distances(self, outputs: dict[str, NDArray[np.float32]]) -> NDArray[np.float64] | None:
+        """Mahalanobis distance of each row's features to the training data (``None``: no gate)."""
+        if self.ood is None:
+            return None
+        return self.ood.decide(outputs[self.ood.features_output]).distances
 
     def self_test(self) -> SelfTest:
         """One batch of a smooth synthetic image; checks shapes and finiteness (readiness probe)."""

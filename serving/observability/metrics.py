@@ -22,9 +22,6 @@ class ServiceMetrics:
         )
         self.queue_depth = Gauge("dxassist_queue_depth", "Queued screening requests", ["priority"], registry=r)
         self.triggers = Counter("dxassist_triggers", "Automatic study triggers", ["trigger", "action"], registry=r)
-        self.result_writes = Counter(
-            "dxassist_result_writes", "Results written back to the store", ["status"], registry=r
-        )
         self.model_info = Gauge(
             "dxassist_model_info", "Loaded models (1 = loaded)", ["model", "version", "provider"], registry=r
         )

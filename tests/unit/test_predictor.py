@@ -12,11 +12,26 @@ from models.manifest import load_manifest
 from models.predictor import OnnxPredictor, choose_providers, cuda_device_count
 
 
-def test_choose_providers_always_ends_with_cpu() -> None:
-    for pref in ("auto", "cpu", "cuda", "tensorrt"):
-        providers = choose_providers(pref)  # type: ignore[arg-type]
-        assert providers[-1] == "CPUExecutionProvider"
-    assert choose_providers("cpu") == ["CPUExecutionProvider"]
+def _names(providers: list[str | tuple[str, dict[str, object]]]) -> list[str]:
+    return [p if isinstance(p, str) else p[0] for p in providers]
+
+
+def test_choose_providers_prefers_the_gpu_only_when_one_is_usable() -> None:
+    gpu_build = {"TensorrtExecutionProvider", "CUDAExecutionProvider", "CPUExecutionProvider"}
+    cpu_build = {"CPUExecutionProvider"}
+    cuda, cpu = "CUDAExecutionProvider", "CPUExecutionProvider"
+    assert _names(choose_providers("auto", available=gpu_build, gpu=True)) == [cuda, cpu]
+    assert _names(choose_providers("cuda", available=gpu_build, gpu=True)) == [cuda, cpu]
+    assert _names(choose_providers("tensorrt", available=gpu_build, gpu=True)) == [
+        "TensorrtExecutionProvider",
+        cuda,
+        cpu,
+    ]
+    # no device (the GPU build installed on a CPU machine), or a CPU-only build: CPU alone
+    assert _names(choose_providers("auto", available=gpu_build, gpu=False)) == [cpu]
+    assert _names(choose_providers("cuda", available=cpu_build, gpu=True)) == [cpu]
+    # asked for CPU: never a GPU, even when one is there
+    assert _names(choose_providers("cpu", available=gpu_build, gpu=True)) == [cpu]
 
 
 def test_predictor_reports_provider_it_really_got(tiny_model_dir: Path) -> None:
