@@ -37,10 +37,10 @@ pytest: $(VENV)/.dev-installed
 test: check pytest
 
 train-cxr: $(VENV)/.dev-installed
-	$(BIN)/python -m training.train_cxr --config configs/training/cxr_triage.yaml --out var/train/cxr
+	$(BIN)/python -m training.cli cxr --config configs/training/cxr_triage.yaml --out var/train/cxr
 
 train-polyp: $(VENV)/.dev-installed
-	$(BIN)/python -m training.train_polyp --config configs/training/endoscopy_polyp.yaml --out var/train/polyp
+	$(BIN)/python -m training.cli polyp --config configs/training/endoscopy_polyp.yaml --out var/train/polyp
 
 clean:
 	rm -rf var/store var/results.sqlite3 .pytest_cache .mypy_cache .ruff_cache

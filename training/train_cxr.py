@@ -10,7 +10,6 @@ check -> manifest + model card -> (optional) INT8 cost -> registry.
 
 from __future__ import annotations
 
-import argparse
 import datetime as dt
 import json
 import logging
@@ -24,8 +23,7 @@ from monai.transforms import Compose
 from monai.utils import set_determinism
 from sklearn.metrics import roc_auc_score
 
-from models.manifest import LoadedManifest, load_manifest
-from models.predictor import OnnxPredictor
+from models.manifest import LoadedManifest
 from models.registry import REGISTRY_ROOT, register_version
 from models.synthetic.cxr import LABELS, generate_cxr_dataset
 from training.config import TrainConfig, optimiser_and_schedule
@@ -249,26 +247,12 @@ def _int8_cost(
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--config", type=Path, default=Path("configs/training/cxr_triage.yaml"))
-    parser.add_argument("--out", type=Path, default=Path("var/train/cxr"))
-    parser.add_argument("--register", action="store_true", help="copy the staged version into models/registry")
-    parser.add_argument("--set", nargs="*", default=[], help="overrides like data.n_train=64 train.epochs=1")
-    args = parser.parse_args()
-    overrides = {}
-    for item in args.set:
-        key, _, value = item.partition("=")
-        overrides[key] = json.loads(value) if value[:1] in "0123456789[{-tf" else value
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
-    cfg = TrainConfig.from_yaml(args.config, **overrides)
-    report = train(cfg, args.out, register=args.register)
-    print(
-        json.dumps(
-            {"test": report["test"], "staged": report["staged"], "registered": report.get("registered")}, indent=2
-        )
-    )
-    load_manifest(Path(str(report["staged"])))
-    OnnxPredictor(load_manifest(Path(str(report["staged"]))), providers="cpu")
+    """``python -m training.train_cxr`` is ``python -m training.cli cxr``."""
+    import sys
+
+    from training.cli import app
+
+    app(["cxr", *sys.argv[1:]])
 
 
 if __name__ == "__main__":

@@ -9,7 +9,6 @@ of the top 1 % mask logits), whose operating point is chosen on validation frame
 
 from __future__ import annotations
 
-import argparse
 import datetime as dt
 import json
 import logging
@@ -260,25 +259,12 @@ def _card(
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--config", type=Path, default=Path("configs/training/endoscopy_polyp.yaml"))
-    parser.add_argument("--out", type=Path, default=Path("var/train/polyp"))
-    parser.add_argument("--register", action="store_true")
-    parser.add_argument("--set", nargs="*", default=[])
-    args = parser.parse_args()
-    overrides = {}
-    for item in args.set:
-        key, _, value = item.partition("=")
-        overrides[key] = json.loads(value) if value[:1] in "0123456789[{-tf" else value
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
-    report = train(TrainConfig.from_yaml(args.config, **overrides), args.out, register=args.register)
-    print(
-        json.dumps(
-            {"test": report["test"], "staged": report["staged"], "registered": report.get("registered")},
-            indent=2,
-            default=float,
-        )
-    )
+    """``python -m training.train_polyp`` is ``python -m training.cli polyp``."""
+    import sys
+
+    from training.cli import app
+
+    app(["polyp", *sys.argv[1:]])
 
 
 if __name__ == "__main__":
