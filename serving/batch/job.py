@@ -13,8 +13,9 @@ there ``fused`` wins (15.1 -> 19.1 studies/s on the 500-study benchmark archive)
 each actor keeps one core busy with no cross-process hand-off, and while one actor decodes the
 others infer. ``auto`` picks
 ``staged`` when a CUDA device is present, else ``fused``. The same code runs on a laptop or on
-a cluster (``address``). The ledger (SQLite in the job folder) makes a job resumable: an
-interrupted job restarted with the same output folder skips finished studies.
+a cluster (``address``). The ledger (``serving.persistence.ledger``: SQLite in the job folder)
+makes a job resumable: an interrupted job restarted with the same output folder skips finished
+studies.
 """
 
 from __future__ import annotations
@@ -22,11 +23,9 @@ from __future__ import annotations
 import json
 import logging
 import pickle  # nosec: rows are this job's own objects passed between its own actors
-import sqlite3
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
-from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any, Literal
 
@@ -38,6 +37,9 @@ from models.predictor import cuda_device_count
 from models.results import ScreeningResult
 from serving.core.screening import InstanceInput, ModelOutputs, PreparedImage, RejectedImage, StudyScreener, run_model
 from serving.dicom.sources.local import candidate_files
+from serving.persistence.ledger import Ledger
+from serving.persistence.results import Provenance
+from serving.persistence.schema import SourceValues, TriggerValues
 from serving.settings import Settings
 
 logger = logging.getLogger(__name__)
@@ -65,57 +67,6 @@ def plan_studies(inputs: list[Path]) -> list[PlannedStudy]:
             n += 1
             studies.setdefault(key, PlannedStudy(key, [])).files.append(path)
     return list(studies.values())
-
-
-class Ledger:
-    """Per-study progress of one job (the job folder's ``ledger.sqlite3``)."""
-
-    def __init__(self, path: Path) -> None:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        self._db = sqlite3.connect(path, isolation_level=None)
-        self._db.execute("PRAGMA journal_mode=WAL")
-        self._db.execute(
-            "CREATE TABLE IF NOT EXISTS studies (study_key TEXT PRIMARY KEY, outcome TEXT NOT NULL, reason TEXT,"
-            " result_json TEXT NOT NULL, finished_at TEXT NOT NULL)"
-        )
-        # studies that could not be fetched (store down...): not done, retried by the next run
-        self._db.execute(
-            "CREATE TABLE IF NOT EXISTS errors (study_key TEXT PRIMARY KEY, error TEXT NOT NULL, at TEXT NOT NULL)"
-        )
-
-    def done(self) -> set[str]:
-        return {row[0] for row in self._db.execute("SELECT study_key FROM studies")}
-
-    def record(self, key: str, result: ScreeningResult) -> bool:
-        """Record a finished study once; returns False if it was already recorded."""
-        cur = self._db.execute(
-            "INSERT OR IGNORE INTO studies VALUES (?, ?, ?, ?, ?)",
-            (
-                key,
-                result.outcome.value,
-                result.reason.value if result.reason else None,
-                result.model_dump_json(),
-                datetime.now(UTC).isoformat(timespec="seconds"),
-            ),
-        )
-        return cur.rowcount == 1
-
-    def record_error(self, key: str, error: str) -> None:
-        self._db.execute(
-            "INSERT OR REPLACE INTO errors VALUES (?, ?, ?)",
-            (key, error, datetime.now(UTC).isoformat(timespec="seconds")),
-        )
-
-    def errors(self) -> dict[str, str]:
-        done = self.done()
-        return {k: e for k, e in self._db.execute("SELECT study_key, error FROM errors") if k not in done}
-
-    def results(self) -> list[tuple[str, ScreeningResult]]:
-        rows = self._db.execute("SELECT study_key, result_json FROM studies ORDER BY rowid").fetchall()
-        return [(k, ScreeningResult.model_validate_json(j)) for k, j in rows]
-
-    def close(self) -> None:
-        self._db.close()
 
 
 def _screener(settings: Settings, *, sessions: bool) -> StudyScreener:
@@ -287,6 +238,7 @@ def run_batch_job(
     ledger = Ledger(out_dir / "ledger.sqlite3")
     planned = plan_studies(inputs) + plan_from_store(study_uids or [])
     done = ledger.done()
+    fetched = {s.key for s in planned if not s.files}  # studies the job fetches from the store
     todo = [s for s in planned if s.key not in done]
     started_ray = False
     if not ray.is_initialized():
@@ -347,7 +299,9 @@ def run_batch_job(
                     uid = study if not study.startswith("file:") else ""
                     result = screener.assemble(uid, prepared, rejected)
                     if ledger.record(study, result) and store is not None:
-                        store.save(result)
+                        # a study named by UID was fetched from the store: its result is the study's record
+                        source = SourceValues.PACS_FETCH if study in fetched else SourceValues.FILES
+                        store.save(result, Provenance(source, TriggerValues.BATCH))
                     finished += 1
                     if on_progress:
                         on_progress(finished, len(todo))

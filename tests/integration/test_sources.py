@@ -135,7 +135,10 @@ def test_store_down_retries_with_backoff_then_fails_clearly() -> None:
         pytest.raises(SourceUnavailable, match="after 4 attempts"),
     ):
         source.instances("1.2.3")
-    assert delays == [0.1, 0.2, 0.4]
+    # exponential from 0.1 s, plus up to 0.1 s of jitter each (never all on the bare schedule)
+    assert len(delays) == 3
+    assert all(0.1 * 2**i <= d <= 0.1 * 2**i + 0.1 for i, d in enumerate(delays))
+    assert delays != [0.1, 0.2, 0.4]
 
 
 def test_store_that_never_answers_times_out_and_fails_within_bounds() -> None:

@@ -150,7 +150,7 @@ class DicomWebSource:
         not retry together), each wait capped at ``max_backoff_s``."""
         retrying = Retrying(
             stop=stop_after_attempt(self.retries + 1),
-            wait=wait_exponential_jitter(initial=self.backoff_s, max=self.max_backoff_s, jitter=self.backoff_s),
+            wait=wait_exponential_jitter(multiplier=self.backoff_s, max=self.max_backoff_s, jitter=self.backoff_s),
             retry=retry_if_exception_type(_Retryable),
             sleep=self._sleep,
             before_sleep=_log_retry,
