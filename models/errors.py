@@ -13,6 +13,7 @@
     ├── ModelError
     │   ├── ModelIntegrityError  checksum or signature mismatch: fatal before any session exists
     │   ├── ManifestError        manifest malformed or inconsistent with the artifact
+    │   │   └── SignatureMismatch an imported graph's inputs/outputs disagree with its import spec
     │   ├── VersionExists        a registered version is immutable: register a new one
     │   ├── ParityError          exported ONNX disagrees with the PyTorch model: nothing written
     │   └── InferenceFailed      runtime failure or non-finite output (never read as "negative")
@@ -60,6 +61,11 @@ class ReasonCode(StrEnum):
     UNSUPPORTED_VIEW = "UNSUPPORTED_VIEW"
     UNSUPPORTED_PHOTOMETRIC = "UNSUPPORTED_PHOTOMETRIC"
     NO_USABLE_IMAGE = "NO_USABLE_IMAGE"
+    #: the pixels (or the header's own technical facts) disagree with what the header claims:
+    #: a mask, an MR/CT/ultrasound image or a colour picture labelled as a radiograph
+    CONTENT_MISMATCH = "CONTENT_MISMATCH"
+    #: the image looks like nothing the model was trained on (its OOD gate refused it)
+    OUT_OF_DISTRIBUTION = "OUT_OF_DISTRIBUTION"
     INFERENCE_FAILED = "INFERENCE_FAILED"
 
 
@@ -119,6 +125,11 @@ class ModelIntegrityError(ModelError):
 
 class ManifestError(ModelError):
     """The manifest is malformed, or does not match the artifact's signature."""
+
+
+class SignatureMismatch(ManifestError):
+    """``dxassist models import``: the ONNX graph's inputs/outputs (names, rank, channels, size,
+    dtype) disagree with the import spec (labels, preprocessing). Nothing is staged."""
 
 
 class VersionExists(ModelError):

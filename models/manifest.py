@@ -87,11 +87,34 @@ class OutputRoleValues(StrEnum):
     SCORES = "scores"  # one channel per label
     HEATMAP = "heatmap"  # class activation map, one channel per label
     MASK = "mask"  # segmentation logits, one channel per label
+    FEATURES = "features"  # pooled intermediate features for the out-of-distribution gate
 
 
 class OutputSpec(TensorSpec):
     role: OutputRoleValues
     activation: Literal["sigmoid", "none"] = "sigmoid"
+
+
+class OodSpec(_Frozen):
+    """The out-of-distribution gate of this version (models/ood.py): what it measures, the
+    fitted statistics file beside the artifact (sha256 checked like the artifact), the distance
+    limit and how that limit was chosen, and the gate's measured evaluation."""
+
+    method: Literal["mahalanobis"]
+    features_output: str
+    stats_file: Annotated[str, Field(pattern=r"^[A-Za-z0-9_.-]+\.npz$")]
+    stats_sha256: str
+    threshold: float = Field(gt=0.0)
+    acceptance_target: float = Field(gt=0.5, lt=1.0)
+    basis: Annotated[str, Field(min_length=10)]
+    metrics: dict[str, float] = Field(default_factory=dict)
+
+    @field_validator("stats_sha256")
+    @classmethod
+    def _hex(cls, value: str) -> str:
+        if not _SHA256.match(value):
+            raise ValueError("sha256 must be 64 lower-case hex digits")
+        return value
 
 
 class Label(_Frozen):
@@ -144,6 +167,7 @@ class ModelManifest(_Frozen):
     outputs: list[OutputSpec] = Field(min_length=1)
     labels: list[Label] = Field(min_length=1)
     provenance: Provenance
+    ood: OodSpec | None = None
 
     @field_validator("id")
     @classmethod
@@ -170,12 +194,20 @@ class ModelManifest(_Frozen):
         for out in self.outputs:
             if len(out.shape) < 2 or out.shape[0] != -1:
                 raise ValueError(f"output {out.name!r} must have a dynamic batch dimension")
+            if out.role == OutputRoleValues.FEATURES:
+                if len(out.shape) != 2 or out.shape[1] < 1 or out.activation != "none":
+                    raise ValueError(f"features output {out.name!r} must be [-1, D] with activation 'none'")
+                continue
             if out.shape[1] != len(self.labels):
                 raise ValueError(f"output {out.name!r} has {out.shape[1]} channels for {len(self.labels)} labels")
         if self.accepts.samples_per_pixel != self.input.shape[1] and not (
             self.accepts.samples_per_pixel == 1 and self.input.shape[1] == 1
         ):
             raise ValueError("accepts.samples_per_pixel disagrees with the input channel count")
+        if self.ood is not None:
+            target = self.output_by_name(self.ood.features_output)
+            if target is None or target.role != OutputRoleValues.FEATURES:
+                raise ValueError("ood.features_output must name an output with role 'features'")
         return self
 
     @property
@@ -185,6 +217,9 @@ class ModelManifest(_Frozen):
 
     def output(self, role: OutputRoleValues) -> OutputSpec | None:
         return next((o for o in self.outputs if o.role == role), None)
+
+    def output_by_name(self, name: str) -> OutputSpec | None:
+        return next((o for o in self.outputs if o.name == name), None)
 
 
 class LoadedManifest(_Frozen):
@@ -244,7 +279,8 @@ def file_sha256(path: Path, chunk_size: int = 1 << 20) -> str:
 
 
 def verify_artifact(loaded: LoadedManifest) -> Path:
-    """Check that the artifact exists inside the manifest's folder and matches its sha256.
+    """Check that the artifact (and the ood stats file, when declared) exists inside the
+    manifest's folder and matches its sha256.
 
     Returns the artifact path. Raises ``ModelIntegrityError`` otherwise; the message names the
     model, never a patient.
@@ -261,4 +297,8 @@ def verify_artifact(loaded: LoadedManifest) -> Path:
             f"{loaded.manifest.ref}: artifact sha256 {actual[:12]}... does not match manifest "
             f"{loaded.manifest.artifact.sha256[:12]}..."
         )
+    if loaded.manifest.ood is not None:
+        from models.ood import verify_ood_stats  # models.ood imports this module
+
+        verify_ood_stats(loaded)
     return resolved
