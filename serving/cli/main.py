@@ -4,6 +4,7 @@ dxassist demo                     build the demo study set and screen it (embedd
 dxassist screen PATH... [--json]  screen DICOM files or folders
 dxassist models list|verify       registered model versions and their checksums
 dxassist models register DIR      add a staged version (never overwrites)
+dxassist db upgrade|current       the results database's schema (migrations)
 """
 
 from __future__ import annotations
@@ -18,7 +19,7 @@ import typer
 from rich.console import Console
 from rich.table import Table
 
-from models.errors import DxAssistError
+from models.errors import DxAssistError, ResultsDatabaseError
 from models.registry import list_versions, resolve, verify_all
 from models.results import OutcomeValues, ScreeningResult
 from serving.core.screening import screen_paths
@@ -36,6 +37,8 @@ models_app = typer.Typer(no_args_is_help=True, help="Registered model versions."
 app.add_typer(models_app, name="models")
 outbox_app = typer.Typer(no_args_is_help=True, help="Deliveries of results to the EMR and the PACS.")
 app.add_typer(outbox_app, name="outbox")
+db_app = typer.Typer(no_args_is_help=True, help="The results database's schema (Alembic migrations).")
+app.add_typer(db_app, name="db")
 console = Console(soft_wrap=False, width=120)
 
 SettingsOpt = Annotated[
@@ -460,6 +463,61 @@ def outbox_retry(
     outbox = Outbox(_load_settings(settings).results.target)
     console.print(f"{outbox.retry_dead(ids or None)} deliveries queued again")
     outbox.close()
+
+
+@db_app.command("upgrade")
+def db_upgrade(settings: SettingsOpt = None) -> None:
+    """Apply every pending schema migration to the results database (one transaction).
+
+    The service, the CLI and batch jobs do the same when they open the database; run this by
+    hand to upgrade at a chosen moment, e.g. right after a backup. Exit 1 when refused."""
+    from serving.persistence.database import Database
+    from serving.persistence.migrate import state, upgrade
+
+    cfg = _load_settings(settings)
+    db = None
+    try:
+        db = Database(cfg.results.target)
+        before = state(db)
+        after = upgrade(db)
+    except ResultsDatabaseError as exc:
+        console.print(f"[red]refused:[/red] {exc}")
+        raise typer.Exit(1) from exc
+    finally:
+        if db is not None:
+            db.close()
+    was = before.current or ("the pre-migration schema" if before.legacy else "empty")
+    console.print(f"results database ({cfg.results.where}): {was} -> revision {after.current} (head)")
+
+
+@db_app.command("current")
+def db_current(settings: SettingsOpt = None) -> None:
+    """The results database's schema revision and the newest this dxassist knows; exit 1 when
+    an upgrade is pending (or the schema is newer than this dxassist)."""
+    from serving.persistence.database import Database
+    from serving.persistence.migrate import state
+
+    cfg = _load_settings(settings)
+    db = None
+    try:
+        db = Database(cfg.results.target)
+        now = state(db)
+    except ResultsDatabaseError as exc:
+        console.print(f"[red]unavailable:[/red] {exc}")
+        raise typer.Exit(1) from exc
+    finally:
+        if db is not None:
+            db.close()
+    current = now.current or ("pre-migration schema" if now.legacy else "empty")
+    if now.up_to_date:
+        verdict = "up to date"
+    elif now.newer:
+        verdict = "newer than this dxassist: run the version that upgraded it"
+    else:
+        verdict = "upgrade pending: dxassist db upgrade"
+    console.print(f"results database ({cfg.results.where}): revision {current}, head {now.head}: {verdict}")
+    if not now.up_to_date:
+        raise typer.Exit(1)
 
 
 if __name__ == "__main__":

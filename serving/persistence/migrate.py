@@ -60,6 +60,7 @@ class SchemaState:
     current: str | None
     head: str
     legacy: bool  # tables of the pre-migration code, no ``alembic_version``
+    newer: bool = False  # a revision this code does not know: written by a newer dxassist
 
     @property
     def up_to_date(self) -> bool:
@@ -71,7 +72,7 @@ def state(db: Database) -> SchemaState:
     with db.read() as conn:
         current = _current(conn)
         legacy = current is None and bool(_LEGACY_TABLES & set(inspect(conn).get_table_names()))
-    return SchemaState(current, head_revision(), legacy)
+    return SchemaState(current, head_revision(), legacy, current is not None and current not in _known_revisions())
 
 
 def upgrade(db: Database, revision: str = "head") -> SchemaState:

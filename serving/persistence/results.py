@@ -433,8 +433,12 @@ class ResultsStore:
         screened) is recorded but not delivered: the EMR keeps the PACS result."""
         with self._db.write() as conn:
             job = conn.execute(
-                select(jobs.c.source, jobs.c.triggered_by, jobs.c.requested_by).where(jobs.c.id == job_id)
+                select(
+                    jobs.c.source, jobs.c.triggered_by, jobs.c.requested_by, jobs.c.status, jobs.c.screening_id
+                ).where(jobs.c.id == job_id)
             ).first()
+            if job is not None and job[3] == "DONE" and job[4] is not None:
+                return int(job[4])  # a retry after a commit whose answer was lost: already recorded
             provenance = (
                 Provenance(SourceValues(job[0]), TriggerValues(job[1]), str(job[2]))
                 if job is not None
