@@ -66,6 +66,37 @@ def _screener_without_sessions(settings: Settings) -> StudyScreener:
     )
 
 
+def _replica_start() -> None:
+    """What every replica does first: PHI-safe logging, and its Serve gRPC server bound to
+    this node's address instead of every interface."""
+    install_logging()
+    _bind_replica_grpc_to_node()
+
+
+def _bind_replica_grpc_to_node() -> None:
+    """Ray Serve 2.60 starts each replica's inter-deployment gRPC server on ``[::]:0`` (every
+    interface) right after the constructor returns; rewrite that address to this node's own
+    (127.0.0.1 on the loopback-bound local Ray, the private address on a cluster), where the
+    other replicas reach it. A Ray without that hook is left as it is (the fault suite's
+    socket check would say so)."""
+    import ray
+    from ray.serve._private import replica as replica_module
+
+    original = getattr(replica_module, "add_port_to_grpc_server", None)
+    if original is None or getattr(original, "dxassist_bound", False):
+        return
+    node_ip = ray.util.get_node_ip_address()
+    host = f"[{node_ip}]" if ":" in node_ip else node_ip
+
+    def bound(server: Any, address: str) -> Any:
+        if address.startswith("[::]:"):
+            address = f"{host}:{address.rsplit(':', 1)[1]}"
+        return original(server, address)
+
+    bound.dxassist_bound = True  # type: ignore[attr-defined]
+    replica_module.add_port_to_grpc_server = bound
+
+
 def _apply_batch_config(batched: Any, user_config: dict[str, Any]) -> int | None:
     """Apply the operational batching knobs of ``user_config`` to a ``@serve.batch`` method;
     returns the new max batch size, if given (thresholds never come this way: ADR 0003)."""
@@ -90,7 +121,7 @@ class StudyFetcher:
     """Reads a study from the store (or an upload spool) and returns model-ready tensors."""
 
     def __init__(self, settings_path: str | None) -> None:
-        install_logging()
+        _replica_start()
         settings = Settings.load(settings_path)
         self.screener = _screener_without_sessions(settings)
         self.source = build_source(settings)
@@ -112,7 +143,7 @@ class ModelDeployment:
     """
 
     def __init__(self, model: dict[str, Any], batch_size: int, batch_wait_s: float) -> None:
-        install_logging()
+        _replica_start()
         self.predictor = build_predictor(ModelSettings.model_validate(model))
         self.max_batch_images = batch_size
         self.infer_batch.set_max_batch_size(batch_size)
@@ -220,7 +251,7 @@ class Ingress:
         inline: bool = False,
     ) -> None:
         """Staged: ``fetcher`` and ``models``; inline: neither."""
-        install_logging()
+        _replica_start()
         settings = Settings.load(settings_path)
         store = ResultsStore(settings.results.target)
         pipeline: ServePipeline | LocalPipeline

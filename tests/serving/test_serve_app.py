@@ -57,7 +57,7 @@ def test_application_on_local_ray_over_http(tmp_path: Path, topology: str) -> No
                 params={"wait": 30},  # one round trip: the answer comes with the finished screening
                 files=[("files", ("x.dcm", b"not dicom", "application/dicom"))],
             )
-            assert upload.status_code == 200
+            assert upload.status_code == 202 and upload.headers["x-screening-id"] == upload.json()["screening_id"]
             assert upload.json()["result"]["reason"] == "NOT_DICOM"
             metrics = client.get("/metrics").text
             assert "dxassist_model_batch_size_bucket" in metrics and 'model="cxr-triage"' in metrics
