@@ -9,8 +9,7 @@
 
 ``staged`` is for an accelerator: CPU actors decode while the GPU actor infers, so the model
 never waits for decode. On a CPU-only node decode and inference compete for the same cores:
-there ``fused`` wins (15.1 -> 19.1 studies/s on the 500-study benchmark archive), because
-each actor keeps one core busy with no cross-process hand-off, and while one actor decodes the
+there ``fused`` wins (measured in ADR 0009), because each actor keeps one core busy with no cross-process hand-off, and while one actor decodes the
 others infer. ``auto`` picks
 ``staged`` when a CUDA device is present, else ``fused``. The same code runs on a laptop or on
 a cluster (``address``). The ledger (``serving.persistence.ledger``: SQLite in the job folder)
