@@ -72,6 +72,8 @@ class TensorSpec(_Frozen):
 
 
 class InputSpec(TensorSpec):
+    #: the predictor feeds float32 tensors (preprocessing's output); no other input type runs
+    dtype: Literal["float32"]
     value_range: tuple[float, float]
     preprocessing: str
 

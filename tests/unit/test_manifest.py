@@ -133,3 +133,12 @@ def test_registered_reference_models_verify() -> None:
         assert predictor.self_test().ok
         assert "not for clinical use" in loaded.manifest.provenance.trained_on.lower()
         assert (e.path / "MODEL_CARD.md").is_file()
+
+
+def test_manifest_refuses_an_input_type_the_predictor_cannot_feed(tiny_model_dir: Path) -> None:
+    """The predictor feeds float32 tensors: a manifest declaring another input type is refused at load."""
+    text = (tiny_model_dir / "manifest.yaml").read_text()
+    assert "dtype: float32" in text
+    (tiny_model_dir / "manifest.yaml").write_text(text.replace("dtype: float32", "dtype: uint8", 1))
+    with pytest.raises(ManifestError, match="dtype"):
+        load_manifest(tiny_model_dir)
