@@ -244,3 +244,88 @@ def test_error_messages_carry_no_patient_values(tmp_path: Path) -> None:
     text = str(info.value)
     for secret in ("ZZCANARY", "CANARY-123", str(ds.StudyInstanceUID), str(ds.SOPInstanceUID)):
         assert secret not in text
+
+
+# ---- limits: size before work, parser limits, codestream headers ----------------------------
+
+
+def test_inflated_size_streams_and_stops_past_the_limit() -> None:
+    import tracemalloc
+    import zlib
+
+    from models.limits import inflated_size
+
+    squeezer = zlib.compressobj(9, zlib.DEFLATED, -zlib.MAX_WBITS)
+    bomb = b"".join(squeezer.compress(bytes(1 << 20)) for _ in range(64)) + squeezer.flush()  # 64 MiB of zeros
+    assert len(bomb) < 100_000
+    tracemalloc.start()
+    try:
+        with pytest.raises(InvalidDicom) as info:
+            inflated_size(bomb, 16 << 20)
+        peak = tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+    assert info.value.reason == ReasonCode.IMAGE_TOO_LARGE
+    assert peak < 8 << 20  # measured in 1 MiB chunks, never inflated whole
+    assert inflated_size(bomb, 64 << 20) == 64 << 20
+
+
+def test_decode_estimate_refuses_what_the_budget_cannot_hold() -> None:
+    from models.limits import DEFAULT_LIMITS, check_decode_budget, decode_estimate
+
+    def estimate(side: int, bits: int = 16, spp: int = 1) -> int:
+        return decode_estimate(
+            rows=side, columns=side, samples_per_pixel=spp, bits_allocated=bits, frames_decoded=1, file_bytes=0
+        )
+
+    check_decode_budget(estimate(4300), DEFAULT_LIMITS)  # the largest chest detectors
+    check_decode_budget(estimate(1080, bits=8, spp=3), DEFAULT_LIMITS)  # HD endoscopy
+    with pytest.raises(InvalidPixelData) as info:
+        check_decode_budget(estimate(16384, bits=8), DEFAULT_LIMITS)
+    assert info.value.reason == ReasonCode.IMAGE_TOO_LARGE
+
+
+def test_parse_guard_limits_sequence_items_and_depth(tmp_path: Path) -> None:
+    from models.limits import DecodeLimits
+    from tests.fuzz import crafted
+
+    few_items = DecodeLimits(max_sequence_items=50)
+    with pytest.raises(InvalidDicom, match="more than 50 sequence items"):
+        read_dataset(crafted.million_empty_items(items=100), limits=few_items)
+    shallow = DecodeLimits(max_sequence_depth=5)
+    read_dataset(crafted.deep_sequence(5), limits=shallow)
+    with pytest.raises(InvalidDicom, match="nested deeper than 5"):
+        read_dataset(crafted.deep_sequence(6), limits=shallow)
+    # outside a guard (training, SR building) pydicom parses as it always did
+    pydicom.dcmread(io.BytesIO(crafted.million_empty_items(items=100)))
+
+
+def test_compressed_frame_header_must_agree_with_rows_and_columns() -> None:
+    from tests.fuzz import crafted
+
+    for data in (crafted.jpeg_bomb(scan_bytes=1000), crafted._codestream_mismatch_j2k()):
+        with pytest.raises(InvalidPixelData, match="frame header refused") as info:
+            load_frames(data)
+        assert info.value.reason == ReasonCode.DECODE_FAILED
+
+
+def test_stream_source_is_read_no_further_than_the_file_limit() -> None:
+    from models.limits import DecodeLimits
+    from models.pixels import read_source
+
+    stream = io.BytesIO(bytes(5000))
+    with pytest.raises(InvalidDicom) as info:
+        read_source(stream, DecodeLimits(max_file_bytes=4096))
+    assert info.value.reason == ReasonCode.IMAGE_TOO_LARGE
+    assert stream.tell() == 4097
+
+
+def test_header_values_outside_their_dicom_range_are_corrupt() -> None:
+    from tests.fuzz import crafted
+
+    ds = read_dataset(
+        crafted.native_chest(extra={0x00280010: crafted.elem(0x00280010, "UL", (70000).to_bytes(4, "little"))})
+    )
+    with pytest.raises(InvalidDicom, match="Rows outside") as info:
+        header_of(ds)
+    assert info.value.reason == ReasonCode.CORRUPT_FILE
