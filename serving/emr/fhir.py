@@ -58,6 +58,8 @@ class FhirSink:
         )
 
     def deliver(self, delivery_id: int, result: ScreeningResult, evidence: list[Dataset]) -> None:
+        if not result.study_instance_uid:
+            return  # not even a study (a file that is not DICOM): nothing the EMR could file it under
         self._put(fhir_resources(result, self.identity, self.references(result)))
 
     def references(self, result: ScreeningResult) -> References:

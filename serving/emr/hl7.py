@@ -33,7 +33,10 @@ class Hl7MllpSink:
         self.identity = identity or SiteIdentity()
 
     def message(self, result: ScreeningResult) -> str | None:
-        """The message to send for this result (ER7), or None when there is nothing to send."""
+        """The message to send for this result (ER7), or None when there is nothing to send (not
+        even a study: a file that is not DICOM has nothing the EMR could file it under)."""
+        if not result.study_instance_uid:
+            return None
         return oru_r01(result, self.identity, message_control_id(result, self.name))
 
     def deliver(self, delivery_id: int, result: ScreeningResult, evidence: list[Dataset]) -> None:

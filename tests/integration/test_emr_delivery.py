@@ -1,17 +1,12 @@
 """Findings to the EMR through the durable outbox, against real receivers:
 a FHIR R4 server (Medplum's router on node, validating every write) and an HL7 MLLP listener
-(the ``hl7`` package's asyncio server). Counts are taken at the receivers."""
+(the ``hl7`` package's asyncio server). Counts are taken at the receivers. What the messages
+contain is checked against independent validators in ``tests/conformance``."""
 
 from __future__ import annotations
 
-import asyncio
-import shutil
-import subprocess
-import threading
 import time
 from collections.abc import Iterator
-from contextlib import contextmanager
-from dataclasses import dataclass, field
 from pathlib import Path
 
 import hl7
@@ -19,124 +14,56 @@ import httpx
 import pytest
 from fastapi.testclient import TestClient
 
+from models.errors import DeliveryFailed, DeliveryRejected
 from models.predictor import OnnxPredictor
 from models.results import ScreeningResult, TriagePriorityValues, triage_priority
 from serving.core.screening import StudyScreener, screen_paths
 from serving.delivery.worker import OutboxWorker
 from serving.dicom.sources.local import LocalFolderSource
-from serving.emr.fhir import FhirSink, FhirTriageSink, fhir_resources
-from serving.emr.hl7 import Hl7MllpSink, Hl7PriorityUpdateSink, orm_priority_update, oru_r01
+from serving.emr.fhir import FhirSink, FhirTriageSink
+from serving.emr.fhir_resources import as_json, fhir_resources
+from serving.emr.hl7 import Hl7MllpSink, Hl7PriorityUpdateSink
+from serving.emr.hl7_messages import message_control_id
 from serving.online.api import LazyService, create_api
 from serving.online.pipeline import LocalPipeline
 from serving.online.service import ScreeningService
 from serving.persistence.outbox import Outbox
 from serving.persistence.results import ResultsStore
-from serving.settings import ApiSettings
+from serving.settings import ApiSettings, SiteIdentity
+from tests.conformance import receivers
+from tests.conformance.receivers import mllp_listener
 from tests.conftest import write_synthetic_cxr
-from tests.integration.conftest import free_port
 
 pytestmark = pytest.mark.integration
-FHIR_DIR = Path(__file__).resolve().parents[1] / "fhir_server"
+IDENTITY = SiteIdentity()
 
 
 @pytest.fixture
 def fhir_server() -> Iterator[str]:
-    node = shutil.which("node")
-    if node is None or not (FHIR_DIR / "node_modules" / "@medplum" / "fhir-router").is_dir():
-        pytest.fail("node and tests/fhir_server/node_modules are required (scripts/install_servers.sh installs them)")
-    port = free_port()
-    proc = subprocess.Popen(
-        [node, "--experimental-websocket", "server.mjs", str(port)],
-        cwd=FHIR_DIR,
-        stdout=subprocess.PIPE,
-        stderr=subprocess.STDOUT,
-        text=True,
-    )
-    assert proc.stdout is not None and "ready" in proc.stdout.readline()
-    yield f"http://127.0.0.1:{port}"
-    proc.terminate()
-    proc.wait(10)
-    proc.stdout.close()
+    with receivers.fhir_server() as base:
+        yield base
 
 
 def fhir_total(base: str, resource: str) -> int:
-    bundle = httpx.get(f"{base}/fhir/R4/{resource}", params={"_count": 1000}).json()
-    return len(bundle.get("entry", []))
-
-
-@dataclass
-class MllpListener:
-    """A real MLLP listener; ``answers`` is the ACK code for each message in turn (then AA)."""
-
-    answers: list[str] = field(default_factory=list)
-    received: list[str] = field(default_factory=list)  # MSH-10 of every message received
-    accepted: set[str] = field(default_factory=set)  # MSH-10 acknowledged AA (the receiver's record)
-    port: int = 0
-
-
-@contextmanager
-def mllp_listener(answers: list[str] | None = None) -> Iterator[MllpListener]:
-    from hl7.mllp import start_hl7_server
-
-    state = MllpListener(answers=list(answers or []), port=free_port())
-    loop = asyncio.new_event_loop()
-    started = threading.Event()
-
-    async def handle(reader, writer) -> None:  # type: ignore[no-untyped-def]
-        try:
-            while not writer.is_closing():
-                message = await reader.readmessage()
-                control = str(message.segment("MSH")[10])
-                state.received.append(control)
-                code = state.answers.pop(0) if state.answers else "AA"
-                if code == "AA":
-                    state.accepted.add(control)
-                if code != "SILENT":
-                    writer.writemessage(message.create_ack(code))
-                    await writer.drain()
-        except asyncio.IncompleteReadError:
-            pass
-        finally:
-            writer.close()
-
-    stop = asyncio.Event()
-
-    async def main() -> None:
-        server = await start_hl7_server(handle, host="127.0.0.1", port=state.port)
-        started.set()
-        await stop.wait()
-        server.close()
-        await server.wait_closed()
-        await asyncio.sleep(0.05)  # let handlers finish closing their writers
-
-    def run() -> None:
-        loop.run_until_complete(main())
-        loop.close()
-
-    thread = threading.Thread(target=run, daemon=True)
-    thread.start()
-    started.wait(5)
-    yield state
-    loop.call_soon_threadsafe(stop.set)
-    thread.join(5)
+    return len(receivers.fhir_search(base, resource))
 
 
 def test_fhir_report_is_valid_linked_and_idempotent(fhir_server: str, predictor: OnnxPredictor, tmp_path: Path) -> None:
     path = write_synthetic_cxr(tmp_path / "a.dcm", seed=21)
     result = screen_paths(StudyScreener([predictor], study_ref_key=b"k"), [path])[0]
-    sink = FhirSink(f"{fhir_server}/fhir/R4")
+    sink = FhirSink(f"{fhir_server}/fhir/R4", identity=IDENTITY)
     sink.deliver(1, result, [])
     sink.deliver(1, result, [])  # a retry after an ambiguous timeout
     sink.close()
     assert fhir_total(fhir_server, "DiagnosticReport") == 1
     assert fhir_total(fhir_server, "Observation") == len(result.findings)
-    report = httpx.get(f"{fhir_server}/fhir/R4/DiagnosticReport").json()["entry"][0]["resource"]
+    report = receivers.fhir_search(fhir_server, "DiagnosticReport")[0]
     assert report["status"] == "preliminary" and report["meta"]["security"][0]["code"] == "AIAST"
-    assert report["subject"]["identifier"]["value"] == result.patient_id
+    assert report["subject"]["identifier"] == {"system": IDENTITY.patient_id_system, "value": result.patient_id}
     for ref in report["result"]:
         assert httpx.get(f"{fhir_server}/fhir/R4/{ref['reference']}").status_code == 200
     # the server validates: a malformed resource is refused, and the sink calls that permanent
-    bad = fhir_resources(result)[0] | {"unknownElement": 1}
+    bad = as_json(fhir_resources(result, IDENTITY)[0]) | {"unknownElement": 1}
     assert httpx.put(f"{fhir_server}/fhir/R4/Device/{bad['id']}", json=bad).status_code == 400
 
 
@@ -144,20 +71,66 @@ def test_hl7_ack_handling_and_escaping(predictor: OnnxPredictor, tmp_path: Path)
     path = write_synthetic_cxr(tmp_path / "a.dcm", seed=22, patient_name="O'BRIEN^ANN|X")
     result = screen_paths(StudyScreener([predictor], study_ref_key=b"k"), [path])[0]
     result = result.model_copy(update={"patient_id": "ID|WITH^DELIMS"})
-    message = hl7.parse(oru_r01(7, result))
-    assert str(message.segment("MSH")[10]) == "DXA000000000007"
-    assert str(message.segment("PID")[3]).startswith("ID\\F\\WITH\\S\\DELIMS")
-    assert len(message.segments("OBX")) == len(result.findings)
-    from models.errors import DeliveryFailed, DeliveryRejected
+    sink = Hl7MllpSink("127.0.0.1", 9, identity=IDENTITY, timeout_s=2)
+    text = sink.message(result)
+    assert text is not None
+    message = hl7.parse(text)
+    control = message_control_id(result, "hl7")
+    assert str(message.segment("MSH")[10]) == control and len(control) <= 20  # MSH-10 is ST(20)
+    pid = message.segment("PID")
+    assert str(pid[3]).startswith(r"ID\F\WITH\S\DELIMS^^^")
+    assert str(pid[5]).startswith(r"O'BRIEN^ANN\F\X")  # PID-5 from the DICOM header
+    assert len(message.segments("OBX")) == 2 * len(result.findings)  # present/absent + probability
 
     with mllp_listener(["AE", "AR"]) as listener:
-        sink = Hl7MllpSink("127.0.0.1", listener.port, timeout_s=2)
+        sink.port = listener.port
         with pytest.raises(DeliveryFailed, match="AE"):
             sink.deliver(7, result, [])
         with pytest.raises(DeliveryRejected, match="AR"):
-            sink.deliver(8, result, [])
-        sink.deliver(9, result, [])
-        assert listener.accepted == {"DXA000000000009"}
+            sink.deliver(7, result, [])
+        sink.deliver(7, result, [])
+        assert listener.received == [control] * 3  # a retry of one delivery keeps its MSH-10
+        assert listener.accepted == {control}
+
+
+def test_a_results_database_reset_never_reuses_an_msh10(predictor: OnnxPredictor, tmp_path: Path) -> None:
+    """The same study screened into two fresh results databases: both deliveries are row 1 of
+    their outbox (an MSH-10 made from the delivery id would repeat), the receiver gets two ids."""
+    path = write_synthetic_cxr(tmp_path / "a.dcm", seed=24)
+    screener = StudyScreener([predictor], study_ref_key=b"k")
+    with mllp_listener() as listener:
+        for run in ("before", "after-reset"):
+            store = ResultsStore(tmp_path / f"{run}.sqlite3")
+            screening_id = store.finish_job(f"job-{run}", screen_paths(screener, [path])[0], sinks=["hl7"])
+            outbox = Outbox(store.target)
+            claimed = outbox.claim()
+            assert [(row[0], row[1]) for row in claimed] == [(1, screening_id)]  # the same delivery id
+            outbox.due_now()
+            sink = Hl7MllpSink("127.0.0.1", listener.port, identity=IDENTITY, timeout_s=2)
+            OutboxWorker(outbox, {"hl7": sink}, store.for_delivery).run_once()
+            assert outbox.status().done == 1
+            outbox.close()
+            store.close()
+    assert len(listener.accepted) == 2 and len(set(listener.received)) == 2
+
+
+def test_not_screened_study_is_reported_to_the_emr(fhir_server: str, predictor: OnnxPredictor, tmp_path: Path) -> None:
+    """The EMR is told that the AI looked and declined, and why: an ORU with the reason and a
+    DiagnosticReport without observations (a lateral view is not accepted by the chest model)."""
+    path = write_synthetic_cxr(tmp_path / "lat.dcm", seed=25, view="LL", patient_name="DOE^JOHN")
+    result = screen_paths(StudyScreener([predictor], study_ref_key=b"k"), [path])[0]
+    assert result.outcome == "NOT_SCREENED" and result.patient_id and result.patient_name == "DOE^JOHN"
+    fhir = FhirSink(f"{fhir_server}/fhir/R4", identity=IDENTITY)
+    fhir.deliver(1, result, [])
+    fhir.close()
+    report = receivers.fhir_search(fhir_server, "DiagnosticReport")[0]
+    assert "result" not in report and fhir_total(fhir_server, "Observation") == 0
+    assert report["conclusionCode"][0]["coding"][1]["code"] == str(result.reason)
+    with mllp_listener() as listener:
+        Hl7MllpSink("127.0.0.1", listener.port, identity=IDENTITY, timeout_s=2).deliver(2, result, [])
+    message = hl7.parse(listener.messages[0])
+    assert str(message.segment("PID")[5]).startswith("DOE^JOHN")
+    assert str(message.segment("OBX")[5][0][0]) == str(result.reason)
 
 
 def test_every_finding_delivered_exactly_once_through_emr_outage_and_restart(
@@ -175,15 +148,15 @@ def test_every_finding_delivered_exactly_once_through_emr_outage_and_restart(
 
         def service() -> ScreeningService:
             sinks = {
-                "fhir": FhirSink(f"{fhir_server}/fhir/R4", timeout_s=2),
-                "hl7": Hl7MllpSink("127.0.0.1", listener.port, timeout_s=1),
+                "fhir": FhirSink(f"{fhir_server}/fhir/R4", identity=IDENTITY, timeout_s=2),
+                "hl7": Hl7MllpSink("127.0.0.1", listener.port, identity=IDENTITY, timeout_s=1),
             }
             return ScreeningService(
                 LocalPipeline(screener, LocalFolderSource(store_dir)), screener, ResultsStore(db), settings, sinks=sinks
             )
 
         lazy = LazyService(service)
-        with TestClient(create_api(lazy)) as client:
+        with TestClient(create_api(lazy), client=("127.0.0.1", 50000)) as client:  # dev mode: loopback only
             client.get("/readyz")
             ids = [
                 client.post("/v1/screenings/upload", files=[("files", (f"{i}.dcm", data, "application/dicom"))]).json()[
@@ -250,7 +223,7 @@ def test_priority_update_is_sent_only_when_the_ai_raises_the_priority(
     urgent, already_stat = _flagged(plain, "routine"), _flagged(plain, "stat")
     assert urgent.priority == TriagePriorityValues.URGENT
 
-    fhir = FhirTriageSink(f"{fhir_server}/fhir/R4")
+    fhir = FhirTriageSink(f"{fhir_server}/fhir/R4", identity=IDENTITY)
     fhir.deliver(1, plain, [])  # nothing critical: no proposal
     fhir.deliver(2, already_stat, [])  # already STAT: the AI would only lower it
     assert fhir_total(fhir_server, "Task") == 0
@@ -266,15 +239,17 @@ def test_priority_update_is_sent_only_when_the_ai_raises_the_priority(
     assert critical in task["reasonCode"]["text"]
 
     with mllp_listener() as listener:
-        hl7_sink = Hl7PriorityUpdateSink("127.0.0.1", listener.port, timeout_s=2)
+        hl7_sink = Hl7PriorityUpdateSink("127.0.0.1", listener.port, identity=IDENTITY, timeout_s=2)
         hl7_sink.deliver(4, plain, [])
         hl7_sink.deliver(5, already_stat, [])
         assert listener.received == []
         hl7_sink.deliver(6, urgent, [])
-        assert listener.accepted == {"DXP000000000006"}
-    message = hl7.parse(orm_priority_update(6, urgent))
-    assert str(message.segment("MSH")[9]) == "ORM^O01^ORM_O01"
+        assert listener.accepted == {message_control_id(urgent, "hl7-triage")}
+    message = hl7.parse(listener.messages[0])
+    assert str(message.segment("MSH")[9]) == "OMG^O19^OMG_O19"  # a structure that carries TQ1
     assert str(message.segment("ORC")[1]) == "XO"
-    assert str(message.segment("ORC")[3]) == urgent.accession_number
-    assert str(message.segment("TQ1")[9]).startswith("A^ASAP")
-    assert critical in str(message.segment("OBR")[13])
+    assert str(message.segment("ORC")[3][0][0]) == urgent.accession_number
+    assert str(message.segment("TQ1")[9]) == "A^ASAP^HL70485"
+    obr = message.segment("OBR")
+    assert len(obr) <= 13 or str(obr[13]) == ""  # never over the clinician's relevant clinical info
+    assert critical in str(message.segment("NTE")[3])
