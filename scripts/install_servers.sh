@@ -14,8 +14,9 @@ if [ ${#need[@]} -gt 0 ]; then
   DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends "${need[@]}"
 fi
 
-# A real FHIR R4 server for the EMR tests: Medplum's FHIR router (npm, pinned by the lockfile).
+# A real FHIR R4 server for the EMR tests (Medplum's FHIR router) and the offline FHIR validator
+# FHIR.js (npm `fhir`), pinned by the lockfile.
 here="$(cd "$(dirname "$0")/.." && pwd)"
-if [ ! -d "$here/tests/fhir_server/node_modules/@medplum/fhir-router" ]; then
+if [ ! -d "$here/tests/fhir_server/node_modules/@medplum/fhir-router" ] || [ ! -d "$here/tests/fhir_server/node_modules/fhir" ]; then
   (cd "$here/tests/fhir_server" && npm ci --no-audit --no-fund --loglevel=error)
 fi
