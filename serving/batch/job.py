@@ -34,8 +34,9 @@ from models.decode import study_uid_of
 from models.errors import InferenceFailed, SourceError
 from models.predictor import cuda_device_count
 from models.results import ScreeningResult
-from serving.core.screening import InstanceInput, ModelOutputs, PreparedImage, RejectedImage, StudyScreener, run_model
+from serving.core.screening import InstanceInput, ModelOutputs, PreparedImage, RejectedImage, run_model
 from serving.dicom.sources.local import candidate_files
+from serving.online.factory import build_screener
 from serving.persistence.ledger import Ledger
 from serving.persistence.results import Provenance
 from serving.persistence.schema import SourceValues, TriggerValues
@@ -68,26 +69,6 @@ def plan_studies(inputs: list[Path]) -> list[PlannedStudy]:
     return list(studies.values())
 
 
-def _screener(settings: Settings, *, sessions: bool) -> StudyScreener:
-    from models.registry import resolve
-    from serving.online.factory import build_predictor
-
-    if sessions:
-        return StudyScreener(
-            [build_predictor(m) for m in settings.models],
-            study_ref_key=settings.security.study_ref_key.get_secret_value().encode(),
-            max_frames_per_image=settings.screening.max_frames_per_image,
-            batch_size=settings.screening.batch_size,
-        )
-    return StudyScreener(
-        [],
-        manifests=[resolve(m.id, m.version) for m in settings.models],
-        study_ref_key=settings.security.study_ref_key.get_secret_value().encode(),
-        max_frames_per_image=settings.screening.max_frames_per_image,
-        batch_size=settings.screening.batch_size,
-    )
-
-
 class PrepareStage:
     """Ray Data callable class: one row per study -> its prepared images (pickled list).
 
@@ -98,7 +79,7 @@ class PrepareStage:
         from serving.online.factory import build_source
 
         settings = Settings.load(settings_path)
-        self.screener = _screener(settings, sessions=False)
+        self.screener = build_screener(settings, sessions=False)
         self.source = build_source(settings) if settings.store.kind != "local" else None
 
     def _items(self, study: str, files: list[str]) -> list[InstanceInput]:
@@ -134,7 +115,7 @@ class InferStage:
             settings = settings.model_copy(
                 update={"models": [m.model_copy(update={"intra_op_threads": threads}) for m in settings.models]}
             )
-        self.screener = _screener(settings, sessions=True)
+        self.screener = build_screener(settings)
 
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         studies = [pickle.loads(p) for p in batch["prepared"]]  # noqa: S301 - our own rows
@@ -246,7 +227,7 @@ def run_batch_job(
     ctx = ray.data.DataContext.get_current()
     ctx.enable_progress_bars = False
     ctx.verbose_stats_logs = False
-    screener = _screener(settings, sessions=False)
+    screener = build_screener(settings, sessions=False)
     store = None
     if save_to_results_store:
         from serving.persistence.results import ResultsStore

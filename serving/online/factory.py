@@ -7,12 +7,15 @@ from models.registry import resolve
 from serving.core.screening import StudyScreener
 from serving.delivery.worker import Sink
 from serving.dicom.dimse import DimseSource
-from serving.dicom.sources import StudySource
+from serving.dicom.sources import SearchableSource, StudySource
 from serving.dicom.sources.dicomweb import DicomWebSource
 from serving.dicom.sources.local import LocalFolderSource
 from serving.dicom.store_back import DicomSrSink
 from serving.emr.fhir import FhirSink, FhirTriageSink
 from serving.emr.hl7 import Hl7MllpSink, Hl7PriorityUpdateSink
+from serving.online.pipeline import Pipeline
+from serving.online.service import ScreeningService
+from serving.persistence.results import ResultsStore
 from serving.settings import ModelSettings, Settings
 
 
@@ -26,9 +29,12 @@ def build_predictor(model: ModelSettings) -> OnnxPredictor:
     )
 
 
-def build_screener(settings: Settings) -> StudyScreener:
+def build_screener(settings: Settings, *, sessions: bool = True) -> StudyScreener:
+    """The screening core for the configured models. ``sessions=False`` opens no ONNX session:
+    enough to prepare and assemble (a fetcher, an ingress that only assembles, a batch driver)."""
     return StudyScreener(
-        [build_predictor(m) for m in settings.models],
+        [build_predictor(m) for m in settings.models] if sessions else [],
+        manifests=[] if sessions else [resolve(m.id, m.version) for m in settings.models],
         study_ref_key=settings.security.study_ref_key.get_secret_value().encode(),
         max_frames_per_image=settings.screening.max_frames_per_image,
         batch_size=settings.screening.batch_size,
@@ -83,3 +89,20 @@ def build_sinks(settings: Settings) -> dict[str, Sink]:
         if isinstance(source, DicomWebSource):
             sinks["dicom-sr"] = DicomSrSink(source, objects=settings.store.write_objects)
     return sinks
+
+
+def build_service(settings: Settings, pipeline: Pipeline) -> ScreeningService:
+    """The online service over ``pipeline`` with everything the settings configure (results
+    database, sinks, SCP, poller, orders). Used by every runtime (ASGI, Ray Serve ingress)."""
+    source = build_source(settings)
+    return ScreeningService(
+        pipeline,
+        build_screener(settings, sessions=False),
+        ResultsStore(settings.results.target),
+        settings.api,
+        sinks=build_sinks(settings),
+        scp=settings.scp,
+        poller=settings.poller,
+        poll_source=source if isinstance(source, SearchableSource) else None,
+        orders=settings.orders,
+    )

@@ -29,12 +29,10 @@ from ray import serve
 from ray.serve.handle import DeploymentHandle
 
 from models.predictor import OnnxPredictor
-from models.registry import resolve
-from serving.core.screening import ModelOutputs, StudyScreener, run_model
-from serving.dicom.sources import SearchableSource
+from serving.core.screening import ModelOutputs, run_model
 from serving.observability.phi import install_logging
 from serving.online.api import LazyService, create_api
-from serving.online.factory import build_predictor, build_screener, build_sinks, build_source
+from serving.online.factory import build_predictor, build_screener, build_service, build_source
 from serving.online.pipeline import (
     LocalPipeline,
     PreparedStudy,
@@ -43,7 +41,6 @@ from serving.online.pipeline import (
     prepare_request,
 )
 from serving.online.service import ScreeningService
-from serving.persistence.results import ResultsStore
 from serving.settings import ModelSettings, Settings
 
 logger = logging.getLogger(__name__)
@@ -54,16 +51,6 @@ class AppArgs(BaseModel):
 
     model_config = ConfigDict(extra="forbid")
     settings_path: str | None = None
-
-
-def _screener_without_sessions(settings: Settings) -> StudyScreener:
-    return StudyScreener(
-        [],
-        manifests=[resolve(m.id, m.version) for m in settings.models],
-        study_ref_key=settings.security.study_ref_key.get_secret_value().encode(),
-        max_frames_per_image=settings.screening.max_frames_per_image,
-        batch_size=settings.screening.batch_size,
-    )
 
 
 def _replica_start() -> None:
@@ -123,7 +110,7 @@ class StudyFetcher:
     def __init__(self, settings_path: str | None) -> None:
         _replica_start()
         settings = Settings.load(settings_path)
-        self.screener = _screener_without_sessions(settings)
+        self.screener = build_screener(settings, sessions=False)
         self.source = build_source(settings)
 
     async def prepare(self, request: StudyRequest) -> PreparedStudy:
@@ -253,30 +240,13 @@ class Ingress:
         """Staged: ``fetcher`` and ``models``; inline: neither."""
         _replica_start()
         settings = Settings.load(settings_path)
-        store = ResultsStore(settings.results.target)
         pipeline: ServePipeline | LocalPipeline
         if inline:
             pipeline = LocalPipeline(build_screener(settings), build_source(settings))
         else:
             assert fetcher is not None
             pipeline = ServePipeline(fetcher, models)
-        assembler = _screener_without_sessions(settings)
-        source = build_source(settings)
-        poll_source = source if isinstance(source, SearchableSource) else None
-        _install_service(
-            LazyService(
-                lambda: ScreeningService(
-                    pipeline,
-                    assembler,
-                    store,
-                    settings.api,
-                    sinks=build_sinks(settings),
-                    scp=settings.scp,
-                    poller=settings.poller,
-                    poll_source=poll_source,
-                )
-            )
-        )
+        _install_service(LazyService(lambda: build_service(settings, pipeline)))
         if not settings.api.tokens:
             logger.warning(
                 "DEV MODE: no API tokens configured; the API answers loopback clients only. "
