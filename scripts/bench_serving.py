@@ -47,9 +47,11 @@ def pct(values: list[float], q: float) -> float:
 def prepare_seconds(files: list[Path]) -> float:
     """Mean single-thread seconds per study of the service's own stage 1 (read, QA, decode,
     preprocess), on this machine."""
+    from models.decode_pool import InlineDecoder
     from serving.core.screening import InstanceInput, StudyScreener
 
-    screener = StudyScreener([], manifests=[resolve("cxr-triage")], study_ref_key=b"bench")
+    # in-process: process_time() must see the decode work (a DecodePool does it in its workers)
+    screener = StudyScreener([], manifests=[resolve("cxr-triage")], study_ref_key=b"bench", decoder=InlineDecoder())
     screener.prepare(InstanceInput(files[0], "warm"))
     start = time.process_time()
     for path in files:
