@@ -7,6 +7,7 @@ command -v Orthanc >/dev/null || need+=(orthanc)
 command -v storescu >/dev/null || need+=(dcmtk)
 command -v dciodvfy >/dev/null || need+=(dicom3tools)
 command -v node >/dev/null || need+=(nodejs npm)
+[ -x /usr/bin/chromium ] || need+=(chromium)  # the browser tests (tests/viewer): Debian's build, never a download
 ls /usr/lib/postgresql/*/bin/postgres >/dev/null 2>&1 || need+=(postgresql)  # the PostgreSQL outbox tests
 if [ ${#need[@]} -gt 0 ]; then
   if [ "$(id -u)" != "0" ]; then echo "install as root: apt-get install ${need[*]}" >&2; exit 1; fi
@@ -19,4 +20,12 @@ fi
 here="$(cd "$(dirname "$0")/.." && pwd)"
 if [ ! -d "$here/tests/fhir_server/node_modules/@medplum/fhir-router" ] || [ ! -d "$here/tests/fhir_server/node_modules/fhir" ]; then
   (cd "$here/tests/fhir_server" && npm ci --no-audit --no-fund --loglevel=error)
+fi
+
+# The pinned OHIF viewer for tests/viewer (its prebuilt dist, ~200 MB unpacked, never committed).
+OHIF_VERSION=3.13.2
+if [ ! -f "$here/tests/viewer/.ohif/package/dist/index.html" ]; then
+  mkdir -p "$here/tests/viewer/.ohif"
+  (cd "$here/tests/viewer/.ohif" && npm pack "@ohif/app@$OHIF_VERSION" --loglevel=error >/dev/null \
+    && tar xzf "ohif-app-$OHIF_VERSION.tgz" && rm "ohif-app-$OHIF_VERSION.tgz")
 fi

@@ -406,6 +406,8 @@ class ApiSettings(_Strict):
     spool_dir: Path = Path("var/spool")
     #: worklist ageing: a study moves up one level per this many minutes of waiting
     ageing_minutes: float = Field(default=60.0, gt=0)
+    #: OHIF viewer base URL (e.g. ``https://pacs.example/ohif``): the worklist page links each study to it
+    ohif_url: str | None = None
 
     @field_validator("tokens", mode="before")
     @classmethod

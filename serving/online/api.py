@@ -31,6 +31,7 @@ from serving.online.edge import EdgeGuard, Principal, spool_multipart
 from serving.online.integrity import default_provenance, request_hash
 from serving.online.pipeline import StudyRequest
 from serving.online.service import JobStatusValues, PriorityValues, ScreeningService
+from serving.online.ui import ui_router
 from serving.persistence.results import Idempotency
 from serving.settings import ApiSettings
 
@@ -401,6 +402,7 @@ def create_api(
         await remember(svc)
         return PlainTextResponse(svc.metrics.render().decode(), media_type="text/plain; version=0.0.4")
 
+    api.include_router(ui_router(service, Auth))  # the reading worklist page and its endpoints
     return api
 
 

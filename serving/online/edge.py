@@ -55,6 +55,9 @@ SECURITY_HEADERS: tuple[tuple[bytes, bytes], ...] = (
 )
 
 PUBLIC_PATHS = frozenset({"/healthz", "/readyz"})
+#: the worklist page's static files (no data in them; the data calls carry the token)
+PUBLIC_PREFIXES = ("/ui/static/",)
+PUBLIC_PAGES = frozenset({"/ui", "/ui/"})
 
 
 @dataclass(frozen=True)
@@ -72,7 +75,9 @@ def required_scope(method: str, path: str) -> frozenset[TokenScopeValues]:
         return frozenset({TokenScopeValues.INTEGRATION, admin})
     if method in ("GET", "HEAD") and path.startswith("/v1/screenings/"):
         return frozenset({TokenScopeValues.READER, TokenScopeValues.INTEGRATION, admin})
-    if method in ("GET", "HEAD") and path == "/v1/worklist":
+    if method in ("GET", "HEAD") and path in ("/v1/worklist", "/v1/ui/worklist"):
+        return frozenset({TokenScopeValues.READER, admin})
+    if method == "POST" and path.startswith("/v1/screenings/") and path.endswith("/feedback"):
         return frozenset({TokenScopeValues.READER, admin})
     return frozenset({admin})  # metrics, the OpenAPI document, anything new until it is classified
 
@@ -109,7 +114,7 @@ class EdgeGuard:
 
         path: str = scope.get("path", "")
         method: str = scope.get("method", "GET")
-        if path in PUBLIC_PATHS:  # health: no token, no body
+        if path in PUBLIC_PATHS or (method == "GET" and (path in PUBLIC_PAGES or path.startswith(PUBLIC_PREFIXES))):
             await self.app(scope, receive, send_secure)
             return
         settings = await self.settings()
