@@ -25,7 +25,8 @@
     │   └── ServiceDraining      the service is shutting down
     ├── RequestRejected          a request refused for what it says (HTTP 4xx, never retried as is)
     │   ├── InvalidIdentifier    a UID in a request field or inside an uploaded file is not a DICOM UID
-    │   └── IdempotencyKeyReused an Idempotency-Key already used for a different request
+    │   ├── IdempotencyKeyReused an Idempotency-Key already used for a different request
+    │   └── InvalidOrderMessage  an inbound order (HL7 v2, FHIR) refused: HL7 ACK AE/AR with ERR, HTTP 422
     └── ResultsDatabaseError     the results database (SQLite/PostgreSQL) is unreachable or failed
         ├── ResultsSchemaError   the schema is newer than this code or cannot be migrated
         └── ResultsConflict      a write broke a constraint (duplicate key, append-only row)
@@ -202,3 +203,14 @@ class InvalidIdentifier(RequestRejected):
 
 class IdempotencyKeyReused(RequestRejected):
     """The ``Idempotency-Key`` was already used by this client for a different request body."""
+
+
+class InvalidOrderMessage(RequestRejected):
+    """An inbound order message (HL7 v2 over MLLP, a FHIR notification) refused for what it
+    says: ``ack_code`` (``AE``/``AR``) and ``hl7_error`` (HL7 table 0357) are what the HL7
+    listener answers in MSA-1 and ERR-3. The message names the field, never its value."""
+
+    def __init__(self, message: str, ack_code: str = "AE", hl7_error: str = "207") -> None:
+        super().__init__(message)
+        self.ack_code = ack_code
+        self.hl7_error = hl7_error

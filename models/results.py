@@ -145,6 +145,8 @@ class ScreeningResult(_Frozen):
     accession_number: str = ""
     study_datetime: datetime | None = None
     placer_order_number: str = ""
+    #: the filler (RIS) order number, from an inbound order matched to the study (ORC-3/OBR-3)
+    filler_order_number: str = ""
     visit_number: str = ""
     reason: ReasonCode | None = None
     reason_detail: str | None = None

@@ -257,6 +257,51 @@ class PollerSettings(_Strict):
     lookback_days: int = 1
 
 
+class OrdersHl7Settings(_Strict):
+    """The HL7 v2 MLLP listener for inbound orders (ORM^O01, OMI^O23) and patient merges
+    (ADT^A40). Every message is bounded in size and time; each is stored before its ACK."""
+
+    enabled: bool = False
+    host: str = "127.0.0.1"
+    port: int = Field(default=2575, ge=1, le=65535)
+    #: largest message accepted (bytes between the MLLP start and end blocks)
+    max_message_bytes: int = Field(default=1024 * 1024, ge=1024)
+    #: a connection silent this long (no complete message) is closed
+    idle_timeout_s: float = Field(default=60.0, gt=0)
+    max_connections: int = Field(default=16, ge=1)
+    #: MSH-3/4 of our ACKs
+    application: str = "DXASSIST"
+    facility: str = "DXASSIST"
+
+
+class OrdersFhirSettings(_Strict):
+    """FHIR R4 orders: the Subscription rest-hook endpoint (``POST /v1/fhir/notify``) is always
+    there behind the API's auth; ``poll`` reads ServiceRequest/ImagingStudy from the server for
+    sites without Subscriptions."""
+
+    poll: bool = False
+    url: str | None = None  # base, e.g. https://emr.example/fhir/R4
+    token: SecretStr | None = None
+    interval_s: float = Field(default=60.0, gt=0)
+    timeout_s: float = Field(default=10.0, gt=0)
+
+
+class OrdersSettings(_Strict):
+    """Inbound orders (``orders``): which order priorities count as STAT (HL7 v2 table 0485
+    codes for TQ1-9 / ORC-7.6, FHIR ``ServiceRequest.priority`` values)."""
+
+    hl7: OrdersHl7Settings = OrdersHl7Settings()
+    fhir: OrdersFhirSettings = OrdersFhirSettings()
+    stat_codes: list[str] = Field(default_factory=lambda: ["S"])
+    stat_fhir_priorities: list[str] = Field(default_factory=lambda: ["stat"])
+
+    @model_validator(mode="after")
+    def _poll_needs_url(self) -> OrdersSettings:
+        if self.fhir.poll and not self.fhir.url:
+            raise ValueError("orders.fhir.url: required when orders.fhir.poll is on")
+        return self
+
+
 class ResultsSettings(_Strict):
     """Results, jobs and outbox: SQLite by default; PostgreSQL when ``url`` is set (from
     ``DXASSIST_RESULTS__URL``, as ``postgresql://user:password@host/db``; it carries a secret)."""
@@ -464,6 +509,7 @@ class Settings(BaseSettings):
     scp: ScpSettings = ScpSettings()
     poller: PollerSettings = PollerSettings()
     emr: EmrSettings = EmrSettings()
+    orders: OrdersSettings = OrdersSettings()
 
     @model_validator(mode="after")
     def _no_dev_secrets_in_prod(self) -> Settings:

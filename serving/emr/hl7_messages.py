@@ -149,12 +149,14 @@ def _patient(group: Group, result: ScreeningResult, identity: SiteIdentity, visi
 
 
 def _order_numbers(segment: Segment, result: ScreeningResult, identity: SiteIdentity, kind: str) -> None:
-    """ORC-2/3 or OBR-2/3: placer (DICOM placer order number, else the accession), filler (accession)."""
+    """ORC-2/3 or OBR-2/3: placer (the order's or DICOM placer order number, else the accession),
+    filler (the order's filler number, else the accession)."""
     placer = result.placer_order_number or result.accession_number
     if placer:
         _ei(getattr(segment, f"{kind}_2"), placer, identity.placer_authority)
-    if result.accession_number:
-        _ei(getattr(segment, f"{kind}_3"), result.accession_number, identity.filler_authority)
+    filler = result.filler_order_number or result.accession_number  # an inbound order's filler number first
+    if filler:
+        _ei(getattr(segment, f"{kind}_3"), filler, identity.filler_authority)
 
 
 def _ce(field: Any, code: str, text: str, system: str, prefix: str = "ce") -> None:

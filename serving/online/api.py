@@ -361,7 +361,10 @@ def create_api(
         await remember(svc)
         now = datetime.now(UTC)
         items = []
+        stat_uids, stat_accessions = await asyncio.to_thread(svc.stat_orders)  # inbound STAT orders rank first
         for created, requested, r in svc.store.latest_per_study(limit):
+            if r.study_instance_uid in stat_uids or (r.accession_number and r.accession_number in stat_accessions):
+                requested = PriorityValues.STAT.value
             rank, why = worklist_rank(r, requested, created, now, svc.settings.ageing_minutes)
             items.append(
                 WorklistItem(

@@ -25,6 +25,7 @@ from enum import StrEnum
 from pathlib import Path
 from typing import Any
 
+from pydicom import dcmread
 from pydicom.dataset import Dataset
 
 from models.errors import (
@@ -45,13 +46,15 @@ from serving.dicom.seg import build_seg
 from serving.dicom.sources import SearchableSource
 from serving.observability.metrics import ServiceMetrics
 from serving.online.integrity import default_provenance, spool_hash, upload_study_uid
+from serving.online.orders import OrderListener
 from serving.online.pipeline import Pipeline, PreparedStudy, StudyRequest
 from serving.online.spool import private_dir, sweep_partials, write_private
 from serving.persistence.ids import new_screening_uuid
+from serving.persistence.orders import OrderBook, OrderPriorityValues, OrderRecord, OrderStatusValues
 from serving.persistence.outbox import Outbox
 from serving.persistence.results import Idempotency, JobRecord, Provenance, ResultsStore
 from serving.persistence.schema import STORE_SOURCES, SYSTEM_ACTOR, SourceValues, TriggerValues
-from serving.settings import ApiSettings, PollerSettings, ScpSettings
+from serving.settings import ApiSettings, OrdersSettings, PollerSettings, ScpSettings
 
 logger = logging.getLogger(__name__)
 
@@ -95,8 +98,13 @@ class ScreeningService:
         scp: ScpSettings | None = None,
         poller: PollerSettings | None = None,
         poll_source: SearchableSource | None = None,
+        orders: OrdersSettings | None = None,
     ) -> None:
         self.sinks = dict(sinks or {})
+        #: inbound orders (serving.online.orders): their priority and order numbers reach the screening
+        self.orders_settings = orders
+        self.orders = OrderBook(store.target) if orders is not None else None
+        self._order_listener: OrderListener | None = None
         self.outbox = Outbox(store.target) if self.sinks else None
         self._delivery: asyncio.Task[None] | None = None
         self.scp_settings = scp
@@ -162,6 +170,9 @@ class ScreeningService:
             self._scp.start()
         if self.poller_settings is not None and self.poller_settings.enabled and self.poll_source is not None:
             self._poller = asyncio.create_task(self._poll_forever())
+        if self.orders is not None and self.orders_settings is not None and self.orders_settings.hl7.enabled:
+            self._order_listener = OrderListener(self.orders, self.orders_settings, self.on_orders)
+            await self._order_listener.start()
         if self.outbox is not None:  # also delivers what a previous process left pending
             self._delivery = asyncio.create_task(self._deliver_forever())
         self._models_ready = all(bool(m["ready"]) for m in info)
@@ -180,6 +191,8 @@ class ScreeningService:
             return self._drained
 
     async def _drain(self, timeout_s: float) -> bool:
+        if self._order_listener is not None:  # stored orders stay; senders retry what was not ACKed
+            await self._order_listener.stop()
         if self._scp is not None:
             await asyncio.to_thread(self._scp.stop)
         if self._poller is not None:
@@ -211,6 +224,8 @@ class ScreeningService:
         """Release the database connections (after ``drain``, or for a service never started)."""
         if self.outbox is not None:
             self.outbox.close()
+        if self.orders is not None:
+            self.orders.close()
         self.store.close()
 
     def dispatcher_failed(self) -> bool:
@@ -351,7 +366,13 @@ class ScreeningService:
         job_id = self._enqueue(job)
         return job_id, job_id == job.id
 
-    def submit_automatic(self, study_instance_uid: str, trigger: str, requested_by: str = SYSTEM_ACTOR) -> str | None:
+    def submit_automatic(
+        self,
+        study_instance_uid: str,
+        trigger: str,
+        requested_by: str = SYSTEM_ACTOR,
+        priority: PriorityValues | None = None,
+    ) -> str | None:
         """A trigger that fires on its own (webhook, poller): never screens a study twice.
 
         Returns the job id, or None when the study's store copy was already screened or is
@@ -363,7 +384,7 @@ class ScreeningService:
         provenance = Provenance(SourceValues.PACS_FETCH, TriggerValues(trigger), requested_by)
         job_id, created = self._submit(
             StudyRequest(study_instance_uid=study_instance_uid),
-            PriorityValues.ROUTINE,
+            priority or self.order_priority(study_instance_uid),
             provenance,
             unless_screened=True,
         )
@@ -374,6 +395,7 @@ class ScreeningService:
         """From the SCP's watcher thread: hand the spooled study to the event loop."""
         if self._loop is None:
             return
+        priority = self.order_priority(study_instance_uid, spooled_accession(folder))  # this thread: no loop stall
 
         def submit() -> None:
             if not is_dicom_uid(study_instance_uid):
@@ -382,7 +404,7 @@ class ScreeningService:
             try:  # saved WITH its Study UID: the poller and the webhook see it queued
                 _job_id, created = self._submit(
                     StudyRequest(study_instance_uid=study_instance_uid, spool_dir=str(folder)),
-                    PriorityValues.ROUTINE,
+                    priority,
                     Provenance(SourceValues.SCP_PUSH, TriggerValues.SCP),
                     unless_screened=True,
                 )
@@ -394,6 +416,71 @@ class ScreeningService:
                 shutil.rmtree(folder, ignore_errors=True)
 
         self._loop.call_soon_threadsafe(submit)
+
+    # -- orders ----------------------------------------------------------------------------
+
+    def order_priority(self, study_instance_uid: str, accession_number: str = "") -> PriorityValues:
+        """STAT when an order (not cancelled) for the study, by Study UID or accession number,
+        asks for it; routine otherwise, also while the database does not answer."""
+        if self.orders is None:
+            return PriorityValues.ROUTINE
+        try:
+            record = self.orders.match(study_instance_uid, accession_number)
+        except ResultsDatabaseError:
+            return PriorityValues.ROUTINE
+        if record is not None and record.order.priority == OrderPriorityValues.STAT:
+            return PriorityValues.STAT
+        return PriorityValues.ROUTINE
+
+    def stat_orders(self) -> tuple[set[str], set[str]]:
+        """Study UIDs and accession numbers of STAT orders: the worklist reads them first, also
+        when the study was screened before its order came (no second screening)."""
+        if self.orders is None:
+            return set(), set()
+        return self.orders.stat_keys()
+
+    def on_orders(self, records: Sequence[OrderRecord]) -> None:
+        """Orders just stored (HL7 listener, FHIR notification or poll): an order that says its
+        images are taken, and names the study, has it fetched now at its priority (never a
+        second screening of a study already screened from the store). Others wait for the
+        images to arrive by push, webhook or poller."""
+        for record in records:
+            order = record.order
+            if order.status != OrderStatusValues.COMPLETED or not order.study_instance_uid:
+                continue
+            stat = order.priority == OrderPriorityValues.STAT
+            try:
+                self.submit_automatic(
+                    order.study_instance_uid, TriggerValues.ORDER.value, priority=PriorityValues.STAT if stat else None
+                )
+            except (QueueFull, ServiceDraining, ResultsDatabaseError) as exc:
+                # the order is stored: the poller, a push or the webhook still bring the study
+                logger.warning("order-triggered screening not queued (%s)", type(exc).__name__)
+
+    def _with_order(self, result: ScreeningResult, priority: PriorityValues) -> ScreeningResult:
+        """The result with its order's placer/filler numbers (the ORU^R01 carries them), the
+        accession the order gave when the images had none, and STAT when the order asks for it;
+        links the order to the Study UID its accession led to."""
+        assert self.orders is not None
+        try:
+            record = self.orders.match(result.study_instance_uid, result.accession_number)
+            if record is None:
+                return result
+            if not record.order.study_instance_uid and is_dicom_uid(result.study_instance_uid):
+                self.orders.link_study(record.id, result.study_instance_uid)
+        except ResultsDatabaseError as exc:
+            logger.warning("order lookup failed (%s); result kept without its order", type(exc).__name__)
+            return result
+        order = record.order
+        stat = order.priority == OrderPriorityValues.STAT or priority == PriorityValues.STAT
+        return result.model_copy(
+            update={
+                "placer_order_number": order.placer_number or result.placer_order_number,
+                "filler_order_number": order.filler_number,
+                "accession_number": result.accession_number or order.accession_number,
+                "requested_priority": PriorityValues.STAT.value if stat else result.requested_priority,
+            }
+        )
 
     async def _deliver_forever(self, interval_s: float = 0.2) -> None:
         assert self.outbox is not None
@@ -552,6 +639,8 @@ class ScreeningService:
         result = result.model_copy(
             update={"duration_ms": round(elapsed * 1000.0, 1), "requested_priority": job.priority.value}
         )
+        if self.orders is not None:
+            result = await asyncio.to_thread(self._with_order, result, job.priority)
         # the result, its evidence and one outbox row per sink, committed together before any delivery
         # SCREENED: a row for every sink; NOT_SCREENED: for the sinks that report it (the EMR
         # is told that the AI looked and declined, and why)
@@ -641,6 +730,19 @@ class ScreeningService:
 
     def queue_depth(self) -> dict[str, int]:
         return {p.value: q.qsize() for p, q in self._queues.items()} | {"inflight": len(self._inflight)}
+
+
+def spooled_accession(folder: Path) -> str:
+    """The Accession Number of a spooled study (its first readable instance header; empty
+    when none is readable): how an order known only by accession finds its pushed study."""
+    for path in sorted(folder.glob("*.dcm"))[:3]:
+        try:
+            ds = dcmread(path, stop_before_pixels=True, specific_tags=["AccessionNumber"])
+        except Exception as exc:  # a hostile or partial file: the screening reports it, not this lookup
+            logger.debug("spooled header unreadable for the order lookup (%s)", type(exc).__name__)
+            continue
+        return str(ds.get("AccessionNumber", "") or "")[:64]
+    return ""
 
 
 def _request_of(record: JobRecord) -> StudyRequest:

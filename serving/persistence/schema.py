@@ -58,6 +58,7 @@ class TriggerValues(StrEnum):
     SCP = "scp"
     BATCH = "batch"
     CLI = "cli"
+    ORDER = "order"  # an inbound order (HL7 v2 or FHIR) said the study is ready
     UNKNOWN = "unknown"
 
 
@@ -212,6 +213,47 @@ feedback = Table(
     sqlite_autoincrement=True,
 )
 
+
+# 0005: inbound orders (HL7 v2 ORM/OMI, FHIR ServiceRequest/ImagingStudy), keyed by the placer
+# order number (else the filler's); linked to the study by accession number or Study UID
+orders = Table(
+    "orders",
+    metadata,
+    _id(),
+    Column("created_at", Text, nullable=False),
+    Column("updated_at", Text, nullable=False),
+    Column("order_key", Text, nullable=False),
+    Column("source", Text, nullable=False),  # hl7, fhir
+    Column("placer_number", Text, nullable=False, server_default=text("''")),
+    Column("filler_number", Text, nullable=False, server_default=text("''")),
+    Column("accession_number", Text, nullable=False, server_default=text("''")),
+    Column("study_instance_uid", Text, nullable=False, server_default=text("''")),
+    Column("patient_id", Text, nullable=False, server_default=text("''")),
+    Column("priority", Text, nullable=False),  # stat, routine
+    Column("priority_code", Text, nullable=False, server_default=text("''")),
+    Column("procedure_code", Text, nullable=False, server_default=text("''")),
+    Column("procedure_text", Text, nullable=False, server_default=text("''")),
+    Column("status", Text, nullable=False),  # active, completed, cancelled
+    Column("message_id", Text),  # the inbound message that last changed it
+    UniqueConstraint("order_key", name="orders_key"),
+    Index("orders_accession", "accession_number"),
+    Index("orders_study", "study_instance_uid"),
+    Index("orders_patient", "patient_id"),
+    sqlite_autoincrement=True,
+)
+
+# 0005: every inbound message accepted, stored before its ACK; (sender, MSH-10) dedupes retries
+inbound_messages = Table(
+    "inbound_messages",
+    metadata,
+    Column("sender", Text, nullable=False),
+    Column("control_id", Text, nullable=False),
+    Column("received_at", Text, nullable=False),
+    Column("message_type", Text, nullable=False),
+    Column("ack_code", Text, nullable=False),
+    Column("body", Text, nullable=False),
+    PrimaryKeyConstraint("sender", "control_id", name="inbound_messages_pkey"),
+)
 
 # -- the batch job ledger (its own SQLite file in the job folder, not the results database) ---
 
