@@ -16,7 +16,7 @@ runs ``models.decode.prepare_instance`` in a few long-lived worker processes:
 
 ``InlineDecoder`` has the same interface without isolation (tests, benchmarks, training);
 ``make_decoder`` picks one from ``DXASSIST_DECODE_ISOLATION`` (``process``, the default, or
-``inline``). The choice and its measured cost are in docs/adr/0012-decode-boundary.md.
+``inline``). The choice and its measured cost are in docs/adr/0013-decode-boundary.md.
 """
 
 from __future__ import annotations
@@ -273,7 +273,7 @@ class DecodePool:
             try:
                 if worker is None:
                     worker = self._start()
-            except OSError:
+            except Exception:  # the worker could not be started (fork failed, no memory...)
                 self._count(FAULT_WORKER_DIED)
                 return DecodeRejection(
                     "", "", ReasonCode.DECODE_FAILED, "decoder process could not start", fault=FAULT_WORKER_DIED

@@ -1,7 +1,7 @@
 """Resource limits of the decode boundary: bytes, frames, sequence items, nesting depth, time.
 
 Every number that bounds what one untrusted DICOM file may cost lives here, so that the ADR
-(docs/adr/0012-decode-boundary.md) and the code cannot disagree. Three kinds of limit:
+(docs/adr/0013-decode-boundary.md) and the code cannot disagree. Three kinds of limit:
 
 * **size before work**: the file size, the inflated size of a Deflated transfer syntax, and a
   memory *estimate* computed from the header before any pixel is decoded
@@ -30,7 +30,7 @@ GIB: Final = 1024 * MIB
 
 @dataclass(frozen=True, slots=True)
 class DecodeLimits:
-    """What one file may cost. The defaults are the documented service budget (ADR 0012)."""
+    """What one file may cost. The defaults are the documented service budget (ADR 0013)."""
 
     #: Largest file read at all.
     max_file_bytes: int = 256 * MIB

@@ -47,7 +47,7 @@ from models.pixels import ImageHeader
 from models.preprocessing import get_pipeline
 from models.registry import resolve
 
-#: The documented per-file peak RSS budget of a decode worker (docs/adr/0012).
+#: The documented per-file peak RSS budget of a decode worker (docs/adr/0013).
 RSS_BUDGET_BYTES: Final = int(1.5 * GIB)
 
 

@@ -1,6 +1,6 @@
 """The fuzz suite's command line.
 
-    python -m tests.fuzz.run --cases 50000              # the long run (ADR 0012 has its result)
+    python -m tests.fuzz.run --cases 50000              # the long run (ADR 0013 has its result)
     python -m tests.fuzz.run --cases 5000 --seed 12     # what CI runs (tests/fuzz/test_fuzz.py)
     python -m tests.fuzz.run --seed 12 --only 4711      # rebuild and run one case
 

@@ -2,7 +2,7 @@
 corpus, through the decode boundary in worker processes. Zero crashes, hangs, dead workers,
 memory or recursion faults; every case ends as SCREENED or a typed reason.
 
-The long run is ``python -m tests.fuzz.run --cases 50000`` (result in docs/adr/0012).
+The long run is ``python -m tests.fuzz.run --cases 50000`` (result in docs/adr/0013).
 """
 
 from __future__ import annotations
