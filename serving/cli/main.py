@@ -86,7 +86,13 @@ def _print_results(results: list[ScreeningResult]) -> None:
 
 
 def _run_screen(
-    paths: list[Path], settings: Settings, *, as_json: bool, per_file: bool, save: bool
+    paths: list[Path],
+    settings: Settings,
+    *,
+    as_json: bool,
+    per_file: bool,
+    save: bool,
+    dicom_out: Path | None = None,
 ) -> list[ScreeningResult]:
     files: list[Path] = []
     for p in paths:
@@ -99,7 +105,18 @@ def _run_screen(
     except DxAssistError as exc:
         console.print(f"[red]model error:[/red] {exc}")
         raise typer.Exit(2) from exc
-    results = screen_paths(screener, files, group_by_study=not per_file)
+    if dicom_out is not None:  # also write the SR, GSPS, SC and SEG the store-back would store
+        from serving.dicom.export import screen_to_folder
+
+        exported = screen_to_folder(
+            screener, files, dicom_out, objects=settings.store.write_objects, group_by_study=not per_file
+        )
+        results = [r for r, _ in exported]
+        if not as_json:  # stdout carries only the JSON then
+            written = sum(len(w) for _, w in exported)
+            console.print(f"{written} DICOM result objects written to {dicom_out}", highlight=False)
+    else:
+        results = screen_paths(screener, files, group_by_study=not per_file)
     if save:
         store = ResultsStore(settings.results.target)
         for r in results:
@@ -132,6 +149,10 @@ def screen(
     prepare_actors: Annotated[int, typer.Option(help="batch job, staged: decode/preprocess actors")] = 1,
     as_json: Annotated[bool, typer.Option("--json", help="print results as JSON")] = False,
     per_file: Annotated[bool, typer.Option("--per-file", help="one result per file instead of per study")] = False,
+    dicom_out: Annotated[
+        Path | None,
+        typer.Option(help="also write the DICOM result objects (SR, GSPS, SC, SEG; store.write_objects) here"),
+    ] = None,
     save: Annotated[bool, typer.Option("--save/--no-save", help="record results in the results store")] = True,
     settings: SettingsOpt = None,
 ) -> None:
@@ -154,7 +175,9 @@ def screen(
         if from_store or not paths:
             console.print("[red]--uids/--query-* need --out (a batch job); give files or folders otherwise[/red]")
             raise typer.Exit(2)
-        results = _run_screen(paths, _load_settings(settings), as_json=as_json, per_file=per_file, save=save)
+        results = _run_screen(
+            paths, _load_settings(settings), as_json=as_json, per_file=per_file, save=save, dicom_out=dicom_out
+        )
         if any(r.outcome != OutcomeValues.SCREENED for r in results):
             raise typer.Exit(1)
         return

@@ -164,3 +164,34 @@ def test_polyp_mask_becomes_a_valid_seg(screener: StudyScreener, tmp_path: Path)
         header.SOPInstanceUID
     )
     assert 0 < seg.pixel_array.sum() < header.Rows * header.Columns / 2
+
+
+def test_cli_dicom_out_writes_valid_objects(tmp_path: Path) -> None:
+    import yaml
+    from typer.testing import CliRunner
+
+    from serving.cli.main import app
+
+    settings = tmp_path / "settings.yaml"
+    settings.write_text(
+        yaml.safe_dump(
+            {
+                "environment": "test",
+                "models": [{"id": "cxr-triage", "providers": "cpu"}],
+                "store": {"kind": "local", "path": str(tmp_path / "store")},
+                "results": {"sqlite_path": str(tmp_path / "results.sqlite3")},
+            }
+        )
+    )
+    cxr = write_synthetic_cxr(tmp_path / "in" / "cxr.dcm", seed=81, findings={"pneumothorax": True}, size=(512, 448))
+    out = tmp_path / "out"
+    answer = CliRunner().invoke(
+        app, ["screen", str(cxr), "--no-save", "--dicom-out", str(out), "--settings", str(settings)]
+    )
+    assert answer.exit_code == 0, answer.output
+    written = sorted(p.name for p in out.rglob("*.dcm"))
+    assert written == ["gsps.dcm", "sc-1.dcm", "sc-2.dcm", "sr.dcm"]  # one critical finding + the summary
+    for path in out.rglob("*.dcm"):
+        check = subprocess.run(["dciodvfy", str(path)], capture_output=True, text=True)
+        assert not [line for line in check.stderr.splitlines() if line.startswith(("Error", "Warning"))], path.name
+    assert "4 DICOM result objects written" in answer.output
