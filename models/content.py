@@ -15,8 +15,9 @@ its DICOM name; never a header string.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
+from functools import partial
 from typing import Final
 
 import numpy as np
@@ -25,6 +26,8 @@ from numpy.typing import NDArray
 from models.errors import ReasonCode, UnsupportedStudy
 from models.manifest import ModelManifest
 from models.pixels import ImageHeader, PixelFrame
+from models.preprocessing import Pipeline
+from models.qa import normalise, route
 
 _PREFIX: Final = "1.2.840.10008.5.1.4.1.1."
 #: SOP classes whose content is, by definition, of one kind (family, words for a radiologist)
@@ -165,3 +168,37 @@ def check_pixels(manifest: ModelManifest, frames: Sequence[PixelFrame]) -> list[
             )
         out.append(stats)
     return out
+
+
+def _checked_preprocess(
+    manifest: ModelManifest, fn: Callable[[PixelFrame], NDArray[np.float32]], frame: PixelFrame
+) -> NDArray[np.float32]:
+    check_pixels(manifest, [frame])
+    return fn(frame)
+
+
+def content_checked(manifest: ModelManifest, pipeline: Pipeline) -> Pipeline:
+    """``pipeline`` with ``check_pixels`` run on each frame before its preprocessing: the
+    decode path applies it frame by frame, before any model sees the tensor."""
+    return Pipeline(pipeline.name, pipeline.size, partial(_checked_preprocess, manifest, pipeline.fn))
+
+
+def route_checked(
+    header: ImageHeader, manifests: Sequence[ModelManifest], body_part_aliases: Mapping[str, str] | None = None
+) -> ModelManifest:
+    """Input QA (``models.qa.route``) then ``check_header_facts`` for the chosen model.
+
+    When no model accepts the image but a model reads the modality its header claims, that
+    model's header-fact check runs first: an ultrasound file relabelled ``CR`` is reported as
+    "stored as an ultrasound image", not as an unsupported colour encoding.
+    """
+    try:
+        manifest = route(header, manifests, body_part_aliases=body_part_aliases)
+    except UnsupportedStudy:
+        claimed = normalise(header.modality)
+        for candidate in manifests:
+            if claimed in {normalise(m) for m in candidate.accepts.modality}:
+                check_header_facts(candidate, header)
+        raise
+    check_header_facts(manifest, header)
+    return manifest

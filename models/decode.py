@@ -31,12 +31,12 @@ from pydicom.dataelem import DataElement
 from pydicom.dataset import Dataset, FileMetaDataset
 from pydicom.sequence import Sequence as DicomSequence
 
+from models.content import content_checked, route_checked
 from models.errors import InputRejected, InvalidDicom, ReasonCode
 from models.limits import DEFAULT_LIMITS, DecodeLimits, ParseLimitExceeded, parse_guard
 from models.manifest import ModelManifest
 from models.pixels import ImageHeader, header_of, iter_frames, read_dataset
 from models.preprocessing import Pipeline, get_pipeline
-from models.qa import route
 from models.results import StudyIdentity
 
 Source = str | os.PathLike[str] | bytes | BinaryIO
@@ -76,15 +76,18 @@ def sample_frames(n: int, limit: int) -> list[int]:
 
 @dataclass(frozen=True, slots=True)
 class RoutePlanner:
-    """Input QA (``models.qa.route``) then the routed model's preprocessing. Picklable: it
-    travels to decode workers with each job."""
+    """Input QA (``models.qa.route``), the content check (``models.content``) then the routed
+    model's preprocessing. Picklable: it travels to decode workers with each job."""
 
     manifests: tuple[ModelManifest, ...]
     max_frames: int = 32
+    #: a site's local BodyPartExamined spellings, (spelling, defined term) pairs
+    body_part_aliases: tuple[tuple[str, str], ...] = ()
 
     def __call__(self, header: ImageHeader) -> FramePlan:
-        manifest = route(header, list(self.manifests))
-        pipeline = get_pipeline(manifest.input.preprocessing)
+        # input QA and the header-fact content check now, each frame's pixels below
+        manifest = route_checked(header, self.manifests, dict(self.body_part_aliases))
+        pipeline = content_checked(manifest, get_pipeline(manifest.input.preprocessing))
         return FramePlan(manifest.id, pipeline, sample_frames(header.number_of_frames, self.max_frames))
 
 

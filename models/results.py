@@ -70,6 +70,9 @@ class ImageResult(_Frozen):
     reason_detail: str | None = None
     model_ref: str | None = None
     frames_screened: int = 0
+    #: the model's out-of-distribution distance for this image (largest over the frames it
+    #: screened; the smallest when every frame was refused); None when no gate ran
+    ood_distance: float | None = None
 
 
 _CONTROL = re.compile(r"[\x00-\x1f\x7f]")

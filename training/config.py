@@ -36,12 +36,22 @@ class OperatingPointConfig(_Strict):
     target_sensitivity: float = Field(default=0.95, gt=0, lt=1)
 
 
+class OodConfig(_Strict):
+    """The out-of-distribution gate fitted after export (models/ood.py, training/ood_fit.py)."""
+
+    #: share of the validation split the distance limit must accept
+    acceptance: float = Field(default=0.99, gt=0.5, lt=1)
+    #: principal directions of the feature covariance kept exactly
+    components: int = Field(default=256, ge=1)
+
+
 class TrainConfig(_Strict):
     model_id: str
     version: str
     data: DataConfig = DataConfig()
     train: OptimConfig = OptimConfig()
     operating_point: OperatingPointConfig = OperatingPointConfig()
+    ood: OodConfig = OodConfig()
     int8: bool = False
     manifest: dict[str, Any]  # static manifest parts: name, intended_use, accepts, input, outputs, labels
 

@@ -6,6 +6,7 @@ from typing import Any
 
 from training.config import TrainConfig
 from training.evaluate import LabelMetrics
+from training.evaluate_ood import GateEvaluation
 
 
 def _metrics_table(metrics: list[LabelMetrics]) -> str:
@@ -87,6 +88,47 @@ def write_cxr_card(
         "## Limitations",
         "- Synthetic anatomy and findings; no real pathology, no paediatric, lateral or portable variation.",
         "- Heatmaps are coarse (7x7) and show where the score came from, not a segmentation.",
+        "",
+    ]
+    return "\n".join(lines)
+
+
+def ood_section(block: dict[str, Any], evaluation: GateEvaluation) -> str:
+    """The model card's account of when this version refuses to answer, with measured numbers."""
+    m = evaluation.metrics
+    lines = [
+        "## Out-of-distribution gate: when this model does not answer",
+        "",
+        "Every image that passes header QA and the content check (models/content.py: SOP class, bit depth,",
+        "grey levels, blank background, contrast, colour) meets this version's gate before any finding is made.",
+        f"Basis: {block['basis']}.",
+        f"Limit: distance {block['threshold']} (manifest `ood.threshold`); above it the image is NOT_SCREENED",
+        "with reason OUT_OF_DISTRIBUTION and the measured distance, and no score leaves the service.",
+        "",
+        "Measured with `python -m training.evaluate_ood` (gate alone, content check bypassed):",
+        "",
+        evaluation.table(),
+        "",
+        f"- In-distribution acceptance on held-out synthetic images (another seed): {m['heldout_acceptance']:.1%}.",
+    ]
+    if "far_ood_auroc" in m:
+        lines.append(
+            f"- Far-OOD AUROC {m['far_ood_auroc']:.4f}, refused {m['far_ood_refused']:.1%} of {int(m['far_ood_n'])} images."
+        )
+    if "near_ood_auroc" in m:
+        lines.append(
+            f"- Near-OOD AUROC {m['near_ood_auroc']:.4f}, refused {m['near_ood_refused']:.1%}: changes the model was"
+            " trained to tolerate (for instance mirrored or rotated frames) are accepted, by design."
+        )
+    if "real_ood_refused" in m:
+        lines.append(
+            f"- Real radiographs (NEMA `RG1`, four encodings): refused {m['real_ood_refused']:.0%}. This version has"
+            " seen phantoms only, so it has no basis for a finding on a real radiograph and says so."
+        )
+    lines += [
+        "",
+        "A site gets a model that accepts its images by retraining on its own studies (`python -m training.cli`,",
+        "training/notebooks/retrain.ipynb): the same pipeline refits this gate on the new training data.",
         "",
     ]
     return "\n".join(lines)

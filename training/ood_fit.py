@@ -22,6 +22,9 @@ from numpy.typing import NDArray
 
 from models.manifest import file_sha256
 from models.ood import GaussianStats, fit_gaussian, threshold_for_acceptance
+from models.pixels import PixelFrame
+from models.preprocessing import get_pipeline
+from training.evaluate_ood import GateEvaluation, evaluate_gate
 
 logger = logging.getLogger(__name__)
 
@@ -122,3 +125,35 @@ def fit_ood_gate(
 def stack_inputs(dataset: Sequence[dict[str, Any]], key: str = "image") -> NDArray[np.float32]:
     """Model inputs of a (MONAI) dataset as one ``(N, C, H, W)`` array."""
     return np.stack([np.asarray(dataset[i][key], np.float32) for i in range(len(dataset))])
+
+
+def fit_and_evaluate(
+    onnx_path: Path,
+    train: NDArray[np.float32],
+    validation: NDArray[np.float32],
+    heldout: NDArray[np.float32],
+    heldout_frames: Sequence[PixelFrame],
+    *,
+    preprocessing: str,
+    acceptance: float,
+    components: int,
+    data_text: str,
+    staged_dir: Path,
+) -> tuple[dict[str, Any], GateEvaluation]:
+    """The training pipeline's last step: fit the gate on ``train``, choose its limit on
+    ``validation``, measure it on ``heldout`` (another seed) and the far/near-OOD sets, write
+    ``ood.npz`` into ``staged_dir``. Returns the manifest's ``ood:`` block and the evaluation."""
+    features_of = OnnxFeatures(onnx_path)
+    gate = fit_ood_gate(
+        features_of, train, validation, acceptance=acceptance, data_text=data_text, components=components
+    )
+    evaluation = evaluate_gate(
+        lambda batch: gate.stats.distances(features_of(batch)),
+        gate.threshold,
+        heldout,
+        list(heldout_frames)[:100],
+        get_pipeline(preprocessing),
+        int(train.shape[1]),
+    )
+    gate.metrics.update(evaluation.metrics)
+    return gate.manifest_block(gate.write(staged_dir)), evaluation

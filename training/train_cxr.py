@@ -24,6 +24,7 @@ from monai.utils import set_determinism
 from sklearn.metrics import roc_auc_score
 
 from models.manifest import LoadedManifest
+from models.pixels import load_frames
 from models.registry import REGISTRY_ROOT, register_version
 from models.synthetic.cxr import LABELS, generate_cxr_dataset
 from training.config import TrainConfig, optimiser_and_schedule
@@ -37,8 +38,9 @@ from training.export_onnx import (
     save_weights,
     stage_model,
 )
-from training.model_card import write_cxr_card
+from training.model_card import ood_section, write_cxr_card
 from training.networks import CxrWithCam, cxr_network
+from training.ood_fit import fit_and_evaluate, stack_inputs
 from training.plots import plot_calibration, plot_roc
 from training.transforms import ApplyModelPreprocessd, cxr_train_augment
 
@@ -171,13 +173,34 @@ def train(
     plot_roc(LABELS, y_test, p_test, out / "roc_test.png")
     plot_calibration(LABELS, y_test, p_test, out / "calibration_test.png")
 
-    # Export with CAM, parity on golden inputs (real preprocessed test images).
-    wrapper = CxrWithCam(net).eval()
+    # Export with CAM and pooled features, parity on golden inputs (real preprocessed test images).
+    wrapper = CxrWithCam(net, features=True).eval()
     golden = np.stack([test_ds[i]["image"] for i in range(min(4, len(test_ds)))]).astype(np.float32)
     onnx_path = out / f"{cfg.model_id}-{cfg.version}.onnx"
-    export_onnx(wrapper, torch.from_numpy(golden), onnx_path, input_name="image", output_names=["logits", "cam"])
+    names = ["logits", "cam", "features"]
+    export_onnx(wrapper, torch.from_numpy(golden), onnx_path, input_name="image", output_names=names)
     parity = parity_check(wrapper, onnx_path, golden, input_name="image")
     logger.info("ONNX parity: max |torch - onnx| = %.2e", parity)
+
+    # Out-of-distribution gate: fitted on the (un-augmented) training split through the
+    # exported artifact, limit chosen on validation, measured on the test set and OOD sets.
+    staged = out / "staged" / cfg.model_id / cfg.version
+    train_plain = CacheDataset(train_set.records(), load, num_workers=cfg.train.threads, progress=False)
+    test_frames = [
+        load_frames(f, frame_indices=[0], target_size=load.pipeline.decode_size)[0] for f in test_set.files[:100]
+    ]
+    ood_block, ood_eval = fit_and_evaluate(
+        onnx_path,
+        stack_inputs(train_plain),
+        stack_inputs(val_ds),
+        stack_inputs(test_ds),
+        test_frames,
+        preprocessing=preprocessing,
+        acceptance=cfg.ood.acceptance,
+        components=cfg.ood.components,
+        data_text=f"the {cfg.data.source} training split ({len(train_set)} images, seed {cfg.data.train_seed})",
+        staged_dir=staged,
+    )
 
     manifest = {"id": cfg.model_id, "version": cfg.version, **cfg.manifest}
     manifest["artifact"] = {"file": onnx_path.name, "sha256": "0" * 64, "opset": 17}
@@ -187,6 +210,7 @@ def train(
             {**label, "threshold": round(thresholds[label["key"]], 6), "threshold_basis": bases[label["key"]]}
         )
     manifest["labels"] = labels
+    manifest["ood"] = ood_block
     summary = {m.label: m.auroc for m in metrics}
     manifest["provenance"] = {
         "trained_on": (
@@ -198,19 +222,21 @@ def train(
         "created": dt.date.today().isoformat(),
         "metrics": {f"test_auroc_{k}": float(v) for k, v in summary.items()},
         "weights_file": "weights.pt",
-        "weights_sha256": save_weights(net, out / "staged" / cfg.model_id / cfg.version / "weights.pt"),
+        "weights_sha256": save_weights(net, staged / "weights.pt"),
     }
-    staged = out / "staged" / cfg.model_id / cfg.version
     int8_report = None
     if cfg.int8:
         int8_report = _int8_cost(onnx_path, golden, test_ds, y_test, p_test, out)
-    card = write_cxr_card(cfg, manifest, metrics, history, parity, int8_report)
+    card = (
+        write_cxr_card(cfg, manifest, metrics, history, parity, int8_report) + "\n" + ood_section(ood_block, ood_eval)
+    )
     stage_model(staged, manifest, onnx_path, card)
     report: dict[str, object] = {
         "history": history,
         "test": [m.as_dict() for m in metrics],
         "parity_max_abs_diff": parity,
         "int8": int8_report,
+        "ood": ood_block,
         "staged": str(staged),
     }
     (out / "report.json").write_text(json.dumps(report, indent=2))

@@ -25,13 +25,17 @@ from monai.losses import DiceCELoss
 from monai.transforms import Compose, MapTransform
 from monai.utils import set_determinism
 
+from models.pixels import load_frames
+from models.preprocessing import get_pipeline
 from models.registry import register_version
 from models.synthetic.endoscopy import generate_kvasir_folder
 from training.config import TrainConfig, optimiser_and_schedule
 from training.datasets import KvasirSegDataset
 from training.evaluate import auroc_with_ci, dice_iou, sens_spec, threshold_for_sensitivity
 from training.export_onnx import export_onnx, parity_check, save_weights, stage_model
+from training.model_card import ood_section
 from training.networks import PolypWithScore, polyp_network, recalibrate_batchnorm
+from training.ood_fit import fit_and_evaluate, stack_inputs
 from training.transforms import ApplyModelPreprocessd, polyp_train_augment
 
 logger = logging.getLogger("training.train_polyp")
@@ -66,6 +70,21 @@ def _folder(cfg: TrainConfig, out: Path, split: str) -> Path:
     return folder
 
 
+Records = list[dict[str, object]]
+
+
+def split_records(cfg: TrainConfig, out: Path) -> tuple[Records, Records, Records]:
+    """(train, validation, test) records: validation is ``val_fraction`` of the training folder,
+    drawn with the training seed; test is its own folder (another seed when synthetic)."""
+    full = KvasirSegDataset.from_folder(_folder(cfg, out, "train"))
+    test = KvasirSegDataset.from_folder(_folder(cfg, out, "test"))
+    records = full.records()
+    rng = np.random.default_rng(cfg.data.train_seed)
+    order = rng.permutation(len(records))
+    n_val = round(len(records) * cfg.data.val_fraction)
+    return [records[i] for i in order[n_val:]], [records[i] for i in order[:n_val]], test.records()
+
+
 def _predict(model: torch.nn.Module, loader: DataLoader) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     model.eval()
     scores, masks, truths = [], [], []
@@ -92,20 +111,13 @@ def train(cfg: TrainConfig, out: Path, *, register: bool = False) -> dict[str, o
     out.mkdir(parents=True, exist_ok=True)
     size = cfg.manifest["input"]["shape"][2]
     preprocessing = cfg.manifest["input"]["preprocessing"]
-    full = KvasirSegDataset.from_folder(_folder(cfg, out, "train"))
-    test = KvasirSegDataset.from_folder(_folder(cfg, out, "test"))
-    records = full.records()
-    rng = np.random.default_rng(cfg.data.train_seed)
-    order = rng.permutation(len(records))
-    n_val = round(len(records) * cfg.data.val_fraction)
-    val_records = [records[i] for i in order[:n_val]]
-    train_records = [records[i] for i in order[n_val:]]
+    train_records, val_records, test_records = split_records(cfg, out)
     load = Compose([ApplyModelPreprocessd("image", preprocessing), LoadMaskd("mask", size)])
     train_ds = CacheDataset(
         train_records, Compose([load, polyp_train_augment()]), num_workers=cfg.train.threads, progress=False
     )
     val_ds = CacheDataset(val_records, load, num_workers=cfg.train.threads, progress=False)
-    test_ds = CacheDataset(test.records(), load, num_workers=cfg.train.threads, progress=False)
+    test_ds = CacheDataset(test_records, load, num_workers=cfg.train.threads, progress=False)
     train_loader = DataLoader(train_ds, batch_size=cfg.train.batch_size, shuffle=True, drop_last=True)
     val_loader = DataLoader(val_ds, batch_size=16)
     test_loader = DataLoader(test_ds, batch_size=16)
@@ -175,8 +187,31 @@ def train(cfg: TrainConfig, out: Path, *, register: bool = False) -> dict[str, o
 
     golden = np.stack([test_ds[i]["image"] for i in range(min(4, len(test_ds)))]).astype(np.float32)
     onnx_path = out / f"{cfg.model_id}-{cfg.version}.onnx"
-    export_onnx(model, torch.from_numpy(golden), onnx_path, input_name="image", output_names=["score", "mask"])
-    parity = parity_check(model, onnx_path, golden, input_name="image", atol=2e-3)
+    exported = PolypWithScore(model.net, features=True).eval()  # same weights, plus pooled encoder features
+    names = ["score", "mask", "features"]
+    export_onnx(exported, torch.from_numpy(golden), onnx_path, input_name="image", output_names=names)
+    parity = parity_check(exported, onnx_path, golden, input_name="image", atol=2e-3)
+
+    # Out-of-distribution gate: fitted on the (un-augmented) training frames through the
+    # exported artifact, limit chosen on validation, measured on the test set and OOD sets.
+    staged = out / "staged" / cfg.model_id / cfg.version
+    pipeline = get_pipeline(preprocessing)
+    test_frames = [
+        load_frames(str(r["image"]), frame_indices=[0], target_size=pipeline.decode_size)[0] for r in test_records[:100]
+    ]
+    train_plain = CacheDataset(train_records, load, num_workers=cfg.train.threads, progress=False)
+    ood_block, ood_eval = fit_and_evaluate(
+        onnx_path,
+        stack_inputs(train_plain),
+        stack_inputs(val_ds),
+        stack_inputs(test_ds),
+        test_frames,
+        preprocessing=preprocessing,
+        acceptance=cfg.ood.acceptance,
+        components=cfg.ood.components,
+        data_text=f"the {cfg.data.source} training split ({len(train_records)} frames, seed {cfg.data.train_seed})",
+        staged_dir=staged,
+    )
 
     manifest = {"id": cfg.model_id, "version": cfg.version, **cfg.manifest}
     manifest["artifact"] = {"file": onnx_path.name, "sha256": "0" * 64, "opset": 17}
@@ -187,10 +222,11 @@ def train(cfg: TrainConfig, out: Path, *, register: bool = False) -> dict[str, o
         f"{int(y_val.sum())} with polyp): highest threshold with frame sensitivity >= {target}"
     )
     manifest["labels"] = [label]
+    manifest["ood"] = ood_block
     manifest["provenance"] = {
         "trained_on": (
             f"{cfg.data.source}: {len(train_records)} train / {len(val_records)} validation frames (seed "
-            f"{cfg.data.train_seed}); test {len(test)} frames (seed {cfg.data.test_seed}). Synthetic only, not for clinical use."
+            f"{cfg.data.train_seed}); test {len(test_records)} frames (seed {cfg.data.test_seed}). Synthetic only, not for clinical use."
         ),
         "training_config": "configs/training/endoscopy_polyp.yaml",
         "created": dt.date.today().isoformat(),
@@ -200,14 +236,15 @@ def train(cfg: TrainConfig, out: Path, *, register: bool = False) -> dict[str, o
             "test_frame_auroc": round(auc, 4),
         },
         "weights_file": "weights.pt",
-        "weights_sha256": save_weights(model.net, out / "staged" / cfg.model_id / cfg.version / "weights.pt"),
+        "weights_sha256": save_weights(model.net, staged / "weights.pt"),
     }
-    card = _card(cfg, manifest, metrics, history, parity)
-    staged = stage_model(out / "staged" / cfg.model_id / cfg.version, manifest, onnx_path, card)
+    card = _card(cfg, manifest, metrics, history, parity) + "\n" + ood_section(ood_block, ood_eval)
+    stage_model(staged, manifest, onnx_path, card)
     report: dict[str, object] = {
         "history": history,
         "test": metrics,
         "parity_max_abs_diff": parity,
+        "ood": ood_block,
         "staged": str(staged),
     }
     (out / "report.json").write_text(json.dumps(report, indent=2, default=float))

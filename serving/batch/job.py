@@ -34,7 +34,7 @@ from models.decode import study_uid_of
 from models.errors import InferenceFailed, SourceError
 from models.predictor import cuda_device_count
 from models.results import ScreeningResult
-from serving.core.screening import InstanceInput, ModelOutputs, PreparedImage, RejectedImage, run_model
+from serving.core.screening import InstanceInput, PreparedImage, RejectedImage, run_model
 from serving.dicom.sources.local import candidate_files
 from serving.online.factory import build_screener
 from serving.persistence.ledger import Ledger
@@ -139,8 +139,7 @@ class InferStage:
                 continue
             start = 0
             for key, n in zip(keys, sizes, strict=True):
-                maps = None if out.maps is None else out.maps[start : start + n]
-                outputs[key] = ModelOutputs(out.scores[start : start + n], maps, out.map_role, len(keys))
+                outputs[key] = out.rows(start, n, batch_size=len(keys))
                 start += n
         paired = []
         for si, items in enumerate(studies):

@@ -6,7 +6,13 @@ call it. Its three stages can run apart (the Serve app puts ``prepare`` in the f
 
 1. ``prepare``  read -> header -> input QA/routing -> decode (reduced J2K) -> model preprocessing
 2. ``infer``    batched ONNX Runtime inference per model
-3. ``assemble`` apply operating points, aggregate over images/frames, set triage priority
+3. ``assemble`` the out-of-distribution gate, operating points, aggregate over images/frames,
+   set triage priority
+
+Two content gates stand before any finding: the content check inside ``prepare`` (header facts
+and frame statistics, ``models.content``: CONTENT_MISMATCH) and each model version's
+out-of-distribution gate in ``assemble`` (distance of the image's features to the model's
+training data, ``models.ood``: OUT_OF_DISTRIBUTION). Only frames the gate accepts are scored.
 
 Nothing an instance does can stop the others: every failure becomes a NOT_SCREENED image with a
 reason code, and a study with no usable image is NOT_SCREENED with the most specific reason.
@@ -17,8 +23,8 @@ from __future__ import annotations
 import logging
 import os
 import time
-from collections.abc import Iterable, Sequence
-from dataclasses import dataclass, field
+from collections.abc import Iterable, Mapping, Sequence
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import BinaryIO
 
@@ -90,6 +96,18 @@ class ModelOutputs:
     maps: NDArray[np.float32] | None  # (frames, labels, h, w) heatmap or mask probabilities
     map_role: OutputRoleValues | None = None
     batch_size: int = 0  # images in the model batch that produced this (0: unknown)
+    #: out-of-distribution distance per frame (None: the model version has no gate)
+    ood_distances: NDArray[np.float64] | None = None
+
+    def rows(self, start: int, n: int, batch_size: int | None = None) -> ModelOutputs:
+        """Frames ``start:start+n`` (one image of a joined batch), every per-frame array kept."""
+        return ModelOutputs(
+            scores=self.scores[start : start + n],
+            maps=None if self.maps is None else self.maps[start : start + n],
+            map_role=self.map_role,
+            batch_size=self.batch_size if batch_size is None else batch_size,
+            ood_distances=None if self.ood_distances is None else self.ood_distances[start : start + n],
+        )
 
 
 @dataclass
@@ -116,10 +134,13 @@ def run_model(predictor: OnnxPredictor, tensors: NDArray[np.float32], batch_size
     manifest = predictor.manifest
     heat = manifest.output(OutputRoleValues.HEATMAP)
     mask = manifest.output(OutputRoleValues.MASK)
-    scores, maps = [], []
+    scores, maps, distances = [], [], []
     for start in range(0, len(tensors), batch_size):
         out = predictor.predict(tensors[start : start + batch_size])
         scores.append(predictor.scores(out))
+        measured = predictor.ood_distances(out)
+        if measured is not None:
+            distances.append(measured)
         if heat is not None:
             maps.append(out[heat.name])
         elif mask is not None:
@@ -130,6 +151,17 @@ def run_model(predictor: OnnxPredictor, tensors: NDArray[np.float32], batch_size
         maps=np.concatenate(maps) if maps else None,
         map_role=role,
         batch_size=min(len(tensors), batch_size),
+        ood_distances=np.concatenate(distances) if distances else None,
+    )
+
+
+def ood_refusal_detail(ref: str, distance: float, limit: float, frames: int) -> str:
+    """Why the gate refused an image, in a radiologist's words, with the measured value."""
+    what = "the image" if frames <= 1 else f"none of its {frames} frames"
+    verb = "does" if frames <= 1 else "do"
+    return (
+        f"image content is not like the images {ref} was trained on: {what} {verb} not match "
+        f"(distance {distance:.1f} > limit {limit:.1f}), so the model gives no finding"
     )
 
 
@@ -145,11 +177,13 @@ class StudyScreener:
         batch_size: int = 4,
         manifests: Sequence[LoadedManifest] = (),
         decoder: Decoder | None = None,
+        body_part_aliases: Mapping[str, str] | None = None,
     ) -> None:
         """``predictors`` run inference; ``manifests`` alone suffice for ``prepare`` and
         ``assemble`` (a fetcher or an ingress holds no ONNX session). ``decoder`` runs the
         decode boundary (``models.decode_pool``; default: the process's shared worker pool,
-        or in-process when ``DXASSIST_DECODE_ISOLATION=inline``)."""
+        or in-process when ``DXASSIST_DECODE_ISOLATION=inline``). ``body_part_aliases`` adds a
+        site's local BodyPartExamined spellings to input QA's defaults (``models.qa``)."""
         self.predictors = {p.manifest.id: p for p in predictors}
         self.loaded: dict[str, LoadedManifest] = {m.manifest.id: m for m in manifests}
         self.loaded.update({p.manifest.id: p.loaded for p in predictors})
@@ -160,7 +194,9 @@ class StudyScreener:
         self.max_frames_per_image = max_frames_per_image
         self.batch_size = batch_size
         self.decoder = decoder
-        self._planner = RoutePlanner(tuple(self.manifests), max_frames_per_image)
+        self._planner = RoutePlanner(
+            tuple(self.manifests), max_frames_per_image, tuple(sorted((body_part_aliases or {}).items()))
+        )
 
     # -- stage 1 ---------------------------------------------------------------------------
 
@@ -219,6 +255,51 @@ class StudyScreener:
             findings.append(finding.model_copy(update={"region": region, "frame_index": frame_no}))
         return findings
 
+    def _gate(
+        self, image: PreparedImage, outputs: ModelOutputs
+    ) -> ImageResult | tuple[PreparedImage, ModelOutputs, float | None]:
+        """The out-of-distribution gate: the accepted frames of an image (and its distance), or
+        the image's NOT_SCREENED result when no frame is accepted. Fails closed: a version
+        with a gate whose distances are missing gets no finding."""
+        manifest = self.loaded[image.model_id].manifest
+        spec = manifest.ood
+        if spec is None:
+            return image, outputs, None
+        distances = outputs.ood_distances
+        if distances is None or len(distances) != len(outputs.scores):
+            return ImageResult(
+                sop_instance_uid=image.sop_instance_uid,
+                label=image.label,
+                outcome=OutcomeValues.NOT_SCREENED,
+                reason=ReasonCode.INFERENCE_FAILED,
+                reason_detail=f"{manifest.ref}: the out-of-distribution gate was not measured; no finding is given",
+                model_ref=manifest.ref,
+            )
+        accepted = np.flatnonzero(distances <= spec.threshold)
+        if accepted.size == 0:
+            closest = float(distances.min())
+            return ImageResult(
+                sop_instance_uid=image.sop_instance_uid,
+                label=image.label,
+                outcome=OutcomeValues.NOT_SCREENED,
+                reason=ReasonCode.OUT_OF_DISTRIBUTION,
+                reason_detail=ood_refusal_detail(manifest.ref, closest, spec.threshold, len(distances)),
+                model_ref=manifest.ref,
+                ood_distance=round(closest, 2),
+            )
+        distance = round(float(distances[accepted].max()), 2)
+        if accepted.size == len(distances):
+            return image, outputs, distance
+        kept = replace(image, frame_indices=[image.frame_indices[i] for i in accepted])
+        subset = ModelOutputs(
+            scores=outputs.scores[accepted],
+            maps=None if outputs.maps is None else outputs.maps[accepted],
+            map_role=outputs.map_role,
+            batch_size=outputs.batch_size,
+            ood_distances=distances[accepted],
+        )
+        return kept, subset, distance
+
     def assemble(
         self,
         study_instance_uid: str,
@@ -226,7 +307,10 @@ class StudyScreener:
         rejected: Sequence[RejectedImage],
         duration_ms: float = 0.0,
     ) -> ScreeningResult:
-        """Combine image outcomes into the study result (max score per label over images)."""
+        """Combine image outcomes into the study result (max score per label over images).
+
+        Each image meets its model's out-of-distribution gate first: an image none of whose
+        frames is accepted is NOT_SCREENED (OUT_OF_DISTRIBUTION) and contributes no finding."""
         images: list[ImageResult] = [
             ImageResult(
                 sop_instance_uid=r.sop_instance_uid,
@@ -252,6 +336,11 @@ class StudyScreener:
                     )
                 )
                 continue
+            gated = self._gate(image, outputs)
+            if isinstance(gated, ImageResult):
+                images.append(gated)
+                continue
+            image, outputs, distance = gated
             images.append(
                 ImageResult(
                     sop_instance_uid=image.sop_instance_uid,
@@ -259,6 +348,7 @@ class StudyScreener:
                     outcome=OutcomeValues.SCREENED,
                     model_ref=ref,
                     frames_screened=len(image.frame_indices),
+                    ood_distance=distance,
                 )
             )
             for finding in self._image_findings(image, outputs):

@@ -162,14 +162,7 @@ def _run_joined(predictor: OnnxPredictor, items: list[NDArray[np.float32]], batc
     out = run_model(predictor, joined, max(batch_size, len(joined)))
     results, start = [], 0
     for n in sizes:
-        results.append(
-            ModelOutputs(
-                scores=out.scores[start : start + n],
-                maps=None if out.maps is None else out.maps[start : start + n],
-                map_role=out.map_role,
-                batch_size=len(joined),
-            )
-        )
+        results.append(out.rows(start, n, batch_size=len(joined)))
         start += n
     return results
 

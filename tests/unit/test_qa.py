@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 from pathlib import Path
 
 import pytest
@@ -52,7 +53,7 @@ def test_lower_leg_gets_body_part_reason_not_modality(rg1: dict[str, Path], mani
     [
         ({"view": "LL"}, ReasonCode.UNSUPPORTED_VIEW),
         ({"view": ""}, ReasonCode.UNSUPPORTED_VIEW),
-        ({"body_part": ""}, ReasonCode.UNSUPPORTED_BODY_PART),
+        ({"body_part": "ABDOMEN"}, ReasonCode.UNSUPPORTED_BODY_PART),
         ({"modality": "CT"}, ReasonCode.UNSUPPORTED_MODALITY),
         ({"size": (200, 200)}, ReasonCode.IMAGE_TOO_SMALL),
     ],
@@ -70,3 +71,41 @@ def test_rejection_reasons(tmp_path: Path, manifests: list, kwargs: dict, reason
 def test_no_models_configured(tmp_path: Path) -> None:
     with pytest.raises(UnsupportedStudy, match="no model is configured"):
         route(_header(write_synthetic_cxr(tmp_path / "c.dcm")), [])
+
+
+@pytest.mark.parametrize(
+    "change",
+    [
+        {"modality": "cr"},
+        {"view_position": "pa"},
+        {"modality": " Cr ", "view_position": "Pa"},
+        {"body_part_examined": "chest"},
+        {"body_part_examined": "THORAX"},
+        {"body_part_examined": "Torax"},
+        {"body_part_examined": "TÓRAX"},
+        {"body_part_examined": ""},
+        {"photometric_interpretation": "monochrome2"},
+    ],
+)
+def test_header_values_are_case_insensitive_and_tolerant(tmp_path: Path, manifests: list, change: dict) -> None:
+    header = dataclasses.replace(_header(write_synthetic_cxr(tmp_path / "c.dcm")), **change)
+    assert route(header, manifests).id == "tiny-test"
+
+
+def test_site_aliases_extend_the_defaults(tmp_path: Path, manifests: list) -> None:
+    header = dataclasses.replace(_header(write_synthetic_cxr(tmp_path / "c.dcm")), body_part_examined="RINTAKEHÄ")
+    with pytest.raises(UnsupportedStudy) as info:
+        route(header, manifests)
+    assert info.value.reason == ReasonCode.UNSUPPORTED_BODY_PART
+    assert route(header, manifests, body_part_aliases={"rintakehä": "CHEST"}).id == "tiny-test"
+
+
+@pytest.mark.parametrize("field", ["modality", "body_part_examined", "view_position", "photometric_interpretation"])
+def test_reason_details_never_quote_an_unknown_header_value(tmp_path: Path, manifests: list, field: str) -> None:
+    """A corrupt attribute can carry anything (a Modality once swallowed PatientName)."""
+    canary = "ZZCANARY^PHI"
+    header = dataclasses.replace(_header(write_synthetic_cxr(tmp_path / "c.dcm")), **{field: canary})
+    with pytest.raises(UnsupportedStudy) as info:
+        route(header, manifests)
+    assert "ZZCANARY" not in info.value.detail.upper() and "PHI" not in info.value.detail
+    assert "unrecognised value" in info.value.detail
