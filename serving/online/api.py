@@ -29,6 +29,7 @@ from models.results import OutcomeValues, ScreeningResult, TriagePriorityValues
 from serving.core.uids import is_dicom_uid
 from serving.online.edge import EdgeGuard, Principal, spool_multipart
 from serving.online.integrity import default_provenance, request_hash
+from serving.online.orders_api import orders_router
 from serving.online.pipeline import StudyRequest
 from serving.online.service import JobStatusValues, PriorityValues, ScreeningService
 from serving.online.ui import ui_router
@@ -406,6 +407,7 @@ def create_api(
         return PlainTextResponse(svc.metrics.render().decode(), media_type="text/plain; version=0.0.4")
 
     api.include_router(ui_router(service, Auth))  # the reading worklist page and its endpoints
+    api.include_router(orders_router(service, Auth))  # FHIR Subscription rest-hook for orders
     return api
 
 

@@ -71,7 +71,12 @@ class Principal:
 def required_scope(method: str, path: str) -> frozenset[TokenScopeValues]:
     """Scopes that may call ``method path`` (admin may call anything)."""
     admin = TokenScopeValues.ADMIN
-    if method == "POST" and path in ("/v1/screenings", "/v1/screenings/upload", "/v1/events/stable-study"):
+    if method == "POST" and path in (
+        "/v1/screenings",
+        "/v1/screenings/upload",
+        "/v1/events/stable-study",
+        "/v1/fhir/notify",
+    ):
         return frozenset({TokenScopeValues.INTEGRATION, admin})
     if method in ("GET", "HEAD") and path.startswith("/v1/screenings/"):
         return frozenset({TokenScopeValues.READER, TokenScopeValues.INTEGRATION, admin})

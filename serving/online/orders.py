@@ -1,4 +1,6 @@
-"""Orders in over HL7 v2: an MLLP listener for ORM^O01 and OMI^O23 orders and ADT^A40 merges.
+"""Orders in: an HL7 v2 MLLP listener (ORM^O01, OMI^O23 orders, ADT^A40 merges) and FHIR R4
+ServiceRequest/ImagingStudy notifications (a Subscription rest-hook, ``serving.online.orders_api``)
+or polls (``FhirOrderPoller``), all to the same orders.
 
 A hospital's RIS knows a study is coming, and how urgent it is, before any image arrives. Each
 message is read within a size and time budget, parsed with the ``hl7`` package (never by
@@ -31,17 +33,20 @@ Logs carry message types, ACK codes and counts, never a value from a message.
 from __future__ import annotations
 
 import asyncio
+import json
 import logging
 import re
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from typing import Any
 
 import hl7
+import httpx
 from hl7.mllp import InvalidBlockError, start_hl7_server
+from pydantic import BaseModel, ConfigDict, Field, StrictStr, ValidationError
 
-from models.errors import InvalidOrderMessage, ResultsDatabaseError
+from models.errors import InvalidOrderMessage, ResultsDatabaseError, SourceUnavailable
 from serving.core.uids import is_dicom_uid
 from serving.persistence.orders import (
     MessageReceipt,
@@ -374,3 +379,210 @@ def _decode(block: bytes) -> str:
         return block.decode("utf-8")
     except UnicodeDecodeError:
         return block.decode("latin-1")
+
+
+# -- FHIR R4: ServiceRequest and ImagingStudy, from a Subscription rest-hook or a poll ----------
+
+#: identifier type codes (HL7 v2 table 0203, as FHIR ``Identifier.type``) for order numbers
+_PLACER, _FILLER, _ACCESSION = "PLAC", "FILL", "ACSN"
+_FHIR_CANCELLED = {"revoked", "entered-in-error"}
+_DICOM_UID_SYSTEM = "urn:dicom:uid"
+
+
+class _FhirCode(BaseModel):
+    model_config = ConfigDict(extra="ignore")
+    code: StrictStr | None = None
+    display: StrictStr | None = None
+    system: StrictStr | None = None
+
+
+class _FhirConcept(BaseModel):
+    model_config = ConfigDict(extra="ignore")
+    coding: list[_FhirCode] = Field(default_factory=list, max_length=32)
+    text: StrictStr | None = None
+
+
+class _FhirIdentifier(BaseModel):
+    model_config = ConfigDict(extra="ignore")
+    system: StrictStr | None = None
+    value: StrictStr | None = None
+    type: _FhirConcept | None = None
+
+    def typed(self, code: str) -> bool:
+        return self.type is not None and any(c.code == code for c in self.type.coding)
+
+
+class _FhirReference(BaseModel):
+    model_config = ConfigDict(extra="ignore")
+    reference: StrictStr | None = None
+    identifier: _FhirIdentifier | None = None
+
+
+class _FhirMeta(BaseModel):
+    model_config = ConfigDict(extra="ignore")
+    versionId: StrictStr | None = None
+    lastUpdated: StrictStr | None = None
+
+
+class _FhirResource(BaseModel):
+    """The elements of ServiceRequest (R4) and ImagingStudy (R4) that orders need; the rest is
+    ignored (a site's extensions never make a notification fail)."""
+
+    model_config = ConfigDict(extra="ignore")
+    resourceType: StrictStr
+    id: StrictStr | None = None
+    meta: _FhirMeta | None = None
+    status: StrictStr | None = None
+    priority: StrictStr | None = None
+    identifier: list[_FhirIdentifier] = Field(default_factory=list, max_length=32)
+    code: _FhirConcept | None = None
+    subject: _FhirReference | None = None
+    basedOn: list[_FhirReference] = Field(default_factory=list, max_length=32)
+
+
+def _identifier_of(identifiers: Sequence[_FhirIdentifier], code: str) -> str:
+    return next((i.value or "" for i in identifiers if i.typed(code) and i.value), "")
+
+
+def order_from_fhir(resource: Mapping[str, Any], settings: OrdersSettings) -> Order | None:
+    """An order from a ServiceRequest (placer/filler/accession identifiers by type PLAC/FILL/
+    ACSN, priority, status, code, subject identifier) or an ImagingStudy (its Study UID,
+    accession, ``basedOn`` order and ``available`` status: the images are taken). None for
+    any other resource type; ``InvalidOrderMessage`` for a malformed one."""
+    kind = resource.get("resourceType")
+    if kind not in ("ServiceRequest", "ImagingStudy"):
+        return None
+    try:
+        parsed = _FhirResource.model_validate(resource)
+    except ValidationError:
+        raise InvalidOrderMessage(f"{kind} malformed (elements of the wrong type)", "AE", ERR_DATA_TYPE) from None
+    patient = parsed.subject.identifier.value if parsed.subject and parsed.subject.identifier else ""
+    if kind == "ServiceRequest":
+        coding = parsed.code.coding[0] if parsed.code and parsed.code.coding else _FhirCode()
+        status = parsed.status or ""
+        order = Order(
+            source="fhir",
+            placer_number=_identifier(_identifier_of(parsed.identifier, _PLACER), "placer order number"),
+            filler_number=_identifier(_identifier_of(parsed.identifier, _FILLER), "filler order number"),
+            accession_number=_identifier(_identifier_of(parsed.identifier, _ACCESSION), "accession number"),
+            patient_id=_identifier(patient or "", "patient id"),
+            priority=OrderPriorityValues.STAT
+            if parsed.priority in settings.stat_fhir_priorities
+            else OrderPriorityValues.ROUTINE,
+            priority_code=(parsed.priority or "")[:16],
+            procedure_code=_identifier(coding.code or "", "procedure code"),
+            procedure_text=(coding.display or (parsed.code.text if parsed.code else "") or "")[:MAX_TEXT],
+            status=OrderStatusValues.CANCELLED
+            if status in _FHIR_CANCELLED
+            else OrderStatusValues.COMPLETED
+            if status == "completed"
+            else OrderStatusValues.ACTIVE,
+        )
+    else:
+        uid = next((i.value or "" for i in parsed.identifier if i.system == _DICOM_UID_SYSTEM and i.value), "")
+        uid = uid.removeprefix("urn:oid:")
+        if uid and not is_dicom_uid(uid):
+            raise InvalidOrderMessage("ImagingStudy Study Instance UID is not a DICOM UID", "AE", ERR_DATA_TYPE)
+        based = [r.identifier for r in parsed.basedOn if r.identifier is not None]
+        order = Order(
+            source="fhir",
+            placer_number=_identifier(_identifier_of(based, _PLACER), "placer order number"),
+            filler_number=_identifier(_identifier_of(based, _FILLER), "filler order number"),
+            accession_number=_identifier(
+                _identifier_of(parsed.identifier, _ACCESSION) or _identifier_of(based, _ACCESSION), "accession number"
+            ),
+            study_instance_uid=uid,
+            patient_id=_identifier(patient or "", "patient id"),
+            status=OrderStatusValues.COMPLETED if parsed.status == "available" else OrderStatusValues.ACTIVE,
+        )
+    if not (order.placer_number or order.filler_number or order.accession_number):
+        raise InvalidOrderMessage(f"{kind} names no placer, filler or accession identifier", "AE", ERR_REQUIRED_FIELD)
+    return order
+
+
+def fhir_resources_of(body: Any) -> list[Mapping[str, Any]]:
+    """The resources of a notification: the resource itself (R4 rest-hook with a payload), or
+    the entries of a Bundle (a search page, a ``history`` or subscription-notification bundle)."""
+    if not isinstance(body, dict) or not isinstance(body.get("resourceType"), str):
+        raise InvalidOrderMessage("not a FHIR resource", "AE", ERR_DATA_TYPE)
+    if body["resourceType"] != "Bundle":
+        return [body]
+    entries = body.get("entry") or []
+    if not isinstance(entries, list) or len(entries) > 1000:
+        raise InvalidOrderMessage("Bundle.entry malformed or too long", "AE", ERR_DATA_TYPE)
+    return [e["resource"] for e in entries if isinstance(e, dict) and isinstance(e.get("resource"), dict)]
+
+
+def fhir_message_id(resource: Mapping[str, Any]) -> str:
+    """A notification's dedupe key: type, id and version (a resend of one version applies once)."""
+    meta = resource.get("meta") if isinstance(resource.get("meta"), dict) else {}
+    version = str((meta or {}).get("versionId") or (meta or {}).get("lastUpdated") or "")
+    return f"{resource.get('resourceType')}/{resource.get('id')}/_history/{version}"[:200]
+
+
+def record_fhir(
+    book: OrderBook, resources: Sequence[Mapping[str, Any]], settings: OrdersSettings, sender: str
+) -> list[OrderRecord]:
+    """Store each order resource once per version (before the caller answers); the orders it
+    created or changed (resends of a stored version change nothing)."""
+    stored: list[OrderRecord] = []
+    for resource in resources:
+        order = order_from_fhir(resource, settings)
+        if order is None:
+            continue
+        receipt = book.record_message(
+            sender, fhir_message_id(resource), str(resource.get("resourceType")), json.dumps(resource)[:65536], [order]
+        )
+        stored.extend(receipt.orders)
+    return stored
+
+
+@dataclass
+class FhirOrderPoller:
+    """Reads ServiceRequest and ImagingStudy changed since the last sweep from the FHIR server
+    (``orders.fhir.poll``), for sites without Subscriptions; the same effect as notifications."""
+
+    book: OrderBook
+    settings: OrdersSettings
+    on_orders: Callable[[Sequence[OrderRecord]], None] | None = None
+    since: str | None = None
+    max_pages: int = 50
+
+    def poll_once(self) -> int:
+        """One sweep; returns how many orders were stored or changed."""
+        fhir = self.settings.fhir
+        assert fhir.url is not None
+        headers = {"Accept": "application/fhir+json"}
+        if fhir.token is not None:
+            headers["Authorization"] = f"Bearer {fhir.token.get_secret_value()}"
+        started = datetime.now(UTC).strftime("%Y-%m-%dT%H:%M:%S.%f")[:-3] + "Z"
+        stored: list[OrderRecord] = []
+        with httpx.Client(timeout=fhir.timeout_s, headers=headers) as client:
+            for kind in ("ServiceRequest", "ImagingStudy"):
+                params = {"_count": "100", "_sort": "_lastUpdated"}
+                if self.since:
+                    params["_lastUpdated"] = f"ge{self.since}"
+                url: str | None = f"{fhir.url.rstrip('/')}/{kind}"
+                for _page in range(self.max_pages):
+                    if url is None:
+                        break
+                    try:
+                        response = client.get(url, params=params)
+                        response.raise_for_status()
+                        bundle = response.json()
+                    except (httpx.HTTPError, ValueError) as exc:
+                        raise SourceUnavailable(f"FHIR order poll failed ({type(exc).__name__})") from None
+                    for resource in fhir_resources_of(bundle):
+                        try:
+                            stored.extend(record_fhir(self.book, [resource], self.settings, f"fhir-poll|{fhir.url}"))
+                        except InvalidOrderMessage as exc:
+                            logger.warning("FHIR order skipped (%s)", exc)
+                    url = next(
+                        (str(link.get("url")) for link in bundle.get("link", []) if link.get("relation") == "next"),
+                        None,
+                    )
+                    params = {}
+        self.since = started
+        if stored and self.on_orders is not None:
+            self.on_orders(stored)
+        return len(stored)

@@ -46,7 +46,7 @@ from serving.dicom.seg import build_seg
 from serving.dicom.sources import SearchableSource
 from serving.observability.metrics import ServiceMetrics
 from serving.online.integrity import default_provenance, spool_hash, upload_study_uid
-from serving.online.orders import OrderListener
+from serving.online.orders import FhirOrderPoller, OrderListener
 from serving.online.pipeline import Pipeline, PreparedStudy, StudyRequest
 from serving.online.spool import private_dir, sweep_partials, write_private
 from serving.persistence.ids import new_screening_uuid
@@ -105,6 +105,7 @@ class ScreeningService:
         self.orders_settings = orders
         self.orders = OrderBook(store.target) if orders is not None else None
         self._order_listener: OrderListener | None = None
+        self._order_poller: asyncio.Task[None] | None = None
         self.outbox = Outbox(store.target) if self.sinks else None
         self._delivery: asyncio.Task[None] | None = None
         self.scp_settings = scp
@@ -173,6 +174,9 @@ class ScreeningService:
         if self.orders is not None and self.orders_settings is not None and self.orders_settings.hl7.enabled:
             self._order_listener = OrderListener(self.orders, self.orders_settings, self.on_orders)
             await self._order_listener.start()
+        if self.orders is not None and self.orders_settings is not None and self.orders_settings.fhir.poll:
+            poller = FhirOrderPoller(self.orders, self.orders_settings, self.on_orders)
+            self._order_poller = asyncio.create_task(self._poll_orders_forever(poller))
         if self.outbox is not None:  # also delivers what a previous process left pending
             self._delivery = asyncio.create_task(self._deliver_forever())
         self._models_ready = all(bool(m["ready"]) for m in info)
@@ -193,6 +197,8 @@ class ScreeningService:
     async def _drain(self, timeout_s: float) -> bool:
         if self._order_listener is not None:  # stored orders stay; senders retry what was not ACKed
             await self._order_listener.stop()
+        if self._order_poller is not None:
+            self._order_poller.cancel()
         if self._scp is not None:
             await asyncio.to_thread(self._scp.stop)
         if self._poller is not None:
@@ -456,6 +462,15 @@ class ScreeningService:
             except (QueueFull, ServiceDraining, ResultsDatabaseError) as exc:
                 # the order is stored: the poller, a push or the webhook still bring the study
                 logger.warning("order-triggered screening not queued (%s)", type(exc).__name__)
+
+    async def _poll_orders_forever(self, poller: FhirOrderPoller) -> None:
+        assert self.orders_settings is not None
+        while True:
+            try:
+                await asyncio.to_thread(poller.poll_once)
+            except (SourceError, ResultsDatabaseError) as exc:  # the next sweep starts where this one did
+                logger.warning("FHIR order poll failed (%s)", type(exc).__name__)
+            await asyncio.sleep(self.orders_settings.fhir.interval_s)
 
     def _with_order(self, result: ScreeningResult, priority: PriorityValues) -> ScreeningResult:
         """The result with its order's placer/filler numbers (the ORU^R01 carries them), the
