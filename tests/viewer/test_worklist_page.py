@@ -155,8 +155,6 @@ def test_worklist_page_shows_every_outcome_draws_regions_and_saves_feedback(brow
             assert (
                 "UNSUPPORTED_BODY_PART" in page.locator(f'tr[data-screening-id="{ids["not-screened"]}"]').inner_text()
             )
-            if DOC_SCREENSHOTS:
-                page.screenshot(path=str(REPO / "docs/img/worklist.png"))
 
             # study view: the image from the store with the AI region drawn over it, toggled by "o"
             page.locator(f'tr[data-screening-id="{ids["findings"]}"]').click()
@@ -200,6 +198,8 @@ def test_worklist_page_shows_every_outcome_draws_regions_and_saves_feedback(brow
             late_row = page.locator(f'tr[data-screening-id="{late_id}"][data-delivery-failed="true"]')
             late_row.wait_for(timeout=30_000)
             assert "FAILED" in late_row.inner_text()
+            if DOC_SCREENSHOTS:  # every outcome class on one page
+                page.screenshot(path=str(REPO / "docs/img/worklist.png"))
             page.select_option("#f-status", "delivery-failed")
             shown = page.locator("#worklist tbody tr")
             assert [shown.nth(i).get_attribute("data-screening-id") for i in range(shown.count())] == [late_id]
