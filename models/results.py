@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import hashlib
+import json
 import re
 from datetime import datetime, timedelta, timezone
 from enum import StrEnum
@@ -10,10 +12,15 @@ from uuid import uuid4
 
 import numpy as np
 from numpy.typing import NDArray
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 from models.errors import ReasonCode
 from models.manifest import Code, LoadedManifest
+
+
+def new_result_id() -> str:
+    """A random id for a new screening result (``ScreeningResult.result_id``)."""
+    return uuid4().hex
 
 
 class OutcomeValues(StrEnum):
@@ -140,8 +147,10 @@ class ScreeningResult(_Frozen):
     study_ref: str
     outcome: OutcomeValues
     #: unique per screening (never per study): messages derive their ids from it (HL7 MSH-10),
-    #: so a re-screen or a fresh results database never repeats one
-    result_id: str = Field(default_factory=lambda: uuid4().hex)
+    #: so a re-screen or a fresh results database never repeats one. The screening core sets a
+    #: random one (``new_result_id``); a result stored before this field existed gets one derived
+    #: from its content, the same on every load (its pending deliveries keep their ids)
+    result_id: str = ""
     #: identifiers for the EMR (PHI: delivered and stored, never logged); see ``StudyIdentity``
     patient_id: str = ""
     patient_name: str = ""
@@ -161,6 +170,14 @@ class ScreeningResult(_Frozen):
     images: list[ImageResult] = Field(default_factory=list)
     models: list[str] = Field(default_factory=list)
     duration_ms: float = 0.0
+
+    @model_validator(mode="before")
+    @classmethod
+    def _content_id_when_missing(cls, data: Any) -> Any:
+        if isinstance(data, dict) and not data.get("result_id"):
+            content = json.dumps(data, sort_keys=True, default=str)
+            data = {**data, "result_id": hashlib.sha256(content.encode()).hexdigest()[:32]}
+        return data
 
     @property
     def positive_findings(self) -> list[Finding]:

@@ -45,6 +45,7 @@ from models.results import (
     ScreeningResult,
     StudyIdentity,
     findings_from_scores,
+    new_result_id,
     region_from_map,
     triage_priority,
 )
@@ -362,6 +363,7 @@ class StudyScreener:
         identities = [StudyIdentity.from_header(header)] if header is not None else []
         identities += [r.identity for r in rejected if r.identity is not None]
         identity = identities[0] if identities else StudyIdentity()
+        result_id = new_result_id()
         if not screened:
             reasons = {i.reason for i in images}
             if len(reasons) == 1 and images:
@@ -376,6 +378,7 @@ class StudyScreener:
                 reason_detail=detail,
                 images=images,
                 duration_ms=round(duration_ms, 1),
+                result_id=result_id,
                 **identity.model_dump(),
             )
         findings = sorted(best.values(), key=lambda f: (f.model_id, f.key))
@@ -383,6 +386,7 @@ class StudyScreener:
             study_instance_uid=study_instance_uid,
             study_ref=sref,
             outcome=OutcomeValues.SCREENED,
+            result_id=result_id,
             **identity.model_dump(),
             priority=triage_priority(findings),
             findings=findings,
