@@ -58,14 +58,30 @@ class DicomWebSettings(_Strict):
     retries: int = 3
 
 
+class DimseTlsSettings(_Strict):
+    """DICOM TLS (PS3.15 Annex B secure transport) for an association: this side's certificate
+    and key (PEM), the CA bundle that peers' certificates must chain to, and whether a peer
+    must present one (mutual TLS)."""
+
+    certificate: Path
+    private_key: Path
+    ca_certificates: Path | None = None
+    require_peer_certificate: bool = True
+
+
 class DimseSettings(_Strict):
-    """A PACS over DIMSE: C-FIND to search, C-GET to retrieve (ADR 0008)."""
+    """A PACS over DIMSE: C-FIND to search, C-GET or C-MOVE to retrieve (ADR 0008). With
+    ``retrieve: move`` the PACS sends the study to ``move_destination`` (an AE title it knows;
+    by default ``scp.ae_title``), received by the service's own C-STORE SCP (``scp.host``/``port``)."""
 
     host: str
     port: int = Field(ge=1, le=65535)
     called_ae_title: str
     calling_ae_title: str = "DXASSIST"
     timeout_s: float = Field(default=30.0, gt=0)
+    retrieve: Literal["get", "move"] = "get"
+    move_destination: str | None = None
+    tls: DimseTlsSettings | None = None
 
 
 class StoreSettings(_Strict):
@@ -246,6 +262,13 @@ class ScpSettings(_Strict):
     host: str = "127.0.0.1"
     port: int = 11112
     stable_age_s: float = 3.0
+    #: calling AE titles that may push studies (modalities, PACS routing rules); None: any
+    #: (dev only). The PACS of ``store.dimse`` may always deliver the studies a C-MOVE asked for.
+    allowed_ae_titles: list[str] | None = None
+    #: PACS that may deliver C-MOVE results (only for a study a retrieval asked for); the
+    #: factory adds ``store.dimse.called_ae_title`` when ``store.dimse.retrieve`` is ``move``
+    move_ae_titles: list[str] = Field(default_factory=list)
+    tls: DimseTlsSettings | None = None
 
 
 class PollerSettings(_Strict):
@@ -373,8 +396,11 @@ class ScreeningSettings(_Strict):
 
 
 class ServeSettings(_Strict):
-    """The Ray Serve application (ADR 0011): ``auto`` is staged with a GPU, inline on CPU."""
+    """How ``dxassist serve`` runs (ADR 0013): ``asgi`` is one process on uvicorn (one machine);
+    ``ray`` is the Ray Serve application, whose ``topology`` ``auto`` is staged with a GPU and
+    inline on CPU (ADR 0011)."""
 
+    runtime: Literal["asgi", "ray"] = "asgi"
     topology: Literal["auto", "staged", "inline"] = "auto"
 
 
@@ -407,6 +433,8 @@ class ApiToken(_Strict):
 def _parse_token(value: object, index: int) -> object:
     """``id:scope:secret`` (the environment form) or a bare secret (an admin token, for the
     demo and tests; ids ``token-1``, ``token-2``...); mappings pass through."""
+    if isinstance(value, SecretStr):
+        value = value.get_secret_value()
     if not isinstance(value, str):
         return value
     parts = value.strip().split(":", 2)

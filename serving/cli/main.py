@@ -322,7 +322,8 @@ def serve(
     port: Annotated[int | None, typer.Option(help="port (default api.port)")] = None,
     num_cpus: Annotated[int | None, typer.Option(help="CPUs for the local Ray instance")] = None,
 ) -> None:
-    """Run the Ray Serve application on a local, loopback-bound Ray until SIGTERM or Ctrl-C.
+    """Run the service until SIGTERM or Ctrl-C: one process on uvicorn (``serve.runtime: asgi``, the
+    default) or the Ray Serve application on a local, loopback-bound Ray (``serve.runtime: ray``).
 
     Stopping is graceful: admission closes at once (503 with Retry-After), running screenings
     finish (up to ``api.drain_timeout_s``), queued ones stay persisted and resume at the next
@@ -348,6 +349,13 @@ def serve(
             "[bold yellow]DEV MODE: no API tokens configured. The API is open to every process on this "
             "machine and answers loopback clients only. Set DXASSIST_API__TOKENS for anything else.[/bold yellow]"
         )
+    if cfg.serve.runtime == "asgi":
+        from serving.asgi.app import run
+
+        console.print(f"dxassist serving at http://{bind}:{port or cfg.api.port} (one process). Ctrl-C to stop.")
+        run(cfg, host=bind, port=port or cfg.api.port)
+        console.print("stopped")
+        return
     stop = threading.Event()
     with local_serve(
         str(settings) if settings else None, host=bind, port=port or cfg.api.port, num_cpus=num_cpus
