@@ -1,5 +1,5 @@
 """FHIR R4 resources for a screening result, built as typed models (``fhir.resources``' R4B
-classes, which match R4 for every element used here; ADR 0012 says why not its R4 release).
+classes, which match R4 for every element used here; ADR 0014 says why not its R4 release).
 
 Shape (IHE AI Results and the HL7 DICOM SR-to-FHIR mapping):
 
@@ -7,7 +7,7 @@ Shape (IHE AI Results and the HL7 DICOM SR-to-FHIR mapping):
   (R4 allows only Practitioner/Organization roles there); observations point at it in ``device``.
 * ``Observation`` per finding: code in its own system, ``valueCodeableConcept`` Present/Absent
   (SNOMED CT), the probability as a component (UCUM "1", the operating point as its reference
-  range), the region as a component, ``interpretation`` POS/NEG, ``partOf`` the ImagingStudy,
+  range), the region of a present finding as a component, ``interpretation`` POS/NEG, ``partOf`` the ImagingStudy,
   ``basedOn`` the order, ``effectiveDateTime`` the study's time, ``device`` the algorithm.
 * ``DiagnosticReport``: preliminary, the report code/category per model (settings), subject,
   ``imagingStudy``, ``basedOn``, ``effectiveDateTime``, the observations, a conclusion.
@@ -166,7 +166,7 @@ def _observation(
             ],
         )
     ]
-    if finding.region is not None:
+    if finding.positive and finding.region is not None:  # where an absent finding "is" is noise
         r = finding.region
         components.append(
             ObservationComponent(

@@ -14,7 +14,7 @@ ORU^R01, one per screening (SCREENED or NOT_SCREENED)::
     per finding n (OBX-4 sub-id n groups its two OBX):
     OBX  CE  OBX-3 the finding's code in its own coding system, OBX-5 Present/Absent (SNOMED CT
              qualifier values), OBX-8 A/N, OBX-11 P, OBX-14 study time, OBX-18 the model@version
-    NTE  the region, when the model located the finding
+    NTE  the region, when the finding is present and the model located it
     OBX  NM  OBX-3 local code PROB, OBX-5 the probability, OBX-6 UCUM "1", OBX-7 the
              model's operating point as the normal range ("<threshold"), OBX-18 the model
     NOT_SCREENED: one OBX CE with the reason code (local coding system), and an NTE with it.
@@ -225,7 +225,7 @@ def _finding_observations(order: Group, result: ScreeningResult, identity: SiteI
         _coded_value(obx, value, meaning, identity.hl7_coding_systems[CodingSchemeValues.SCT])
         _put(obx, "obx_8", "A" if finding.positive else "N")
         _ei(obx.obx_18, _model_ref(finding), identity.sending_application)
-        if finding.region is not None:
+        if finding.positive and finding.region is not None:  # where an absent finding "is" is noise
             r = finding.region
             where = f"region x {r.x:.2f}-{r.x + r.width:.2f}, y {r.y:.2f}-{r.y + r.height:.2f} of the image"
             if finding.frame_index is not None:
