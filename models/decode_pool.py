@@ -4,7 +4,7 @@ A native abort in a codec (a Rust panic that aborts, a C library's ``abort()`` o
 kernel killing an allocation) must not take the service or a batch actor down. ``DecodePool``
 runs ``models.decode.prepare_instance`` in a few long-lived worker processes:
 
-* each worker caps its own address space (``RLIMIT_AS``) at what it holds after start-up plus
+* each worker is a fresh interpreter (``python -m models.decode_pool``) that caps its own address space (``RLIMIT_AS``) at what it holds after start-up plus
   ``DecodeLimits.worker_memory_bytes``, so one file's peak RSS stays within that budget
   whatever the file declares (an allocation past it is a ``MemoryError`` or an abort);
 * the parent waits at most ``DecodeLimits.file_timeout_s`` per file, then kills the worker;
@@ -24,8 +24,10 @@ from __future__ import annotations
 import atexit
 import contextlib
 import importlib
-import multiprocessing as mp
 import os
+import socket
+import subprocess
+import sys
 import threading
 import time
 from dataclasses import dataclass, field
@@ -47,6 +49,8 @@ from models.pixels import read_source
 
 ISOLATION_ENV: Final = "DXASSIST_DECODE_ISOLATION"
 _START_TIMEOUT_S: Final = 120.0
+#: Worker environment: single-threaded numeric libraries, few malloc arenas (address space).
+_WORKER_ENV: Final = {"OMP_NUM_THREADS": "1", "OPENBLAS_NUM_THREADS": "1", "MALLOC_ARENA_MAX": "2"}
 _PAGE: Final = os.sysconf("SC_PAGE_SIZE")
 
 
@@ -86,7 +90,6 @@ def _status_bytes(key: str) -> int:
 
 def _limit_worker(limits: DecodeLimits) -> int:
     """Quiet, single-threaded, address space capped; returns the cap in bytes."""
-    import ctypes
     import resource
     import signal
     import warnings
@@ -96,8 +99,6 @@ def _limit_worker(limits: DecodeLimits) -> int:
     import cv2
 
     cv2.setNumThreads(1)
-    with contextlib.suppress(OSError, AttributeError):
-        ctypes.CDLL("libc.so.6").mallopt(-8, 2)  # M_ARENA_MAX: few malloc arenas, little address space
     # load every codec now, so that the baseline below includes their libraries
     for name in ("openjpeg", "libjpeg", "rle", "pylibjpeg", "PIL.JpegImagePlugin", "PIL.Jpeg2KImagePlugin"):
         with contextlib.suppress(ImportError):
@@ -169,7 +170,7 @@ class PoolStats:
 
 @dataclass
 class _Worker:
-    process: Any  # multiprocessing.Process of the chosen context
+    process: subprocess.Popen[bytes]
     conn: Connection
 
 
@@ -180,20 +181,9 @@ class DecodePool:
     callers decode at once, the others wait for a free worker.
     """
 
-    def __init__(
-        self,
-        workers: int | None = None,
-        limits: DecodeLimits = DEFAULT_LIMITS,
-        *,
-        start_method: str = "forkserver",
-    ) -> None:
+    def __init__(self, workers: int | None = None, limits: DecodeLimits = DEFAULT_LIMITS) -> None:
         self.workers = max(1, workers if workers is not None else min(4, os.cpu_count() or 1))
         self.limits = limits
-        if start_method not in mp.get_all_start_methods():
-            start_method = "spawn"
-        self._ctx: Any = mp.get_context(start_method)
-        if start_method == "forkserver":
-            self._ctx.set_forkserver_preload(["models.decode_pool"])
         self._idle: list[_Worker] = []
         self._lock = threading.Lock()
         self._slots = threading.BoundedSemaphore(self.workers)
@@ -203,15 +193,31 @@ class DecodePool:
     # -- workers ---------------------------------------------------------------------------
 
     def _start(self) -> _Worker:
-        parent, child = self._ctx.Pipe(duplex=True)
-        process = self._ctx.Process(target=_worker_main, args=(child, self.limits), daemon=True)
-        process.start()
-        child.close()
-        worker = _Worker(process, parent)
-        if not parent.poll(_START_TIMEOUT_S):
+        """A fresh interpreter running this module (not a fork of the service: no inherited
+        threads, locks or Ray state, and no re-import of the service's ``__main__``)."""
+        ours, theirs = socket.socketpair()
+        env = dict(os.environ)
+        root = str(Path(__file__).resolve().parents[1])
+        env["PYTHONPATH"] = os.pathsep.join(p for p in (root, env.get("PYTHONPATH", "")) if p)
+        env.update(_WORKER_ENV)
+        try:
+            process = subprocess.Popen(
+                [sys.executable, "-m", "models.decode_pool", str(theirs.fileno())],
+                pass_fds=(theirs.fileno(),),
+                stdin=subprocess.DEVNULL,
+                env=env,
+            )
+        finally:
+            theirs.close()
+        worker = _Worker(process, Connection(ours.detach()))
+        try:
+            worker.conn.send({"sys_path": list(sys.path), "limits": self.limits})
+            if not worker.conn.poll(_START_TIMEOUT_S):
+                raise OSError("decode worker did not start")
+            hello = worker.conn.recv()
+        except BaseException:
             self._kill(worker)
-            raise OSError("decode worker did not start")
-        hello = parent.recv()
+            raise
         with self._lock:
             self.stats.workers_started += 1
             self.stats.address_space_cap = int(hello.get("address_space_cap", 0))
@@ -221,9 +227,10 @@ class DecodePool:
     def _kill(worker: _Worker) -> None:
         with contextlib.suppress(Exception):
             worker.conn.close()
-        if worker.process.is_alive():
+        if worker.process.poll() is None:
             worker.process.kill()
-        worker.process.join(timeout=5)
+        with contextlib.suppress(subprocess.TimeoutExpired):
+            worker.process.wait(timeout=5)
 
     def warm(self) -> None:
         """Start every worker now (a service does this at start-up, off the request path)."""
@@ -239,7 +246,8 @@ class DecodePool:
         for worker in idle:
             with contextlib.suppress(Exception):
                 worker.conn.send(None)
-            worker.process.join(timeout=2)
+            with contextlib.suppress(subprocess.TimeoutExpired):
+                worker.process.wait(timeout=2)
             self._kill(worker)
 
     def __enter__(self) -> DecodePool:
@@ -356,3 +364,10 @@ def default_decoder() -> Decoder:
             _shared = make_decoder()
             atexit.register(_shared.close)
         return _shared
+
+
+if __name__ == "__main__":  # a worker: python -m models.decode_pool FD
+    _conn = Connection(int(sys.argv[1]))
+    _config = _conn.recv()
+    sys.path[:] = list(dict.fromkeys([*sys.path, *_config["sys_path"]]))
+    _worker_main(_conn, _config["limits"])

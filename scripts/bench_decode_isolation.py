@@ -112,7 +112,7 @@ def main() -> None:
         f"\n2. throughput, 2 callers: in-process threads {t_inline:.1f} files/s, "
         f"2 workers {t_pool:.1f} files/s ({t_pool / t_inline:.2f}x)"
     )
-    print(f"3. starting one worker (forkserver, imports, address-space cap): {start_s * 1000:.0f} ms, once per worker")
+    print(f"3. starting one worker (interpreter, imports, address-space cap): {start_s * 1000:.0f} ms, once per worker")
 
 
 if __name__ == "__main__":
