@@ -84,6 +84,10 @@ class SelfTest:
     provider: str
 
 
+#: ONNX metadata key holding the output (label) order, comma-separated label keys
+LABEL_ORDER_KEY = "dxassist.label_order"
+
+
 class OnnxPredictor:
     """Run one verified model. Thread-safe for ``predict`` (ORT sessions are)."""
 
@@ -117,6 +121,7 @@ class OnnxPredictor:
                 f"{self.manifest.ref}: ONNX Runtime refused the artifact ({type(exc).__name__})"
             ) from exc
         self._check_signature()
+        self._check_label_order()
         self.provider: str = self.session.get_providers()[0]
         self._outputs = [o.name for o in self.manifest.outputs]
         #: the version's out-of-distribution gate (None for a version fitted without one)
@@ -125,6 +130,17 @@ class OnnxPredictor:
     @classmethod
     def from_path(cls, manifest_path: str | Path, **kwargs: object) -> OnnxPredictor:
         return cls(load_manifest(manifest_path), **kwargs)  # type: ignore[arg-type]
+
+    def _check_label_order(self) -> None:
+        """The artifact's recorded output order (written by the exporter from the manifest) must
+        be the manifest's label order: findings are named by position. Artifacts exported
+        before the order was recorded carry none and are trusted to their parity check."""
+        recorded = self.session.get_modelmeta().custom_metadata_map.get(LABEL_ORDER_KEY)
+        expected = ",".join(label.key for label in self.manifest.labels)
+        if recorded is not None and recorded != expected:
+            raise ManifestError(
+                f"{self.manifest.ref}: the artifact's outputs are in another order than the manifest's labels"
+            )
 
     def _check_signature(self) -> None:
         ref = self.manifest.ref

@@ -28,8 +28,13 @@ class ChestXray14Dataset:
 
     @classmethod
     def from_folder(
-        cls, root: Path, csv_name: str = "Data_Entry.csv", views: tuple[str, ...] = ("PA", "AP")
+        cls,
+        root: Path,
+        csv_name: str = "Data_Entry.csv",
+        views: tuple[str, ...] = ("PA", "AP"),
+        label_keys: tuple[str, ...] = LABELS,
     ) -> ChestXray14Dataset:
+        """Read the folder; label vectors follow ``label_keys`` (the model's manifest order)."""
         files, labels, view_list = [], [], []
         with (root / csv_name).open(newline="") as fh:
             for row in csv.DictReader(fh):
@@ -37,9 +42,9 @@ class ChestXray14Dataset:
                 if views and view not in views:
                     continue
                 files.append(root / row["Image Index"])
-                labels.append(label_vector(row["Finding Labels"]))
+                labels.append(label_vector(row["Finding Labels"], label_keys))
                 view_list.append(view)
-        return cls(root=root, files=files, labels=np.stack(labels), views=view_list)
+        return cls(root=root, files=files, labels=np.stack(labels), views=view_list, label_keys=label_keys)
 
     def __len__(self) -> int:
         return len(self.files)
@@ -56,7 +61,7 @@ class ChestXray14Dataset:
 
         def take(idx: NDArray) -> ChestXray14Dataset:
             return ChestXray14Dataset(
-                self.root, [self.files[i] for i in idx], self.labels[idx], [self.views[i] for i in idx]
+                self.root, [self.files[i] for i in idx], self.labels[idx], [self.views[i] for i in idx], self.label_keys
             )
 
         return take(train), take(val)

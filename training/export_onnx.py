@@ -23,7 +23,7 @@ from torch import nn
 
 from models.errors import ParityError
 from models.manifest import file_sha256, load_manifest, parse_manifest
-from models.predictor import OnnxPredictor
+from models.predictor import LABEL_ORDER_KEY, OnnxPredictor
 
 logger = logging.getLogger(__name__)
 
@@ -103,6 +103,19 @@ def load_weights(module: nn.Module, path: Path, sha256: str) -> nn.Module:
     return module
 
 
+def write_label_order(onnx_path: Path, keys: Sequence[str]) -> None:
+    """Record the output order in the artifact's metadata (``LABEL_ORDER_KEY``), where the
+    predictor checks it against the manifest at every load."""
+    import onnx
+
+    model = onnx.load(str(onnx_path))
+    for prop in list(model.metadata_props):
+        if prop.key == LABEL_ORDER_KEY:
+            model.metadata_props.remove(prop)
+    model.metadata_props.add(key=LABEL_ORDER_KEY, value=",".join(keys))
+    onnx.save(model, str(onnx_path))
+
+
 def stage_model(
     staged_dir: Path,
     manifest: dict[str, Any],
@@ -115,6 +128,7 @@ def stage_model(
     target = staged_dir / manifest["artifact"]["file"]
     if onnx_path.resolve() != target.resolve():
         shutil.copyfile(onnx_path, target)
+    write_label_order(target, [str(label["key"]) for label in manifest["labels"]])
     manifest = {**manifest, "artifact": {**manifest["artifact"], "sha256": file_sha256(target)}}
     text = yaml.safe_dump(manifest, sort_keys=False, allow_unicode=True)
     parse_manifest(text)  # schema check before anything is written

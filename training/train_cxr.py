@@ -26,7 +26,7 @@ from sklearn.metrics import roc_auc_score
 from models.manifest import LoadedManifest
 from models.pixels import load_frames
 from models.registry import REGISTRY_ROOT, register_version
-from models.synthetic.cxr import LABELS, generate_cxr_dataset
+from models.synthetic.cxr import generate_cxr_dataset
 from training.config import TrainConfig, optimiser_and_schedule
 from training.datasets import ChestXray14Dataset
 from training.evaluate import evaluate_multilabel, threshold_for_sensitivity
@@ -47,11 +47,17 @@ from training.transforms import ApplyModelPreprocessd, cxr_train_augment
 logger = logging.getLogger("training.train_cxr")
 
 
+def label_keys(cfg: TrainConfig) -> tuple[str, ...]:
+    """The network's output order: the manifest's labels, the one source of truth (the exporter
+    writes it into the artifact and the predictor checks it at load)."""
+    return tuple(str(label["key"]) for label in cfg.manifest["labels"])
+
+
 def _datasets(cfg: TrainConfig, work: Path) -> tuple[ChestXray14Dataset, ChestXray14Dataset, ChestXray14Dataset]:
     """(train, validation, test). Synthetic: test is generated with another seed. A real folder
     (ChestX-ray14 layout) is split: test = val_fraction of it, then validation from the rest."""
     if cfg.data.source != "synthetic":
-        full = ChestXray14Dataset.from_folder(Path(cfg.data.source))
+        full = ChestXray14Dataset.from_folder(Path(cfg.data.source), label_keys=label_keys(cfg))
         rest, test = full.split(cfg.data.val_fraction, cfg.data.test_seed)
         train, val = rest.split(cfg.data.val_fraction, cfg.data.train_seed)
         return train, val, test
@@ -61,7 +67,7 @@ def _datasets(cfg: TrainConfig, work: Path) -> tuple[ChestXray14Dataset, ChestXr
         if not (folder / "Data_Entry.csv").exists():
             logger.info("generating %d synthetic radiographs (seed %d)", n, seed)
             generate_cxr_dataset(folder, n, seed, size=cfg.data.image_size)
-        sets.append(ChestXray14Dataset.from_folder(folder))
+        sets.append(ChestXray14Dataset.from_folder(folder, label_keys=label_keys(cfg)))
     train, val = sets[0].split(cfg.data.val_fraction, cfg.data.train_seed)
     return train, val, sets[1]
 
@@ -112,7 +118,8 @@ def train(
     val_loader = DataLoader(val_ds, batch_size=32, num_workers=0)
     test_loader = DataLoader(test_ds, batch_size=32, num_workers=0)
 
-    net = cxr_network(len(LABELS))
+    keys = label_keys(cfg)
+    net = cxr_network(len(keys))
     if init_from is not None:
         prov = init_from.manifest.provenance
         if not prov.weights_file:
@@ -157,7 +164,7 @@ def train(
     p_val, y_val = _predict(net, val_loader, bf16=False)
     thresholds, bases = {}, {}
     target = cfg.operating_point.target_sensitivity
-    for i, key in enumerate(LABELS):
+    for i, key in enumerate(keys):
         positives = int(y_val[:, i].sum())
         if 0 < positives < len(y_val):
             thresholds[key] = threshold_for_sensitivity(y_val[:, i], p_val[:, i], target)
@@ -169,9 +176,9 @@ def train(
             thresholds[key] = 0.5
             bases[key] = "no positives in validation split; default 0.5 (not an operating point)"
     p_test, y_test = _predict(net, test_loader, bf16=False)
-    metrics = evaluate_multilabel(LABELS, y_test, p_test, thresholds, n_boot=500)
-    plot_roc(LABELS, y_test, p_test, out / "roc_test.png")
-    plot_calibration(LABELS, y_test, p_test, out / "calibration_test.png")
+    metrics = evaluate_multilabel(keys, y_test, p_test, thresholds, n_boot=500)
+    plot_roc(keys, y_test, p_test, out / "roc_test.png")
+    plot_calibration(keys, y_test, p_test, out / "calibration_test.png")
 
     # Export with CAM and pooled features, parity on golden inputs (real preprocessed test images).
     wrapper = CxrWithCam(net, features=True).eval()

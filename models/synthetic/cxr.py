@@ -20,6 +20,7 @@ the training loader reads real ChestX-ray14/NIH-style data the same way.
 from __future__ import annotations
 
 import csv
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -300,11 +301,12 @@ def generate_cxr_dataset(
     return csv_path
 
 
-def label_vector(finding_labels: str) -> NDArray[np.float32]:
-    """ChestX-ray14 ``Finding Labels`` text -> our label vector (order of ``LABELS``)."""
+def label_vector(finding_labels: str, keys: Sequence[str] = LABELS) -> NDArray[np.float32]:
+    """ChestX-ray14 ``Finding Labels`` text -> a label vector in the order of ``keys`` (a model's
+    manifest labels; the generator's ``LABELS`` by default)."""
     names = {s.strip() for s in finding_labels.split("|")}
-    vec = np.zeros(len(LABELS), np.float32)
-    for i, key in enumerate(LABELS):
+    vec = np.zeros(len(keys), np.float32)
+    for i, key in enumerate(keys):
         if key == "nodule_mass":
             vec[i] = float(bool(names & {"Nodule", "Mass"}))
         else:

@@ -7,9 +7,9 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from models.errors import InferenceFailed
+from models.errors import InferenceFailed, ManifestError
 from models.manifest import load_manifest
-from models.predictor import OnnxPredictor, choose_providers, cuda_device_count
+from models.predictor import LABEL_ORDER_KEY, OnnxPredictor, choose_providers, cuda_device_count
 
 
 def _names(providers: list[str | tuple[str, dict[str, object]]]) -> list[str]:
@@ -66,3 +66,31 @@ def test_predictor_rejects_wrong_shape_and_nan(tiny_model_dir: Path) -> None:
 def test_self_test_passes_and_names_provider(tiny_model_dir: Path) -> None:
     result = OnnxPredictor(load_manifest(tiny_model_dir), providers="cpu").self_test()
     assert result.ok and result.provider == "CPUExecutionProvider" and result.latency_ms > 0
+
+
+def _record_order(model_dir: Path, order: str) -> None:
+    """Write an output order into the tiny artifact's metadata and re-pin its checksum."""
+    import hashlib
+
+    import onnx
+    import yaml
+
+    onnx_path = model_dir / "tiny.onnx"
+    model = onnx.load(str(onnx_path))
+    model.metadata_props.add(key=LABEL_ORDER_KEY, value=order)
+    onnx.save(model, str(onnx_path))
+    manifest = yaml.safe_load((model_dir / "manifest.yaml").read_text())
+    manifest["artifact"]["sha256"] = hashlib.sha256(onnx_path.read_bytes()).hexdigest()
+    (model_dir / "manifest.yaml").write_text(yaml.safe_dump(manifest, sort_keys=False))
+
+
+def test_predictor_refuses_an_artifact_whose_output_order_is_not_the_manifests(tiny_model_dir: Path) -> None:
+    """Findings are named by position: the order the exporter recorded must be the manifest's."""
+    _record_order(tiny_model_dir, "beta,alpha")
+    with pytest.raises(ManifestError, match="another order"):
+        OnnxPredictor(load_manifest(tiny_model_dir), providers="cpu")
+
+
+def test_predictor_loads_an_artifact_recording_the_manifests_order(tiny_model_dir: Path) -> None:
+    _record_order(tiny_model_dir, "alpha,beta")
+    assert OnnxPredictor(load_manifest(tiny_model_dir), providers="cpu").manifest.labels[0].key == "alpha"
