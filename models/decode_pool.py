@@ -48,6 +48,7 @@ from models.limits import DEFAULT_LIMITS, DecodeLimits
 from models.pixels import read_source
 
 ISOLATION_ENV: Final = "DXASSIST_DECODE_ISOLATION"
+WORKERS_ENV: Final = "DXASSIST_DECODE_WORKERS"
 _START_TIMEOUT_S: Final = 120.0
 #: Worker environment: single-threaded numeric libraries, few malloc arenas (address space).
 _WORKER_ENV: Final = {"OMP_NUM_THREADS": "1", "OPENBLAS_NUM_THREADS": "1", "MALLOC_ARENA_MAX": "2"}
@@ -338,13 +339,20 @@ def make_decoder(
     isolation: str | None = None, *, workers: int | None = None, limits: DecodeLimits = DEFAULT_LIMITS
 ) -> Decoder:
     """``DecodePool`` (``process``, the default) or ``InlineDecoder`` (``inline``); the choice
-    comes from ``isolation`` or else from the ``DXASSIST_DECODE_ISOLATION`` environment variable.
+    comes from ``isolation`` or else from the ``DXASSIST_DECODE_ISOLATION`` environment variable,
+    the pool size from ``workers`` or ``DXASSIST_DECODE_WORKERS`` (default ``min(4, cores)``).
 
     Raises:
         ValueError: an unknown isolation name.
     """
     name = (isolation or os.environ.get(ISOLATION_ENV, "") or "process").strip().lower()
     if name == "process":
+        env_workers = os.environ.get(WORKERS_ENV, "").strip()
+        if workers is None and env_workers:
+            try:
+                workers = int(env_workers)
+            except ValueError:
+                raise ValueError(f"{WORKERS_ENV}: not an integer") from None
         return DecodePool(workers, limits)
     if name in ("inline", "off", "none"):
         return InlineDecoder(limits)
