@@ -357,3 +357,15 @@ def test_a_waiting_client_holds_its_screening_id_before_the_screening_ends(
         assert headers["location"] == f"/v1/screenings/{job_id}"
         final = json.loads(b"".join(m.get("body", b"") for m in sent if m["type"] == "http.response.body"))
         assert final["screening_id"] == job_id and final["status"] == "DONE"
+
+
+def test_serve_refuses_an_open_bind_without_tokens(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Finding: `dxassist serve --host 0.0.0.0` ran fully open in dev mode, with no warning."""
+    from typer.testing import CliRunner
+
+    from serving.cli.main import app
+
+    monkeypatch.delenv("DXASSIST_API__TOKENS", raising=False)
+    outcome = CliRunner().invoke(app, ["serve", "--host", "0.0.0.0"])
+    assert outcome.exit_code == 2
+    assert "refusing to bind 0.0.0.0" in outcome.output and "DXASSIST_API__TOKENS" in outcome.output
