@@ -65,6 +65,8 @@ class Finding(_Frozen):
     manifest_sha256: str
     region: Region | None = None
     frame_index: int | None = None
+    #: the image the score (and region) came from: result objects reference it (SR SCOORD, GSPS)
+    sop_instance_uid: str | None = None
 
 
 class ImageResult(_Frozen):

@@ -253,7 +253,11 @@ class StudyScreener:
                     region = _letterbox_region(region, *image.image_shape)
             frame_no = image.frame_indices[fi] if len(image.frame_indices) > 1 else None
             finding = findings_from_scores(loaded, outputs.scores[fi])[li]
-            findings.append(finding.model_copy(update={"region": region, "frame_index": frame_no}))
+            findings.append(
+                finding.model_copy(
+                    update={"region": region, "frame_index": frame_no, "sop_instance_uid": image.sop_instance_uid}
+                )
+            )
         return findings
 
     def _gate(

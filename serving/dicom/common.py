@@ -139,7 +139,7 @@ class PlacedFinding:
 
 def source_image(finding: Finding, images: Sequence[Dataset]) -> Dataset | None:
     """The evidence image a finding was scored on (the first image when the finding does not say)."""
-    uid = getattr(finding, "sop_instance_uid", None)
+    uid = finding.sop_instance_uid
     if uid:
         for image in images:
             if str(image.get("SOPInstanceUID", "")) == uid:
