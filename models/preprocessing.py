@@ -17,11 +17,15 @@ from models.pixels import PixelFrame
 
 @dataclass(frozen=True, slots=True)
 class Pipeline:
-    """A named preprocessing function and the long side (pixels) it resizes to."""
+    """A named preprocessing function, the long side (pixels) it resizes to, and the value
+    range of what it returns (an imported model's manifest declares both; ``dxassist models
+    import`` checks them against the graph)."""
 
     name: str
     size: int
     fn: Callable[[PixelFrame], NDArray[np.float32]]
+    value_range: tuple[float, float] = (0.0, 1.0)
+    channels: int = 1
 
     @property
     def decode_size(self) -> int:
@@ -33,9 +37,27 @@ class Pipeline:
         return self.fn(frame)
 
 
+#: torchxrayvision's input scale: ``xrv.utils.normalize`` maps [0, maxval] to [-1024, 1024]
+XRV_V1_RANGE: Final = (-1024.0, 1024.0)
+
+
+def xrv_v1(frame: PixelFrame) -> NDArray[np.float32]:
+    """Grayscale frame -> ``(1, 224, 224)`` in [-1024, 1024], the scale torchxrayvision's
+    DenseNets were trained on (``xrv.utils.normalize``: ``(2 * x / maxval - 1) * 1024``).
+
+    The geometry is ``cxr_v1``'s letterbox (torchxrayvision centre-crops; letterboxing keeps the
+    whole lung fields and maps heatmaps back exactly); the display pipeline before it (Modality
+    LUT, VOI window, MONOCHROME1 inverted) is the same as for every radiograph model.
+    """
+    unit = cxr_v1(frame)
+    scaled: NDArray[np.float32] = (unit * np.float32(2.0) - np.float32(1.0)) * np.float32(1024.0)
+    return scaled
+
+
 PIPELINES: Final[dict[str, Pipeline]] = {
     "cxr_v1": Pipeline("cxr_v1", CXR_V1_SIZE, cxr_v1),
-    "endo_v1": Pipeline("endo_v1", ENDO_V1_SIZE, endo_v1),
+    "endo_v1": Pipeline("endo_v1", ENDO_V1_SIZE, endo_v1, channels=3),
+    "xrv_v1": Pipeline("xrv_v1", CXR_V1_SIZE, xrv_v1, value_range=XRV_V1_RANGE),
 }
 
 
