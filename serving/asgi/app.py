@@ -16,14 +16,15 @@ stops the HTTP server, so no client sees a dropped connection; a second signal s
 from __future__ import annotations
 
 import logging
-from collections.abc import AsyncIterator
-from contextlib import asynccontextmanager
+from collections.abc import AsyncIterator, Iterator
+from contextlib import asynccontextmanager, contextmanager
 
 from fastapi import FastAPI
 
 from serving.online.api import create_api
 from serving.online.factory import build_screener, build_service, build_source
 from serving.online.pipeline import LocalPipeline
+from serving.online.probe import wait_ready
 from serving.online.service import ScreeningService
 from serving.settings import Settings
 
@@ -96,3 +97,27 @@ def run(settings: Settings, *, host: str, port: int) -> None:
         lifespan="on",
     )
     DrainingServer(config).run()
+
+
+@contextmanager
+def local_asgi(settings: Settings, *, host: str = "127.0.0.1", port: int) -> Iterator[str]:
+    """Run the single-node service in a background thread of this process (the demo, tests);
+    yields the base URL once ready, then drains and stops it."""
+    import threading
+
+    import uvicorn
+
+    started: dict[str, ScreeningService] = {}
+    config = uvicorn.Config(
+        build_asgi_app(settings, started), host=host, port=port, access_log=False, log_level="warning", lifespan="on"
+    )
+    server = uvicorn.Server(config)
+    thread = threading.Thread(target=server.run, name="dxassist-asgi", daemon=True)
+    thread.start()
+    base = f"http://{host}:{port}"
+    try:
+        wait_ready(base)
+        yield base
+    finally:
+        server.should_exit = True  # uvicorn's shutdown runs the lifespan exit: the service drains
+        thread.join(timeout=settings.api.drain_timeout_s + 30)

@@ -396,11 +396,21 @@ def demo(
         _run_screen([root], cfg, as_json=as_json, per_file=True, save=True)
         return
     files = candidate_files(root)
-    token = secrets.token_urlsafe(24)
+    token = secrets.token_urlsafe(32)
     if not as_json:
-        console.print("Starting the service (Ray Serve, local) ...")
-    with local_serve(str(settings) if settings else None, port=_free_port(), api_token=token) as base:
-        results = _screen_over_http(base, files, token)
+        runtime = "one process" if cfg.serve.runtime == "asgi" else "Ray Serve, local"
+        console.print(f"Starting the service ({runtime}) ...")
+    if cfg.serve.runtime == "asgi":
+        from serving.asgi.app import local_asgi
+        from serving.settings import ApiSettings
+
+        api = ApiSettings.model_validate(cfg.api.model_dump() | {"tokens": [token]})  # an admin token
+        with_token = cfg.model_copy(update={"api": api})
+        with local_asgi(with_token, port=_free_port()) as base:
+            results = _screen_over_http(base, files, token)
+    else:
+        with local_serve(str(settings) if settings else None, port=_free_port(), api_token=token) as base:
+            results = _screen_over_http(base, files, token)
     if as_json:
         sys.stdout.write(json.dumps([r.model_dump(mode="json") for r in results], indent=2) + "\n")
         return

@@ -13,33 +13,13 @@ from __future__ import annotations
 
 import logging
 import os
-import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 from typing import Any
 
-import httpx
+from serving.online.probe import wait_ready
 
 logger = logging.getLogger(__name__)
-
-
-def wait_ready(base_url: str, timeout_s: float = 180.0) -> None:
-    """Poll ``/readyz`` until the models have loaded and passed their self-test."""
-    deadline = time.monotonic() + timeout_s
-    last = ""
-    while time.monotonic() < deadline:
-        try:
-            response = httpx.get(f"{base_url}/readyz", timeout=5.0)
-            if response.status_code == 200:
-                return
-            last = str(response.status_code)
-        except httpx.HTTPError as exc:
-            last = type(exc).__name__
-        time.sleep(0.5)
-    raise TimeoutError(
-        f"service not ready after {timeout_s:.0f} s (last: {last}); check `serve status`: a replica that "
-        "cannot be scheduled (CPU/GPU reservations above the machine) keeps the app DEPLOYING"
-    )
 
 
 def init_loopback_ray(**kwargs: Any) -> None:
@@ -112,7 +92,11 @@ def local_serve(
                     os.environ[k] = v
         serve.run(app, name="dxassist", route_prefix="/")
         base = f"http://{host}:{port}"
-        wait_ready(base)
+        wait_ready(
+            base,
+            hint="; check `serve status`: a replica that cannot be scheduled (CPU/GPU reservations above "
+            "the machine) keeps the app DEPLOYING",
+        )
         yield base
     finally:
         try:
