@@ -61,7 +61,8 @@ class Hl7MllpSink:
         import hl7
         from hl7.mllp import open_hl7_connection
 
-        reader, writer = await asyncio.wait_for(open_hl7_connection(self.host, self.port), self.timeout_s)
+        connect = open_hl7_connection(self.host, self.port, encoding="utf-8")  # MSH-18 says UTF-8
+        reader, writer = await asyncio.wait_for(connect, self.timeout_s)
         try:
             writer.writemessage(hl7.parse(message))
             await writer.drain()

@@ -46,6 +46,8 @@ from serving.emr.priority import NOTE, triage_reason
 from serving.settings import HierarchicDesignator, SiteIdentity
 
 VERSION = "2.5.1"
+#: MSH-18 (table 0211); the MLLP sink encodes with the matching codec
+CHARSET = "UNICODE UTF-8"
 #: SNOMED CT qualifier values for a finding's presence (as IHE AIR and the SR-to-FHIR mapping use)
 PRESENT = ("52101004", "Present")
 ABSENT = ("2667000", "Absent")
@@ -123,6 +125,7 @@ def _msh(message: Message, identity: SiteIdentity, control_id: str, receiver: Hi
     _put(msh.msh_12, "vid_1", VERSION)
     _put(msh, "msh_15", "AL")  # accept acknowledgment always (the sink waits for it)
     _put(msh, "msh_16", "NE")  # no application acknowledgment
+    _put(msh, "msh_18", CHARSET)  # names from DICOM headers are not ASCII everywhere
 
 
 def _patient(group: Group, result: ScreeningResult, identity: SiteIdentity, visit_group: str) -> None:

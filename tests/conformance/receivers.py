@@ -94,7 +94,7 @@ def mllp_listener(answers: list[str] | None = None) -> Iterator[MllpListener]:
     stop = asyncio.Event()
 
     async def main() -> None:
-        server = await start_hl7_server(handle, host="127.0.0.1", port=state.port)
+        server = await start_hl7_server(handle, host="127.0.0.1", port=state.port, encoding="utf-8")
         started.set()
         await stop.wait()
         server.close()

@@ -93,6 +93,19 @@ def test_hl7_ack_handling_and_escaping(predictor: OnnxPredictor, tmp_path: Path)
         assert listener.accepted == {control}
 
 
+def test_a_name_outside_ascii_arrives_intact(predictor: OnnxPredictor, tmp_path: Path) -> None:
+    """DICOM names are often not ASCII: the message says UTF-8 (MSH-18) and is sent as UTF-8
+    (an ASCII-only writer would fail this delivery on every retry)."""
+    path = write_synthetic_cxr(tmp_path / "a.dcm", seed=26, patient_name="MÜLLER^JOSÉ")
+    result = screen_paths(StudyScreener([predictor], study_ref_key=b"k"), [path])[0]
+    assert result.patient_name == "MÜLLER^JOSÉ"
+    with mllp_listener() as listener:
+        Hl7MllpSink("127.0.0.1", listener.port, identity=IDENTITY, timeout_s=2).deliver(1, result, [])
+    message = hl7.parse(listener.messages[0])
+    assert str(message.segment("MSH")[18]) == "UNICODE UTF-8"
+    assert str(message.segment("PID")[5]).startswith("MÜLLER^JOSÉ")
+
+
 def test_a_results_database_reset_never_reuses_an_msh10(predictor: OnnxPredictor, tmp_path: Path) -> None:
     """The same study screened into two fresh results databases: both deliveries are row 1 of
     their outbox (an MSH-10 made from the delivery id would repeat), the receiver gets two ids."""
