@@ -3,7 +3,8 @@ OMG^O19 priority-change request.
 
 ORU^R01, one per screening (SCREENED or NOT_SCREENED)::
 
-    MSH  site applications/facilities, MSH-10 from the result id (``message_control_id``)
+    MSH  site applications/facilities, MSH-10 from the result id (``message_control_id``),
+         MSH-18 UNICODE UTF-8 (names from DICOM headers are not all ASCII)
     PID  PID-3 id^^^authority^type (settings), PID-5 from the DICOM PatientName   [when the id is known]
     PV1  PV1-2 U, PV1-19 the visit (AdmissionID)                                  [when known]
     ORC  RE, ORC-2/3 placer/filler order numbers (placer: the DICOM placer order number, else
@@ -27,6 +28,9 @@ ordering clinician's relevant clinical information is never overwritten), the re
 MSH-10 (ST, at most 20 characters) is a hash of the result's random id and the sink name:
 the same on every retry of one delivery, different for every screening, sink and database -
 a receiver that de-duplicates on it never drops a new result.
+
+Messages are built at hl7apy's tolerant level (its strict level refuses to type OBX-5, which it
+keeps "varies"); ``tests/conformance`` parses every message the sinks send with STRICT.
 """
 
 from __future__ import annotations
