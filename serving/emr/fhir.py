@@ -5,8 +5,9 @@ Idempotency comes from stable keys, not from the transport: resource ids derive 
 model and finding, written with ``PUT`` (update-as-create), so a retry rewrites the same
 resources and never adds a report. With ``fhir_references: resolve`` the sink first searches
 the server for the Patient, the order (ServiceRequest by accession) and the ImagingStudy and
-references each literally when exactly one matches; none found leaves a reference by identifier,
-several found is refused (a human must say which). Bodies are never logged.
+references each literally when exactly one matches; none found (or a search the server refuses)
+leaves a reference by identifier, several found is refused (a human must say which). Bodies are
+never logged.
 """
 
 from __future__ import annotations
@@ -77,9 +78,12 @@ class FhirSink:
         if reference is None or reference.identifier is None or reference.type is None:
             return reference
         identifier: Identifier = reference.identifier
-        bundle = self._request(
-            "GET", f"/{reference.type}", params={"identifier": f"{identifier.system}|{identifier.value}"}
-        )
+        try:
+            bundle = self._request(
+                "GET", f"/{reference.type}", params={"identifier": f"{identifier.system}|{identifier.value}"}
+            )
+        except DeliveryRejected:
+            return reference  # the server does not search this type for us: the logical reference stands
         ids = [
             e["resource"]["id"] for e in bundle.get("entry", []) if e.get("search", {}).get("mode", "match") == "match"
         ]

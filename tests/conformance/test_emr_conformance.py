@@ -270,8 +270,17 @@ def test_fhir_references_are_literal_where_the_server_holds_the_targets(tmp_path
         logical = FhirSink(fhir, identity=identity.model_copy(update={"fhir_references": "identifier"}))
         logical.deliver(1, result, [])
         logical.close()
-        report = fhir_search(base, "DiagnosticReport")[0]
+        report = httpx.get(f"{fhir}/DiagnosticReport/{report['id']}").json()
         assert "reference" not in report["subject"] and report["subject"]["identifier"]["value"] == result.patient_id
+        # a server that refuses the search still gets the report, with logical references
+        for refuse in (False, True):
+            if refuse:
+                httpx.post(f"{base}/__control/refuse-search")
+            sink = FhirSink(fhir, identity=identity)
+            sink.deliver(1, result, [])
+            sink.close()
+            report = httpx.get(f"{fhir}/DiagnosticReport/{report['id']}").json()
+            assert ("reference" in report["subject"]) is not refuse
 
 
 def test_each_code_goes_out_in_its_own_coding_system() -> None:

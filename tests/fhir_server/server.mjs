@@ -3,6 +3,8 @@
 // (Medplum's memory repository does not validate by itself). Test controls (never in production):
 //   POST /__control/down   answer 503 to every FHIR request until /__control/up
 //   GET  /__control/writes count of accepted writes per resource type
+//   POST /__control/refuse-search   answer 403 to every search (GET on a type), as servers whose
+//                                   client may not search a type do
 // Usage: node --experimental-websocket server.mjs PORT
 import http from 'node:http';
 import { getStatus, indexSearchParameterBundle, indexStructureDefinitionBundle, validateResource } from '@medplum/core';
@@ -18,6 +20,7 @@ const repo = new MemoryRepository();
 const router = new FhirRouter();
 const writes = {};
 let down = false;
+let refuseSearch = false;
 
 function send(res, status, body) {
   res.writeHead(status, { 'content-type': 'application/fhir+json' });
@@ -32,7 +35,10 @@ const server = http.createServer(async (req, res) => {
     if (url.pathname === '/__control/down') { down = true; return send(res, 200, { down }); }
     if (url.pathname === '/__control/up') { down = false; return send(res, 200, { down }); }
     if (url.pathname === '/__control/writes') return send(res, 200, writes);
+    if (url.pathname === '/__control/refuse-search') { refuseSearch = true; return send(res, 200, { refuseSearch }); }
     if (down) return send(res, 503, { resourceType: 'OperationOutcome', issue: [{ severity: 'error', code: 'transient' }] });
+    const isSearch = req.method === 'GET' && /^\/fhir\/R4\/[A-Za-z]+$/.test(url.pathname);
+    if (refuseSearch && isSearch) return send(res, 403, { resourceType: 'OperationOutcome', issue: [{ severity: 'error', code: 'forbidden' }] });
     const body = text ? JSON.parse(text) : undefined;
     const writing = (req.method === 'POST' || req.method === 'PUT') && body?.resourceType && body.resourceType !== 'Bundle';
     if (writing) {
