@@ -630,3 +630,55 @@ def import_onnx(
 
 def known_preprocessing() -> list[str]:
     return sorted(PIPELINES)
+
+
+def derive_version(
+    model_id: str,
+    from_version: str,
+    new_version: str,
+    thresholds: dict[str, tuple[float, str]],
+    *,
+    root: Path = REGISTRY_ROOT,
+    report_files: dict[str, Path] | None = None,
+    note: str = "",
+) -> Path:
+    """Register ``model_id@new_version``: the artifact (and OOD stats, weights) of
+    ``from_version`` with new operating points (``key -> (threshold, basis)``).
+
+    Thresholds change only with a version: the validation report that proposed them is kept
+    beside the new manifest (``report_files``), and the model card gains a section naming the
+    version it came from. Raises ``VersionExists`` / ``ManifestError``.
+    """
+    source = load_manifest(root / model_id / from_version)
+    manifest = source.manifest.model_dump(mode="json", exclude_none=True)
+    keys = {lab["key"] for lab in manifest["labels"]}
+    unknown = sorted(set(thresholds) - keys)
+    if unknown:
+        raise ManifestError(f"{model_id}@{from_version} has no label(s) {unknown}")
+    manifest["version"] = new_version
+    manifest["labels"] = [
+        {**lab, "threshold": round(thresholds[lab["key"]][0], 6), "threshold_basis": thresholds[lab["key"]][1]}
+        if lab["key"] in thresholds
+        else lab
+        for lab in manifest["labels"]
+    ]
+    with tempfile.TemporaryDirectory(prefix="dxassist-derive-") as tmp:
+        staged = Path(tmp) / "staged"
+        staged.mkdir()
+        for item in source.directory.iterdir():
+            if item.is_file() and item.name not in ("manifest.yaml",):
+                shutil.copyfile(item, staged / item.name)
+        for name, path in (report_files or {}).items():
+            shutil.copyfile(path, staged / name)
+        text = yaml.safe_dump(manifest, sort_keys=False, allow_unicode=True)
+        parse_manifest(text)
+        (staged / "manifest.yaml").write_text(text)
+        card = (staged / "MODEL_CARD.md").read_text() if (staged / "MODEL_CARD.md").is_file() else ""
+        rows = "\n".join(f"| {k} | {t:.4f} | {b} |" for k, (t, b) in sorted(thresholds.items()))
+        card += (
+            f"\n\n## Site operating points ({new_version}, from {from_version})\n\n"
+            f"{note}\n\n| label | threshold | basis |\n|---|---|---|\n{rows}\n"
+            f"\nReport kept beside this manifest: {', '.join(sorted(report_files or {})) or 'none'}.\n"
+        )
+        (staged / "MODEL_CARD.md").write_text(card)
+        return register_version(staged, root)

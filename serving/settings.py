@@ -47,6 +47,9 @@ class ModelSettings(_Strict):
     #: ORT threads spin while idle (fastest when inference has the cores to itself); off by
     #: default because the service and batch jobs share the cores with decode and HTTP
     allow_spinning: bool = False
+    #: versions run in shadow beside the active one (results stored marked shadow, never
+    #: delivered); ``dxassist models shadow`` adds to them at run time (serving.online.versions)
+    shadow: list[str] = Field(default_factory=list)
 
 
 class DicomWebSettings(_Strict):
@@ -516,6 +519,16 @@ def strong_secret(secret: str) -> bool:
     return len(secret) >= MIN_TOKEN_CHARS and len(set(secret)) >= 10
 
 
+class DriftSettings(_Strict):
+    """Drift monitoring (serving.observability.drift): today's inputs and scores against the
+    validation baseline of the active version. PSI above ``psi_alert`` (or a KS statistic above
+    ``ks_alert`` for continuous values) is a drift; below ``min_studies`` a day is not judged."""
+
+    psi_alert: float = Field(default=0.25, gt=0)
+    ks_alert: float = Field(default=0.2, gt=0, le=1)
+    min_studies: int = Field(default=30, ge=1)
+
+
 class Settings(BaseSettings):
     model_config = SettingsConfigDict(
         env_prefix="DXASSIST_",
@@ -538,6 +551,7 @@ class Settings(BaseSettings):
     poller: PollerSettings = PollerSettings()
     emr: EmrSettings = EmrSettings()
     orders: OrdersSettings = OrdersSettings()
+    drift: DriftSettings = DriftSettings()
 
     @model_validator(mode="after")
     def _no_dev_secrets_in_prod(self) -> Settings:

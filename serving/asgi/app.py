@@ -22,8 +22,7 @@ from contextlib import asynccontextmanager, contextmanager
 from fastapi import FastAPI
 
 from serving.online.api import create_api
-from serving.online.factory import build_screener, build_service, build_source
-from serving.online.pipeline import LocalPipeline
+from serving.online.factory import build_local_pipeline, build_service
 from serving.online.probe import wait_ready
 from serving.online.service import ScreeningService
 from serving.settings import Settings
@@ -43,7 +42,7 @@ def build_asgi_app(settings: Settings, started: dict[str, ScreeningService] | No
 
     @asynccontextmanager
     async def lifespan(_app: FastAPI) -> AsyncIterator[None]:
-        service = build_service(settings, LocalPipeline(build_screener(settings), build_source(settings)))
+        service = build_service(settings, build_local_pipeline(settings))
         await service.start()
         started["service"] = service
         try:

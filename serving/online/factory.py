@@ -15,6 +15,8 @@ from serving.emr.fhir import FhirSink, FhirTriageSink
 from serving.emr.hl7 import Hl7MllpSink, Hl7PriorityUpdateSink
 from serving.online.pipeline import Pipeline
 from serving.online.service import ScreeningService
+from serving.online.versions import VersionedPipeline, VersionRouter
+from serving.persistence.lifecycle import LifecycleStore
 from serving.persistence.results import ResultsStore
 from serving.settings import ModelSettings, Settings
 
@@ -91,13 +93,20 @@ def build_sinks(settings: Settings) -> dict[str, Sink]:
     return sinks
 
 
+def build_local_pipeline(settings: Settings) -> VersionedPipeline:
+    """The in-process pipeline with model versions: the active version of each model re-read for
+    every job (promote/rollback without a restart) and shadow versions that are never delivered
+    (``serving.online.versions``)."""
+    return VersionedPipeline(VersionRouter(settings, LifecycleStore(settings.results.target)), build_source(settings))
+
+
 def build_service(settings: Settings, pipeline: Pipeline) -> ScreeningService:
     """The online service over ``pipeline`` with everything the settings configure (results
     database, sinks, SCP, poller, orders). Used by every runtime (ASGI, Ray Serve ingress)."""
     source = build_source(settings)
     return ScreeningService(
         pipeline,
-        build_screener(settings, sessions=False),
+        pipeline.screener if isinstance(pipeline, VersionedPipeline) else build_screener(settings, sessions=False),
         ResultsStore(settings.results.target),
         settings.api,
         sinks=build_sinks(settings),

@@ -32,7 +32,7 @@ from models.predictor import OnnxPredictor
 from serving.core.screening import ModelOutputs, run_model
 from serving.observability.phi import install_logging
 from serving.online.api import LazyService, create_api
-from serving.online.factory import build_predictor, build_screener, build_service, build_source
+from serving.online.factory import build_local_pipeline, build_predictor, build_screener, build_service, build_source
 from serving.online.pipeline import (
     LocalPipeline,
     PreparedStudy,
@@ -41,6 +41,7 @@ from serving.online.pipeline import (
     prepare_request,
 )
 from serving.online.service import ScreeningService
+from serving.online.versions import VersionedPipeline
 from serving.settings import ModelSettings, Settings
 
 logger = logging.getLogger(__name__)
@@ -233,9 +234,9 @@ class Ingress:
         """Staged: ``fetcher`` and ``models``; inline: neither."""
         _replica_start()
         settings = Settings.load(settings_path)
-        pipeline: ServePipeline | LocalPipeline
+        pipeline: ServePipeline | LocalPipeline | VersionedPipeline
         if inline:
-            pipeline = LocalPipeline(build_screener(settings), build_source(settings))
+            pipeline = build_local_pipeline(settings)
         else:
             assert fetcher is not None
             pipeline = ServePipeline(fetcher, models)
