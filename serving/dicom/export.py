@@ -18,7 +18,7 @@ from pydicom.dataset import Dataset
 
 from models.errors import DxAssistError, InferenceFailed
 from models.pixels import decode_frames, read_dataset
-from models.results import ScreeningResult
+from models.results import OutcomeValues, ScreeningResult
 from serving.core.screening import InstanceInput, ModelOutputs, PreparedImage, RejectedImage, StudyScreener
 from serving.dicom.common import placed_findings
 from serving.dicom.gsps import build_gsps
@@ -65,7 +65,7 @@ def result_objects(
     """(name, dataset) of every object ``objects`` asks for."""
     kinds = set(objects)
     images = [image.header for image, _ in paired if image.header is not None]
-    if not images:
+    if not images or result.outcome != OutcomeValues.SCREENED:
         return []
     out: list[tuple[str, Dataset]] = []
     if "sr" in kinds:

@@ -8,11 +8,14 @@ in the form viewers render (IHE AI Results style).
   concept is the finding itself (so OHIF, which labels a region with its first NUM, shows
   "Pneumothorax: 98.70 %"), the model's threshold as Threshold Value (DCM 122411), the finding
   Present (SCT), the finding site and the algorithm identification (TID 4019).
-* Qualitative Evaluations (DCM 126010): every other finding (negatives, positives without a
+* Qualitative Evaluations (UMLS C0034375): every other finding (negatives, positives without a
   region) as finding = Present/Absent with probability and threshold, the processing summary
-  (CID 6047) and a comment per image that was not screened, with its reason. These stay out of
-  Imaging Measurements on purpose: OHIF 3.13 crashes on a document mixing groups with and
-  without SCOORD.
+  (CID 6047) and a comment per image that was not screened, with its reason.
+* A screened study with no region to draw gets one group outlining the whole examined image
+  ("No abnormality detected", each finding's probability as a NUM).
+
+Every group has a SCOORD on purpose: OHIF 3.13 crashes on an SR with no measurement group, on a
+group without SCOORD once the image is shown, and on a mix. A NOT_SCREENED study gets no SR.
 
 The SR is preliminary and unverified (AI output, not a signed report). Its UIDs derive from the
 result, so re-sending the same result never creates a second SR. Every coding scheme it uses is
@@ -57,6 +60,7 @@ _PROCEDURES = {
 }
 _QUALITATIVE = hd.sr.CodedConcept(value="C0034375", scheme_designator="UMLS", meaning="Qualitative Evaluations")
 _SUMMARY = hd.sr.CodedConcept(value="111017", scheme_designator="DCM", meaning="CAD Processing and Findings Summary")
+_NO_ABNORMALITY = hd.sr.CodedConcept(value="281900007", scheme_designator="SCT", meaning="No abnormality detected")
 _COMMENT = hd.sr.CodedConcept(value="121106", scheme_designator="DCM", meaning="Comment")
 _OUTCOMES = {
     (True, True): ("111242", "All algorithms succeeded; with findings"),
@@ -202,12 +206,8 @@ def _evaluation(finding: Finding) -> hd.sr.CodeContentItem:
 
 def _qualitative(result: ScreeningResult, placed: Sequence[PlacedFinding]) -> hd.sr.ContainerContentItem:
     shown = {(p.finding.model_id, p.finding.key) for p in placed}
-    screened = [i for i in result.images if i.outcome == OutcomeValues.SCREENED]
     not_screened = [i for i in result.images if i.outcome != OutcomeValues.SCREENED]
-    if not screened:
-        summary = _NONE_SUCCEEDED
-    else:
-        summary = _OUTCOMES[(not not_screened, bool(result.positive_findings))]
+    summary = _summary(result)
     items: list[hd.sr.ContentItem] = [
         hd.sr.CodeContentItem(
             name=_SUMMARY,
@@ -238,23 +238,61 @@ def _qualitative(result: ScreeningResult, placed: Sequence[PlacedFinding]) -> hd
     return container
 
 
-def _placeholder() -> hd.sr.MeasurementsAndQualitativeEvaluations:
-    """highdicom wants one group; with no region to show it is removed again (an SR without an
-    Imaging Measurements container is what a viewer handles best)."""
-    return hd.sr.MeasurementsAndQualitativeEvaluations(
-        tracking_identifier=hd.sr.TrackingIdentifier(uid=generate_uid(prefix=ROOT), identifier="none")
+def _summary(result: ScreeningResult) -> tuple[str, str]:
+    screened = [i for i in result.images if i.outcome == OutcomeValues.SCREENED]
+    not_screened = [i for i in result.images if i.outcome != OutcomeValues.SCREENED]
+    if not screened:
+        return _NONE_SUCCEEDED
+    return _OUTCOMES[(not not_screened, bool(result.positive_findings))]
+
+
+def _whole_image_group(result: ScreeningResult, image: Dataset) -> hd.sr.PlanarROIMeasurementsAndQualitativeEvaluations:
+    """A screened study with no region to draw: one group whose SCOORD outlines the whole image
+    the AI examined, "No abnormality detected" as the finding, and each finding's probability as
+    a NUM named by the finding (highest first, so OHIF's label reads e.g. "Cardiomegaly: 1.27 %").
+
+    OHIF 3.13 needs this shape: it crashes on an SR with no measurement group, and on any group
+    without a SCOORD once the image is displayed."""
+    rows, cols = float(image.Rows), float(image.Columns)
+    frames = int(image.get("NumberOfFrames", 1) or 1)
+    region = hd.sr.ImageRegion(
+        graphic_type=hd.sr.GraphicTypeValues.POLYLINE,
+        graphic_data=np.array([(0.0, 0.0), (cols, 0.0), (cols, rows), (0.0, rows), (0.0, 0.0)], dtype=np.float64),
+        source_image=hd.sr.SourceImageForRegion(
+            referenced_sop_class_uid=str(image.SOPClassUID),
+            referenced_sop_instance_uid=str(image.SOPInstanceUID),
+            referenced_frame_numbers=[1] if frames > 1 else None,
+        ),
+    )
+    ranked = sorted(result.findings, key=lambda f: -f.score)
+    return hd.sr.PlanarROIMeasurementsAndQualitativeEvaluations(
+        tracking_identifier=hd.sr.TrackingIdentifier(
+            uid=generate_uid(prefix=ROOT, entropy_srcs=[result.result_id, "whole-image", str(image.SOPInstanceUID)]),
+            identifier="AI: no finding above threshold",
+        ),
+        referenced_region=region,
+        finding_type=_NO_ABNORMALITY,
+        algorithm_id=_algorithm(ranked[0]) if ranked else None,
+        measurements=[
+            hd.sr.Measurement(name=concept(f.code), value=_percent(f.score), unit=PERCENT, algorithm_id=_algorithm(f))
+            for f in ranked
+        ],
+        qualitative_evaluations=[
+            hd.sr.QualitativeEvaluation(name=concept(f.code), value=PRESENT if f.positive else ABSENT) for f in ranked
+        ],
     )
 
 
 def build_sr(result: ScreeningResult, evidence: Sequence[Dataset]) -> Dataset:
     """The SR for a result; ``evidence`` are the study's image headers (no pixels needed).
 
-    A NOT_SCREENED result gets an SR too when an image header of the study is kept (its reason
-    is in the Qualitative Evaluations).
-
     Raises:
-        ValueError: no evidence image of the result's study.
+        ValueError: the result was not screened (OHIF 3.13 crashes on an SR without a SCOORD
+            measurement, and there is nothing to outline: the reason goes to the EMR and the
+            worklist), or no evidence image of the result's study is given.
     """
+    if result.outcome != OutcomeValues.SCREENED:
+        raise ValueError("result: only a SCREENED result becomes an SR")
     images = [e for e in evidence if str(e.StudyInstanceUID) == result.study_instance_uid]
     if not images:
         raise ValueError("evidence: no image of the screened study")
@@ -273,15 +311,13 @@ def build_sr(result: ScreeningResult, evidence: Sequence[Dataset]) -> Dataset:
     report = hd.sr.MeasurementReport(
         observation_context=hd.sr.ObservationContext(observer_device_context=observer),
         procedure_reported=_PROCEDURES.get(modality, _IMAGING),
-        imaging_measurements=[_roi_group(p) for p in placed] or [_placeholder()],
+        imaging_measurements=[_roi_group(p) for p in placed] or [_whole_image_group(result, images[0])],
         title=codes.DCM.ImagingMeasurementReport,
     )
     content = report[0].ContentSequence
     at = next(
         (i for i, item in enumerate(content) if item.ConceptNameCodeSequence[0].CodeValue == "126010"), len(content)
     )
-    if at < len(content) and not placed:  # no region to show: no empty Imaging Measurements container
-        del content[at]
     content.insert(at, _image_library(images))  # TID 1500 row 8: before Imaging Measurements
     content.append(_qualitative(result, placed))
     sr = hd.sr.Comprehensive3DSR(

@@ -15,7 +15,7 @@ from pydicom.dataset import Dataset
 
 from models.errors import DeliveryFailed, DeliveryRejected, DxAssistError, SourceError
 from models.pixels import decode_frames, read_dataset
-from models.results import ScreeningResult
+from models.results import OutcomeValues, ScreeningResult
 from serving.dicom.common import placed_findings
 from serving.dicom.gsps import build_gsps
 from serving.dicom.sc import SEG_SOP_CLASS, build_scs, is_own_object
@@ -80,10 +80,10 @@ class DicomSrSink:
         """The objects this destination takes for ``result`` (empty when there is nothing to say)."""
         images = [e for e in evidence if not is_own_object(e)]
         made = [e for e in evidence if is_own_object(e)]
+        if result.outcome != OutcomeValues.SCREENED:
+            return []  # nothing to outline (and OHIF 3.13 cannot open an SR without a region)
         if not images:
-            if result.findings:
-                raise DeliveryRejected("no evidence headers kept for this result")
-            return []  # not screened and no image header to reference: nothing to store
+            raise DeliveryRejected("no evidence headers kept for this result")
         objects: list[Dataset] = []
         if "sr" in self.objects:
             objects.append(build_sr(result, images))

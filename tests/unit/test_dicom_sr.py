@@ -103,7 +103,26 @@ def test_same_result_gives_same_uids(chest: tuple) -> None:
     assert ga is not None and gb is not None and ga.SOPInstanceUID == gb.SOPInstanceUID != a.SOPInstanceUID
 
 
-def test_not_screened_result_is_encoded_without_measurement_groups(chest: tuple, tmp_path: Path) -> None:
+def test_negative_study_gets_one_region_outlining_the_examined_image(chest: tuple, tmp_path: Path) -> None:
+    result, header, _ = chest
+    negative = result.model_copy(
+        update={"findings": [f.model_copy(update={"positive": False}) for f in result.findings], "priority": None}
+    )
+    sr = build_sr(negative, [header])
+    assert dciodvfy(sr, tmp_path / "sr.dcm") == []
+    content = {item.ConceptNameCodeSequence[0].CodeMeaning: item for item in sr.ContentSequence}
+    (group,) = content["Imaging Measurements"].ContentSequence  # every group has a SCOORD (OHIF 3.13)
+    scoord = next(i for i in group.ContentSequence if i.ValueType == "SCOORD")
+    assert list(scoord.GraphicData) == [0, 0, header.Columns, 0, header.Columns, header.Rows, 0, header.Rows, 0, 0]
+    finding = next(i for i in group.ContentSequence if i.ConceptNameCodeSequence[0].CodeMeaning == "Finding")
+    assert finding.ConceptCodeSequence[0].CodeMeaning == "No abnormality detected"
+    nums = [i for i in group.ContentSequence if i.ValueType == "NUM"]
+    assert len(nums) == len(result.findings)
+    values = [float(n.MeasuredValueSequence[0].NumericValue) for n in nums]
+    assert values == sorted(values, reverse=True)  # OHIF's label is the first: the highest score
+
+
+def test_not_screened_result_gets_no_sr(chest: tuple) -> None:
     result, header, _ = chest
     failed = result.model_copy(
         update={
@@ -113,12 +132,8 @@ def test_not_screened_result_is_encoded_without_measurement_groups(chest: tuple,
             "priority": None,
         }
     )
-    sr = build_sr(failed, [header])
-    assert dciodvfy(sr, tmp_path / "sr.dcm") == []
-    names = [item.ConceptNameCodeSequence[0].CodeMeaning for item in sr.ContentSequence]
-    assert "Imaging Measurements" not in names
-    texts = [i.TextValue for i in sr.ContentSequence[-1].ContentSequence if i.ValueType == "TEXT"]
-    assert texts == ["Study not screened: INFERENCE_FAILED"]
+    with pytest.raises(ValueError, match="only a SCREENED"):
+        build_sr(failed, [header])
 
 
 def test_gsps_outlines_each_region_with_a_short_text(chest: tuple, tmp_path: Path) -> None:

@@ -3,7 +3,9 @@ original chest image: the study is screened, its result objects are stored into 
 the store-back sink, and the assertions read the rendered page.
 
 OHIF 3.13 draws an SR's TID 1410 SCOORD groups as boxes with a text box whose first line is the
-group's first NUM (``<concept meaning>: <value> <unit>``): dxassist makes that the finding.
+group's first NUM (``<concept meaning>: <value> <unit>``): dxassist makes that the finding. It
+crashes ("Something went wrong") on an SR with a group without SCOORD or with no group at all:
+the negative study's SR must open cleanly too.
 """
 
 from __future__ import annotations
@@ -30,6 +32,8 @@ REPO = Path(__file__).resolve().parents[2]
 
 
 def _screen_and_store(orthanc: OrthancServer, path: Path) -> tuple[Any, str]:
+    """Screen ``path`` with the reference chest model and store it and its result objects
+    (SR, GSPS, SC) into Orthanc through the store-back sink."""
     screener = StudyScreener([OnnxPredictor(resolve("cxr-triage"), providers="cpu")], study_ref_key=b"k")
     image = screener.prepare(InstanceInput(str(path), "chest"))
     paired = [(image, screener.infer(image.model_id, image.tensors))]  # type: ignore[union-attr]
@@ -76,7 +80,23 @@ def test_ohif_shows_each_positive_finding_as_a_labelled_region(
             page.screenshot(path=str(REPO / "docs/img/ohif-sr.png"))
         texts = [labels.nth(i).text_content() or "" for i in range(labels.count())]
         page.close()
-    assert not [e for e in errors if "ReferencedSOPSequence" in e]
+
+        # a negative study: its SR outlines the examined image, labelled with the top score
+        negative, negative_uid = _screen_and_store(orthanc, write_synthetic_cxr(tmp_path / "neg.dcm", seed=82))
+        assert negative.outcome == "SCREENED" and not negative.positive_findings
+        top = max(negative.findings, key=lambda f: f.score)
+        page = browser.new_page(viewport={"width": 1400, "height": 900})
+        page.on("pageerror", lambda exc: errors.append(str(exc)))
+        page.goto(f"{ohif.url}/viewer?StudyInstanceUIDs={negative_uid}")
+        page.locator(".cornerstone-canvas, canvas").first.wait_for(timeout=90_000)
+        if page.get_by_text("Skip all").count():
+            page.get_by_text("Skip all").click()
+        page.get_by_text("dxassist AI findings").first.dblclick(timeout=60_000)
+        whole = page.locator("svg text").filter(has_text=f"{top.code.meaning}:").first
+        whole.wait_for(timeout=60_000)
+        assert not page.get_by_text("Something went wrong").count()
+        page.close()
+    assert not [e for e in errors if "ReferencedSOPSequence" in e or "displaySetInstanceUID" in e], errors
     # one labelled box per positive finding; its first line is the finding, not the finding site
     assert len([t for t in texts if "Threshold Value" in t]) == len(positives)
     for finding in positives:
