@@ -254,7 +254,8 @@ def _view(svc: ScreeningService, public_id: str, ohif_url: str | None) -> Screen
 def _render_png(svc: ScreeningService, public_id: str, sop_instance_uid: str, frame: int) -> bytes:
     """The screened frame from the configured store, display-ready, as PNG."""
     view = _view(svc, public_id, None)
-    source = getattr(svc.pipeline, "source", None)
+    # the store the pipeline fetches from (local, DICOMweb, DIMSE), else the one the poller searches
+    source = getattr(svc.pipeline, "source", None) or svc.poll_source
     wanted = next((i for i in view.images if i.sop_instance_uid == sop_instance_uid), None)
     if source is None or wanted is None or not 0 <= frame < wanted.frames:
         raise HTTPException(status_code=404, detail="image not available")
