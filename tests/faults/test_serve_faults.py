@@ -38,7 +38,7 @@ from tests.integration.conftest import free_port
 pytestmark = pytest.mark.integration
 
 TOKEN = "fault-suite-" + "q8w7e6r5t4y3" * 3
-STUDIES = int(os.environ.get("DXASSIST_FAULT_STUDIES", "40"))
+STUDIES = int(os.environ.get("DXASSIST_FAULT_STUDIES", "24"))
 
 
 @dataclass

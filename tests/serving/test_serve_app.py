@@ -63,11 +63,15 @@ def test_application_on_local_ray_over_http(tmp_path: Path, topology: str) -> No
             assert "dxassist_model_batch_size_bucket" in metrics and 'model="cxr-triage"' in metrics
 
             # graceful shutdown: a screening running when the app stops is finished, not dropped
-            files = [
-                ("files", (f"{i}.dcm", write_synthetic_cxr(tmp_path / f"u{i}.dcm", seed=70 + i).read_bytes()))
-                for i in range(96)
-            ]
-            slow = client.post("/v1/screenings/upload", files=files).json()["screening_id"]
+            files = []
+            for i in range(96):  # 96 instances of one study (an upload is one study)
+                instance = pydicom.dcmread(write_synthetic_cxr(tmp_path / f"u{i}.dcm", seed=70 + i))
+                instance.StudyInstanceUID = "1.2.826.0.1.3680043.8.498.4242"
+                instance.save_as(tmp_path / f"u{i}.dcm")
+                files.append(("files", (f"{i}.dcm", (tmp_path / f"u{i}.dcm").read_bytes())))
+            accepted = client.post("/v1/screenings/upload", files=files)
+            assert accepted.status_code == 202, accepted.text
+            slow = accepted.json()["screening_id"]
             deadline = time.monotonic() + 30
             while client.get(f"/v1/screenings/{slow}").json()["status"] == "QUEUED":
                 assert time.monotonic() < deadline
@@ -98,7 +102,7 @@ from serving.settings import ModelSettings
 # which does not exist in local testing mode. Only that warning helper is disabled.
 ray.serve.batching._BatchQueue._warn_if_max_batch_size_exceeds_max_ongoing_requests = lambda self: None
 model = ModelSettings(id="cxr-triage", providers="cpu").model_dump(mode="json")
-handle = serve.run(ModelDeployment.bind(model, 4), _local_testing_mode=True)
+handle = serve.run(ModelDeployment.bind(model, 4, 0.0), _local_testing_mode=True)
 rng = np.random.default_rng(0)
 images = [rng.random((1, 1, 224, 224), dtype=np.float32) for _ in range(6)]
 
