@@ -14,6 +14,7 @@ the database as it was.
 
 from __future__ import annotations
 
+import functools
 import logging
 from dataclasses import dataclass
 from pathlib import Path
@@ -41,14 +42,21 @@ def alembic_config() -> Config:
     return config
 
 
+@functools.cache
+def _script() -> ScriptDirectory:
+    """The shipped revisions (read once per process: they do not change under it)."""
+    return ScriptDirectory.from_config(alembic_config())
+
+
 def head_revision() -> str:
-    head = ScriptDirectory.from_config(alembic_config()).get_current_head()
+    head = _script().get_current_head()
     assert head is not None
     return head
 
 
-def _known_revisions() -> set[str]:
-    return {s.revision for s in ScriptDirectory.from_config(alembic_config()).walk_revisions()}
+@functools.cache
+def _known_revisions() -> frozenset[str]:
+    return frozenset(s.revision for s in _script().walk_revisions())
 
 
 def _current(conn: Connection) -> str | None:

@@ -486,6 +486,16 @@ class ResultsStore:
             row = conn.execute(select(*_JOB_COLUMNS).where(jobs.c.id == job_id)).first()
         return JobRecord(*row) if row else None
 
+    def jobs_of_study(self, study_instance_uid: str) -> list[JobRecord]:
+        """Every job that named the study (each attempt, whatever its end), oldest first."""
+        with self._db.read() as conn:
+            rows = conn.execute(
+                select(*_JOB_COLUMNS)
+                .where(jobs.c.study_instance_uid == study_instance_uid)
+                .order_by(jobs.c.created_at, jobs.c.id)
+            ).all()
+        return [JobRecord(*r) for r in rows]
+
     def pending_jobs(self) -> list[JobRecord]:
         """Jobs not finished (QUEUED or RUNNING when the service stopped), oldest first."""
         with self._db.read() as conn:

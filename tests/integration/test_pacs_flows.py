@@ -237,8 +237,8 @@ def test_poller_offers_a_study_again_after_its_fetch_failed(
         storescu(cxr[0], orthanc.dicom_port, orthanc.aet)
         wait_for_sr(orthanc, cxr[1])
         time.sleep(1.5)  # more polls: screened now, never again
-        jobs = store._db.execute("SELECT status, error_reason FROM jobs ORDER BY created_at").fetchall()
-        assert [tuple(j) for j in jobs] == [("FAILED", "SOURCE_UNAVAILABLE"), ("DONE", None)]
+        jobs = [(j.status, j.error_reason) for j in store.jobs_of_study(cxr[1])]
+        assert jobs == [("FAILED", "SOURCE_UNAVAILABLE"), ("DONE", None)]
         assert store.count() == 1 and _sr_count(orthanc, cxr[1]) == 1
 
 

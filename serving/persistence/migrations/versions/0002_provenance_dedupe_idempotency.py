@@ -88,12 +88,15 @@ def upgrade() -> None:
     ).all()
     by_screening = {sid: (job_id, source) for sid, job_id, source in produced}
     rows = bind.execute(sa.select(screenings.c.id, screenings.c.created_at).order_by(screenings.c.id)).all()
-    for screening_id, created_at in rows:
-        job = by_screening.get(screening_id)
-        ident, source = job if job else (new_screening_uuid(_ms(created_at)), "unknown")
-        bind.execute(
-            screenings.update().where(screenings.c.id == screening_id).values(screening_uuid=ident, source=source)
-        )
+    backfill = sa.update(screenings).where(screenings.c.id == sa.bindparam("row_id"))
+    backfill = backfill.values(screening_uuid=sa.bindparam("uuid"), source=sa.bindparam("origin"))
+    for start in range(0, len(rows), 5000):  # executemany in chunks: one round trip per chunk
+        chunk = []
+        for screening_id, created_at in rows[start : start + 5000]:
+            job = by_screening.get(screening_id)
+            ident, source = job if job else (new_screening_uuid(_ms(created_at)), "unknown")
+            chunk.append({"row_id": screening_id, "uuid": ident, "origin": source})
+        bind.execute(backfill, chunk)
 
     op.create_index("screenings_uuid", "screenings", ["screening_uuid"], unique=True)
     op.create_index(
