@@ -399,7 +399,7 @@ class ScreeningSettings(_Strict):
 
 
 class ServeSettings(_Strict):
-    """How ``dxassist serve`` runs (ADR 0013): ``asgi`` is one process on uvicorn (one machine);
+    """How ``dxassist serve`` runs (ADR 0016): ``asgi`` is one process on uvicorn (one machine);
     ``ray`` is the Ray Serve application, whose ``topology`` ``auto`` is staged with a GPU and
     inline on CPU (ADR 0011)."""
 

@@ -4,7 +4,7 @@ One machine needs no cluster: the service screens in worker threads of this proc
 ``LocalPipeline`` the Ray Serve ingress runs inline), so a request makes no proxy hop and no
 Ray object transfer, the process holds no Ray runtime in memory, and it is ready as soon as the
 models have passed their self-test. Ray Serve (``serving.rayserve``) is for a GPU node or a
-cluster (ADR 0013). Behaviour is the same on both: the same API, admission, durable jobs,
+cluster (ADR 0016). Behaviour is the same on both: the same API, admission, durable jobs,
 outbox and readiness.
 
 Lifecycle: the service starts with the application (unfinished jobs resume at once). SIGTERM or
