@@ -84,3 +84,28 @@ def test_database_full_jobs_are_retried_never_left_running_and_answers_are_typed
     tally.settle(db)
     print(tally.line("database full"))
     assert (tally.lost, tally.duplicated, tally.done) == (0, 0, 3)
+
+
+def test_locked_database_answers_503_with_retry_after(tmp_path: Path, predictor: OnnxPredictor, studies: Path) -> None:
+    """Finding: a locked results database gave a plain 500 without Retry-After. Another process
+    holds the write lock (``BEGIN EXCLUSIVE`` on a second connection) past the busy timeout."""
+    import sqlite3
+
+    db = tmp_path / "results.sqlite3"
+    uids = [uid_of(p) for p in sorted(studies.glob("*.dcm"))]
+    with running(tmp_path, predictor, studies, db=db) as (client, _):
+        holder = sqlite3.connect(db, isolation_level=None)
+        holder.execute("BEGIN EXCLUSIVE")
+        try:
+            locked = client.post("/v1/screenings", json={"study_instance_uid": uids[0]})
+        finally:
+            holder.execute("ROLLBACK")
+            holder.close()
+        assert locked.status_code == 503, locked.text
+        assert locked.json()["reason"] == "RESULTS_DATABASE_UNAVAILABLE" and int(locked.headers["Retry-After"]) >= 1
+        accepted = client.post("/v1/screenings", json={"study_instance_uid": uids[0]})
+        assert accepted.status_code == 202
+        deadline = time.monotonic() + 30
+        while client.get(f"/v1/screenings/{accepted.json()['screening_id']}").json()["status"] != "DONE":
+            assert time.monotonic() < deadline
+            time.sleep(0.05)
