@@ -273,9 +273,8 @@ class ScreeningService:
                 await asyncio.to_thread(fn, *args, **kwargs)
             except ResultsDatabaseError as exc:
                 if self._db_error is None:
-                    logger.error("results database write failed (%s); retrying", type(exc).__name__)
+                    logger.error("results database write failed (%s: %s); retrying", what, type(exc).__name__)
                 self._db_error = type(exc).__name__
-                self.metrics.rejected.labels(f"db-{what}").inc()
                 if self._draining:
                     return False
                 await asyncio.sleep(delay)
