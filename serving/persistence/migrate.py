@@ -1,9 +1,10 @@
 """Schema migrations of the results database: ``upgrade`` to head, ``current``, and the start-up check.
 
 Every process that opens the database (service, CLI, batch) calls ``ensure_schema`` first: an
-up-to-date database costs one read; an older one is upgraded in one transaction (the ADR
-"results database migrations" says why at start and not only by hand); one newer than this code is refused with ``ResultsSchemaError``.
-``dxassist db upgrade|current`` does the same by hand (for an operator who backs up first).
+up-to-date database costs one read; an older one is upgraded in one transaction (ADR 0017 says
+why at start and not only by hand); one newer than this code is refused with
+``ResultsSchemaError``. ``dxassist db upgrade|current`` does the same by hand (for an operator
+who backs up first).
 
 Concurrency: the whole upgrade runs in one transaction that first takes the database's write lock
 (``BEGIN IMMEDIATE`` on SQLite, ``pg_advisory_xact_lock`` on PostgreSQL), and Alembic reads the
