@@ -6,7 +6,7 @@ from models.predictor import OnnxPredictor
 from models.registry import resolve
 from serving.core.screening import StudyScreener
 from serving.delivery.worker import Sink
-from serving.dicom.dimse import DimseSource
+from serving.dicom.dimse import source_from_settings
 from serving.dicom.sources import SearchableSource, StudySource
 from serving.dicom.sources.dicomweb import DicomWebSource
 from serving.dicom.sources.local import LocalFolderSource
@@ -18,7 +18,7 @@ from serving.online.service import ScreeningService
 from serving.online.versions import VersionedPipeline, VersionRouter
 from serving.persistence.lifecycle import LifecycleStore
 from serving.persistence.results import ResultsStore
-from serving.settings import ModelSettings, Settings
+from serving.settings import ModelSettings, ScpSettings, Settings
 
 
 def build_predictor(model: ModelSettings) -> OnnxPredictor:
@@ -46,14 +46,7 @@ def build_screener(settings: Settings, *, sessions: bool = True) -> StudyScreene
 def build_source(settings: Settings) -> StudySource:
     """The configured study source (local folder, DICOMweb or DIMSE), with the models' acceptance rules."""
     if settings.store.kind == "dimse" and settings.store.dimse is not None:
-        dimse = settings.store.dimse
-        return DimseSource(
-            dimse.host,
-            dimse.port,
-            dimse.called_ae_title,
-            calling_aet=dimse.calling_ae_title,
-            timeout_s=dimse.timeout_s,
-        )
+        return source_from_settings(settings.store.dimse, settings.scp)  # C-GET or C-MOVE, TLS
     if settings.store.kind == "dicomweb" and settings.store.dicomweb is not None:
         web = settings.store.dicomweb
         return DicomWebSource(
@@ -93,6 +86,16 @@ def build_sinks(settings: Settings) -> dict[str, Sink]:
     return sinks
 
 
+def scp_settings(settings: Settings) -> ScpSettings:
+    """``scp`` with the PACS of a C-MOVE store allowed to deliver what a retrieval asked for."""
+    dimse = settings.store.dimse
+    if settings.store.kind == "dimse" and dimse is not None and dimse.retrieve == "move":
+        return settings.scp.model_copy(
+            update={"move_ae_titles": sorted({*settings.scp.move_ae_titles, dimse.called_ae_title})}
+        )
+    return settings.scp
+
+
 def build_local_pipeline(settings: Settings) -> VersionedPipeline:
     """The in-process pipeline with model versions: the active version of each model re-read for
     every job (promote/rollback without a restart) and shadow versions that are never delivered
@@ -110,7 +113,7 @@ def build_service(settings: Settings, pipeline: Pipeline) -> ScreeningService:
         ResultsStore(settings.results.target),
         settings.api,
         sinks=build_sinks(settings),
-        scp=settings.scp,
+        scp=scp_settings(settings),
         poller=settings.poller,
         poll_source=source if isinstance(source, SearchableSource) else None,
         orders=settings.orders,

@@ -41,7 +41,7 @@ from models.results import OutcomeValues, ScreeningResult
 from serving.core.screening import ModelOutputs, PreparedImage, StudyScreener
 from serving.core.uids import is_dicom_uid
 from serving.delivery.worker import OutboxWorker, Sink
-from serving.dicom.dimse import StoreScp
+from serving.dicom.dimse import StoreScp, scp_tls_context
 from serving.dicom.seg import build_seg
 from serving.dicom.sources import SearchableSource
 from serving.observability.metrics import ServiceMetrics
@@ -167,8 +167,11 @@ class ScreeningService:
                 self._on_scp_stable,
                 stable_age_s=self.scp_settings.stable_age_s,
                 host=self.scp_settings.host,
+                allowed_ae_titles=self.scp_settings.allowed_ae_titles,
+                move_ae_titles=self.scp_settings.move_ae_titles,
+                ssl_context=scp_tls_context(self.scp_settings),
             )
-            self._scp.start()
+            await asyncio.to_thread(self._scp.start)  # resumes the durable spool first
         if self.poller_settings is not None and self.poller_settings.enabled and self.poll_source is not None:
             self._poller = asyncio.create_task(self._poll_forever())
         if self.orders is not None and self.orders_settings is not None and self.orders_settings.hl7.enabled:
@@ -396,16 +399,20 @@ class ScreeningService:
         self.metrics.triggers.labels(trigger, "submitted" if created else "duplicate").inc()
         return job_id if created else None
 
-    def _on_scp_stable(self, study_instance_uid: str, folder: Path) -> None:
-        """From the SCP's watcher thread: hand the spooled study to the event loop."""
-        if self._loop is None:
-            return
+    def _on_scp_stable(self, study_instance_uid: str, folder: Path) -> bool:
+        """From the SCP's watcher thread: hand the spooled study to the event loop and wait
+        until its job is persisted (True: the job owns the folder), or until it is clear that it
+        cannot be admitted now (False: the SCP offers it again after another stable period; the
+        spool survives a restart meanwhile)."""
+        loop = self._loop
+        if loop is None:
+            return False
         priority = self.order_priority(study_instance_uid, spooled_accession(folder))  # this thread: no loop stall
 
-        def submit() -> None:
+        def submit() -> bool:
             if not is_dicom_uid(study_instance_uid):
                 self.metrics.triggers.labels("c-store", "refused").inc()  # the spool stays for an operator
-                return
+                return True
             try:  # saved WITH its Study UID: the poller and the webhook see it queued
                 _job_id, created = self._submit(
                     StudyRequest(study_instance_uid=study_instance_uid, spool_dir=str(folder)),
@@ -414,13 +421,20 @@ class ScreeningService:
                     unless_screened=True,
                 )
             except (QueueFull, ServiceDraining, ResultsDatabaseError):
-                self.metrics.triggers.labels("c-store", "refused").inc()  # the spool stays for an operator
-                return
+                self.metrics.triggers.labels("c-store", "refused").inc()  # offered again later
+                return False
             self.metrics.triggers.labels("c-store", "submitted" if created else "duplicate").inc()
             if not created:
                 shutil.rmtree(folder, ignore_errors=True)
+            return True
 
-        self._loop.call_soon_threadsafe(submit)
+        async def on_loop() -> bool:
+            return submit()
+
+        try:
+            return asyncio.run_coroutine_threadsafe(on_loop(), loop).result(timeout=60)
+        except (TimeoutError, RuntimeError):  # the loop is gone or stalled: keep the spool
+            return False
 
     # -- orders ----------------------------------------------------------------------------
 

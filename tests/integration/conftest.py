@@ -42,6 +42,8 @@ class OrthancServer:
     user: str
     password: str
     root: Path
+    #: the port Orthanc's DicomModalities name for dxassist's C-STORE SCP (AE DXASSIST): its C-MOVE destination
+    dxassist_port: int = 0
 
     @property
     def url(self) -> str:
@@ -68,7 +70,12 @@ class OrthancServer:
 
 
 def start_orthanc(
-    root: Path, *, modalities: dict[str, list] | None = None, lua: Path | None = None, stable_age: int = 1
+    root: Path,
+    *,
+    modalities: dict[str, list] | None = None,
+    lua: Path | None = None,
+    stable_age: int = 1,
+    extra: dict[str, object] | None = None,
 ) -> tuple[OrthancServer, subprocess.Popen]:
     if not Path(ORTHANC).exists() or not Path(DICOMWEB_PLUGIN).exists():
         pytest.fail("Orthanc + orthanc-dicomweb are required (scripts/install_servers.sh installs them)")
@@ -93,7 +100,7 @@ def start_orthanc(
         "DicomCheckCalledAet": False,
         "LuaScripts": [str(lua)] if lua else [],
         "HttpTimeout": 10,
-    }
+    } | (extra or {})
     root.mkdir(parents=True, exist_ok=True)
     (root / "orthanc.json").write_text(json.dumps(config))
     with (root / "orthanc.log").open("w") as log:  # the child keeps its own descriptor
@@ -115,7 +122,10 @@ def start_orthanc(
 
 @pytest.fixture
 def orthanc(tmp_path: Path) -> Iterator[OrthancServer]:
-    server, proc = start_orthanc(tmp_path / "orthanc")
+    """A fresh Orthanc that knows dxassist's SCP as modality ``dxassist`` (C-MOVE destination)."""
+    port = free_port()
+    server, proc = start_orthanc(tmp_path / "orthanc", modalities={"dxassist": ["DXASSIST", "127.0.0.1", port]})
+    server.dxassist_port = port
     yield server
     proc.terminate()
     try:

@@ -33,7 +33,7 @@ def _study(folder: Path, encoding: str = "explicit") -> tuple[str, Path]:
     return str(pydicom.dcmread(cxr, stop_before_pixels=True).StudyInstanceUID), cxr
 
 
-@pytest.fixture(params=["local", "dicomweb", "dimse"])
+@pytest.fixture(params=["local", "dicomweb", "dimse", "dimse-move"])
 def source_and_study(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[tuple[object, str, Path]]:
     uid, cxr = _study(tmp_path / "files", encoding="j2k")  # compressed: must come back as stored
     if request.param == "local":
@@ -42,14 +42,21 @@ def source_and_study(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator
     orthanc: OrthancServer = request.getfixturevalue("orthanc")
     orthanc.upload(cxr)
     # every store path is chosen by the settings alone (the factory the service uses)
-    store: dict[str, object] = {"kind": request.param}
-    if request.param == "dimse":
+    kind = request.param.split("-")[0]
+    store: dict[str, object] = {"kind": kind}
+    scp: dict[str, object] = {}
+    if kind == "dimse":
         store["dimse"] = {"host": "127.0.0.1", "port": orthanc.dicom_port, "called_ae_title": orthanc.aet}
+        if request.param == "dimse-move":  # Orthanc moves the study to our SCP's port (its DicomModalities)
+            store["dimse"] |= {"retrieve": "move"}  # type: ignore[operator]
+            scp = {"port": orthanc.dxassist_port}
     else:
         store["dicomweb"] = {"url": orthanc.dicomweb, "username": orthanc.user, "password": orthanc.password}
-    settings = Settings.model_validate({"models": [{"id": "cxr-triage"}], "store": store})
+    settings = Settings.model_validate({"models": [{"id": "cxr-triage"}], "store": store, "scp": scp})
     source = build_source(settings)
-    assert isinstance(source, DimseSource if request.param == "dimse" else DicomWebSource)
+    assert isinstance(source, DimseSource if kind == "dimse" else DicomWebSource)
+    if request.param == "dimse-move":
+        assert isinstance(source, DimseSource) and source.retrieve == "move"
     yield source, uid, cxr
     close = getattr(source, "close", None)
     if close is not None:
