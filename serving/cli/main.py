@@ -22,6 +22,7 @@ from rich.table import Table
 from models.errors import DxAssistError, ResultsDatabaseError
 from models.registry import list_versions, resolve, verify_all
 from models.results import OutcomeValues, ScreeningResult
+from serving.cli.models import add_lifecycle_commands, register_from_validation
 from serving.core.screening import screen_paths
 from serving.dicom.sources.local import candidate_files
 from serving.observability.phi import install_logging
@@ -35,6 +36,7 @@ if TYPE_CHECKING:
 app = typer.Typer(add_completion=False, no_args_is_help=True, help=__doc__)
 models_app = typer.Typer(no_args_is_help=True, help="Registered model versions.")
 app.add_typer(models_app, name="models")
+add_lifecycle_commands(models_app)  # import, validate, shadow, compare, promote, rollback, versions, drift
 outbox_app = typer.Typer(no_args_is_help=True, help="Deliveries of results to the EMR and the PACS.")
 app.add_typer(outbox_app, name="outbox")
 db_app = typer.Typer(no_args_is_help=True, help="The results database's schema (Alembic migrations).")
@@ -461,13 +463,31 @@ def models_verify() -> None:
 
 @models_app.command("register")
 def models_register(
-    staged: Annotated[Path, typer.Argument(help="staged folder with manifest.yaml, artifact, card")],
+    staged: Annotated[Path | None, typer.Argument(help="staged folder with manifest.yaml, artifact, card")] = None,
+    from_validation: Annotated[
+        Path | None, typer.Option(help="a `models validate` report folder: its proposed thresholds become --version")
+    ] = None,
+    version: Annotated[str | None, typer.Option(help="with --from-validation: the new version")] = None,
+    accept: Annotated[
+        str | None, typer.Option(help="with --from-validation: comma-separated findings to take (default all)")
+    ] = None,
 ) -> None:
-    """Register a staged model version beside the existing ones (refuses to overwrite)."""
+    """Register a staged model version beside the existing ones (refuses to overwrite); or, with
+    --from-validation, a new version with the site's proposed thresholds, the report beside it."""
     from models.registry import register_version
 
     try:
-        target = register_version(staged)
+        if from_validation is not None:
+            if version is None:
+                console.print("[red]--from-validation needs --version[/red]")
+                raise typer.Exit(2)
+            keys = [k.strip() for k in accept.split(",") if k.strip()] if accept else None
+            target = register_from_validation(from_validation, version, keys)
+        elif staged is None:
+            console.print("[red]give a staged folder or --from-validation[/red]")
+            raise typer.Exit(2)
+        else:
+            target = register_version(staged)
     except (DxAssistError, FileExistsError) as exc:
         console.print(f"[red]refused:[/red] {exc}")
         raise typer.Exit(1) from exc

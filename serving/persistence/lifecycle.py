@@ -229,3 +229,24 @@ class LifecycleStore:
 
     def close(self) -> None:
         self._db.close()
+
+
+def screenings_since(
+    store_target: Path | str, since: str, limit: int = 100_000
+) -> list[tuple[int, str, ScreeningResult]]:
+    """(screening id, created_at, result) of every screening created at or after ``since`` (ISO
+    UTC), oldest first: what drift monitoring reads."""
+    from serving.persistence.schema import screenings
+
+    db = Database(store_target)
+    try:
+        with db.read() as conn:
+            rows = conn.execute(
+                select(screenings.c.id, screenings.c.created_at, screenings.c.result_json)
+                .where(screenings.c.created_at >= since)
+                .order_by(screenings.c.id)
+                .limit(limit)
+            ).all()
+    finally:
+        db.close()
+    return [(int(r[0]), str(r[1]), ScreeningResult.model_validate_json(r[2])) for r in rows]
