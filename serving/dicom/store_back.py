@@ -29,7 +29,8 @@ class DicomSrSink:
     """The result objects into the screened study (one STOW-RS request per result).
 
     The SR and GSPS need only the image headers kept with the result; the Secondary Captures
-    are drawn on the original pixels, retrieved from the same store (WADO-RS) at delivery; the
+    are drawn on the original pixels, retrieved from the same store (WADO-RS) at delivery (an
+    image the store does not hold gets no SC); the
     SEG was made when the study was screened (the masks exist only then) and travels with the
     evidence."""
 
@@ -70,10 +71,10 @@ class DicomSrSink:
                 for number in numbers:
                     frame = decode_frames(ds, frame_indices=[(number or 1) - 1])[0]
                     frames[(str(image.SOPInstanceUID), number)] = frame.pixels
-            except SourceError:
-                raise
             except DxAssistError:
-                continue  # the image cannot be decoded here: no SC of it, the rest still goes
+                # not in this store (a modality pushed it to our SCP) or not decodable here: no SC
+                # of it; the SR, GSPS and SEG still go (the STOW itself fails if the store is down)
+                continue
         return frames
 
     def objects_for(self, result: ScreeningResult, evidence: list[Dataset]) -> list[Dataset]:
