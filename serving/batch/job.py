@@ -34,9 +34,10 @@ from models.decode import study_uid_of
 from models.errors import InferenceFailed, SourceError
 from models.predictor import cuda_device_count
 from models.results import ScreeningResult
+from serving.batch.deliver import deliver_pending, record_for_delivery
 from serving.core.screening import InstanceInput, PreparedImage, RejectedImage, run_model
 from serving.dicom.sources.local import candidate_files
-from serving.online.factory import build_screener
+from serving.online.factory import build_screener, build_sinks
 from serving.persistence.ledger import Ledger
 from serving.persistence.results import Provenance
 from serving.persistence.schema import SourceValues, TriggerValues
@@ -198,6 +199,8 @@ def run_batch_job(
     stop_after: int | None = None,
     on_progress: Callable[[int, int], None] | None = None,
     save_to_results_store: bool = True,
+    deliver: bool = False,
+    deliver_timeout_s: float = 120.0,
 ) -> JobSummary:
     """Screen every study under ``inputs``; resumable via ``out_dir/ledger.sqlite3``.
 
@@ -209,6 +212,9 @@ def run_batch_job(
         prepare_actors, infer_actors: actor counts of the staged topology.
         stop_after: stop (as if interrupted) after this many newly finished studies.
         on_progress: called with (finished, total) after each study.
+        deliver: send each newly screened study's result through the outbox to the configured
+            sinks (FHIR, HL7, DICOM store-back), as the online service does
+            (``serving.batch.deliver``); then deliver for up to ``deliver_timeout_s``.
     """
     import ray
 
@@ -232,6 +238,7 @@ def run_batch_job(
         from serving.persistence.results import ResultsStore
 
         store = ResultsStore(settings.results.target)
+    sinks = build_sinks(settings) if deliver and store is not None else {}
     start = time.perf_counter()
     finished = 0
     try:
@@ -280,7 +287,12 @@ def run_batch_job(
                     if ledger.record(study, result) and store is not None:
                         # a study named by UID was fetched from the store: its result is the study's record
                         source = SourceValues.PACS_FETCH if study in fetched else SourceValues.FILES
-                        store.save(result, Provenance(source, TriggerValues.BATCH))
+                        if sinks:  # with its outbox rows, in one transaction (exactly once: the ledger said new)
+                            record_for_delivery(
+                                store, result, Provenance(source, TriggerValues.BATCH), prepared, sinks, screener
+                            )
+                        else:
+                            store.save(result, Provenance(source, TriggerValues.BATCH))
                     finished += 1
                     if on_progress:
                         on_progress(finished, len(todo))
@@ -290,6 +302,10 @@ def run_batch_job(
         logger.info("batch job stopped after %d studies (resumable)", finished)
     finally:
         elapsed = time.perf_counter() - start
+        if sinks and store is not None:
+            pending, dead = deliver_pending(store, sinks, deliver_timeout_s)
+            if pending or dead:
+                logger.warning("%d deliveries still pending, %d dead (dxassist outbox status)", pending, dead)
         if store is not None:
             store.close()
         if started_ray:

@@ -156,6 +156,12 @@ def screen(
         typer.Option(help="also write the DICOM result objects (SR, GSPS, SC, SEG; store.write_objects) here"),
     ] = None,
     save: Annotated[bool, typer.Option("--save/--no-save", help="record results in the results store")] = True,
+    deliver: Annotated[
+        bool,
+        typer.Option(
+            "--deliver", help="batch job: send results through the outbox to the EMR/PACS (emr.*, store.write_results)"
+        ),
+    ] = False,
     settings: SettingsOpt = None,
 ) -> None:
     """Screen DICOM files or folders and print the findings (with --out: a resumable batch job).
@@ -173,6 +179,9 @@ def screen(
     install_logging(logging.WARNING)
     paths = paths or []
     from_store = uids is not None or query_modality is not None or query_dates is not None
+    if deliver and (out is None or not save):
+        console.print("[red]--deliver needs --out (a batch job) and --save[/red]")
+        raise typer.Exit(2)
     if out is None:
         if from_store or not paths:
             console.print("[red]--uids/--query-* need --out (a batch job); give files or folders otherwise[/red]")
@@ -196,6 +205,7 @@ def screen(
         prepare_actors=prepare_actors,
         save=save,
         study_uids=study_uids,
+        deliver=deliver,
     )
 
 
@@ -224,6 +234,7 @@ def _run_batch(
     prepare_actors: int,
     save: bool,
     study_uids: list[str] | None = None,
+    deliver: bool = False,
 ) -> None:
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 
@@ -260,6 +271,7 @@ def _run_batch(
             prepare_actors=prepare_actors,
             on_progress=update,
             save_to_results_store=save,
+            deliver=deliver,
         )
     csv_path, parquet_path = write_tables(summary.results, out)
     report = write_report(
