@@ -376,7 +376,7 @@ def drift(
     version = _current(cfg, model_id)
     ref = f"{model_id}@{version}"
     try:
-        checks = drift_for(cfg, ref, days=days, baseline=baseline)
+        checks, feedback = drift_and_feedback(cfg, ref, days=days, baseline=baseline)
     except (DxAssistError, OSError, ValueError) as exc:
         raise _refuse(exc) from exc
     crossed = DriftMonitor().publish(ref, checks)
@@ -388,8 +388,10 @@ def drift(
             c.day, c.quantity, c.statistic, f"{c.value:.3f}", f"{c.threshold:.3f}", str(c.n), "YES" if c.crossed else ""
         )
     console.print(table)
+    for key, counts in sorted(feedback.items()):
+        console.print(f"feedback {key}: " + ", ".join(f"{v} {n}" for v, n in sorted(counts.items())))
     if out is not None:
-        write_drift_report(out, ref, checks)
+        write_drift_report(out, ref, checks, feedback)
         console.print(f"report {out / 'drift.json'} and {out / 'drift.html'}")
     if crossed:
         console.print(f"[red]{len(crossed)} drift thresholds crossed on the latest day[/red]")
@@ -398,6 +400,14 @@ def drift(
 
 def drift_for(cfg: Settings, ref: str, *, days: int, baseline: Path | None) -> list[Any]:
     """Observations of the last ``days`` days of ``ref`` against its baseline -> drift checks."""
+    return drift_and_feedback(cfg, ref, days=days, baseline=baseline)[0]
+
+
+def drift_and_feedback(
+    cfg: Settings, ref: str, *, days: int, baseline: Path | None
+) -> tuple[list[Any], dict[str, dict[str, int]]]:
+    """Drift checks, and the radiologists' feedback on this version's findings in the same days
+    (``finding -> verdict -> count``, each reader's latest verdict per finding and screening)."""
     from serving.observability.drift import drift_checks, load_observations, observation_of
     from serving.persistence.lifecycle import screenings_since
     from serving.persistence.results import ResultsStore
@@ -410,20 +420,31 @@ def drift_for(cfg: Settings, ref: str, *, days: int, baseline: Path | None) -> l
     since = (datetime.now(UTC) - timedelta(days=days)).date().isoformat()
     results = ResultsStore(cfg.results.target)
     current = []
+    feedback: dict[str, dict[str, int]] = {}
     try:
-        for screening_id, created_at, result in screenings_since(cfg.results.target, since):
+        for screening_id, public_id, created_at, result in screenings_since(cfg.results.target, since):
             delivery = results.for_delivery(screening_id)
             header = delivery[1][0] if delivery is not None and delivery[1] else None
             observation = observation_of(result, ref, created_at[:10], header)
-            if observation is not None:
-                current.append(observation)
+            if observation is None:
+                continue
+            current.append(observation)
+            latest: dict[tuple[str, str], str] = {}
+            for record in results.feedback_for(public_id) if public_id else []:
+                latest[(record.reader_id, record.finding_key)] = str(record.verdict)
+            for (_reader, key), verdict in latest.items():
+                counts = feedback.setdefault(key, {})
+                counts[verdict] = counts.get(verdict, 0) + 1
     finally:
         results.close()
     d = cfg.drift
-    return drift_checks(base, current, psi_alert=d.psi_alert, ks_alert=d.ks_alert, min_studies=d.min_studies)
+    checks = drift_checks(base, current, psi_alert=d.psi_alert, ks_alert=d.ks_alert, min_studies=d.min_studies)
+    return checks, feedback
 
 
-def write_drift_report(out: Path, ref: str, checks: list[Any]) -> None:
+def write_drift_report(
+    out: Path, ref: str, checks: list[Any], feedback: dict[str, dict[str, int]] | None = None
+) -> None:
     """``drift.json`` and ``drift.html`` (one plot per quantity: statistic per day vs its threshold)."""
     import base64
     import html
@@ -436,9 +457,12 @@ def write_drift_report(out: Path, ref: str, checks: list[Any]) -> None:
     import matplotlib.pyplot as plt
 
     out.mkdir(parents=True, exist_ok=True)
-    (out / "drift.json").write_text(json.dumps({"model": ref, "checks": [asdict(c) for c in checks]}, indent=2))
+    (out / "drift.json").write_text(
+        json.dumps({"model": ref, "checks": [asdict(c) for c in checks], "feedback": feedback or {}}, indent=2)
+    )
     parts = [f"<html><head><meta charset='utf-8'><title>Drift {html.escape(ref)}</title></head><body>"]
     parts.append(f"<h1>Drift: {html.escape(ref)}</h1>")
+    parts.append("<p>Radiologist feedback: " + html.escape(json.dumps(feedback or {})) + "</p>")
     for quantity, statistic in sorted({(c.quantity, c.statistic) for c in checks}):
         rows = [c for c in checks if c.quantity == quantity and c.statistic == statistic]
         fig, ax = plt.subplots(figsize=(6, 2.4))

@@ -233,8 +233,8 @@ class LifecycleStore:
 
 def screenings_since(
     store_target: Path | str, since: str, limit: int = 100_000
-) -> list[tuple[int, str, ScreeningResult]]:
-    """(screening id, created_at, result) of every screening created at or after ``since`` (ISO
+) -> list[tuple[int, str, str, ScreeningResult]]:
+    """(screening row id, public screening id, created_at, result) of every screening created at or after ``since`` (ISO
     UTC), oldest first: what drift monitoring reads."""
     from serving.persistence.schema import screenings
 
@@ -242,11 +242,11 @@ def screenings_since(
     try:
         with db.read() as conn:
             rows = conn.execute(
-                select(screenings.c.id, screenings.c.created_at, screenings.c.result_json)
+                select(screenings.c.id, screenings.c.screening_uuid, screenings.c.created_at, screenings.c.result_json)
                 .where(screenings.c.created_at >= since)
                 .order_by(screenings.c.id)
                 .limit(limit)
             ).all()
     finally:
         db.close()
-    return [(int(r[0]), str(r[1]), ScreeningResult.model_validate_json(r[2])) for r in rows]
+    return [(int(r[0]), str(r[1] or ""), str(r[2]), ScreeningResult.model_validate_json(r[3])) for r in rows]

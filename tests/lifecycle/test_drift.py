@@ -1,7 +1,8 @@
 """Drift: a shifted input mix (another manufacturer, DX instead of CR, far more positive
 studies) screened through the service crosses the thresholds against the validation baseline,
 sets the Prometheus gauges and logs one PHI-free line per crossed check; an unshifted mix of the
-same kind crosses none of the input-fact checks."""
+same kind crosses none of the input-fact checks. Radiologists' feedback on the version's findings
+is counted beside the drift."""
 
 from __future__ import annotations
 
@@ -17,7 +18,7 @@ from pydicom import dcmread
 from models.predictor import OnnxPredictor
 from models.registry import resolve
 from models.synthetic.cxr import generate_cxr_dataset
-from serving.cli.models import drift_for
+from serving.cli.models import drift_and_feedback
 from serving.core.screening import StudyScreener, screen_paths
 from serving.dicom.sources.local import LocalFolderSource
 from serving.observability.drift import DriftMonitor, drift_checks, observation_of, save_observations
@@ -25,6 +26,7 @@ from serving.online.api import LazyService, create_api
 from serving.online.factory import build_service
 from serving.online.versions import VersionedPipeline, VersionRouter
 from serving.persistence.lifecycle import LifecycleStore
+from serving.persistence.results import ResultsStore
 from serving.settings import ApiSettings, DriftSettings, ModelSettings, ResultsSettings, SecuritySettings, Settings
 
 REF = "cxr-triage@1.0.0"
@@ -85,7 +87,13 @@ def test_a_shifted_input_mix_crosses_the_drift_thresholds(tmp_path: Path, caplog
     service.close()
     lifecycle.close()
 
-    checks = drift_for(settings, REF, days=1, baseline=tmp_path / "baseline.json")
+    # a radiologist disagrees with one finding, agrees with another: counted beside the drift
+    store = ResultsStore(settings.results.target)
+    store.add_feedback(ids[0], "pneumothorax", "disagree", "reader-1", "no pneumothorax")
+    store.add_feedback(ids[1], "pneumothorax", "agree", "reader-1")
+    store.close()
+    checks, feedback = drift_and_feedback(settings, REF, days=1, baseline=tmp_path / "baseline.json")
+    assert feedback == {"pneumothorax": {"agree": 1, "disagree": 1}}
     crossed = {c.quantity for c in checks if c.crossed}
     assert {"manufacturer", "modality"} <= crossed
     assert any(q.startswith("positive_rate:") for q in crossed)
