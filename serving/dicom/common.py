@@ -110,6 +110,21 @@ def copy_laterality(source: Dataset, target: Dataset) -> None:
         del target.Laterality
 
 
+def with_plain_names(ds: Dataset) -> Dataset:
+    """A shallow copy whose one-component person names end with ``^`` (the same name in DICOM's
+    PN rules): highdicom otherwise warns about them, and its warning quotes the name (PHI)."""
+    copy = Dataset()
+    copy.update({element.tag: element for element in ds})  # new element map, same (unchanged) elements
+    if hasattr(ds, "file_meta"):
+        copy.file_meta = ds.file_meta
+    for keyword in ("PatientName", "ReferringPhysicianName"):
+        value = str(ds.get(keyword, "") or "")
+        if value and "^" not in value and "=" not in value:
+            delattr(copy, keyword)  # drop the shared element: the source keeps its own
+            setattr(copy, keyword, value + "^")
+    return copy
+
+
 def is_grayscale(ds: Dataset) -> bool:
     return str(ds.get("PhotometricInterpretation", "")) in ("MONOCHROME1", "MONOCHROME2")
 

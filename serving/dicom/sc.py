@@ -30,6 +30,7 @@ from serving.dicom.common import (
     copy_laterality,
     placed_findings,
     result_uid,
+    with_plain_names,
 )
 
 SC_SOP_CLASS = "1.2.840.10008.5.1.4.1.1.7"
@@ -95,7 +96,7 @@ def _sc(
     orientation = [str(v) for v in (image.get("PatientOrientation") or [])]
     spacing = [float(v) for v in (image.get("PixelSpacing") or image.get("ImagerPixelSpacing") or [])]
     sc = hd.sc.SCImage.from_ref_dataset(
-        ref_dataset=image,
+        ref_dataset=with_plain_names(image),
         pixel_array=pixels,
         photometric_interpretation="RGB",
         bits_allocated=8,

@@ -210,3 +210,17 @@ def test_cli_dicom_out_writes_valid_objects(tmp_path: Path) -> None:
         check = subprocess.run(["dciodvfy", str(path)], capture_output=True, text=True)
         assert not [line for line in check.stderr.splitlines() if line.startswith(("Error", "Warning"))], path.name
     assert "4 DICOM result objects written" in answer.output
+
+
+def test_sc_of_a_source_with_a_one_part_name_warns_nothing_and_leaves_the_source(chest: tuple) -> None:
+    import warnings
+
+    result, _, path = chest
+    source = pydicom.dcmread(path, stop_before_pixels=True)
+    source.ReferringPhysicianName = "ward"  # highdicom would warn, quoting the name (PHI) in the log
+    pixels = decode_frames(read_dataset(str(path)))[0].pixels
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        scs = build_scs(result, [source], {(str(source.SOPInstanceUID), None): pixels})
+    assert scs and str(scs[0].ReferringPhysicianName) == "ward^"
+    assert str(source.ReferringPhysicianName) == "ward"
