@@ -710,7 +710,8 @@ class ScreeningService:
         prepared, pairs = await self._screen_in_stages(self.pipeline, job)
         for image, out in pairs:
             if isinstance(out, ModelOutputs) and out.batch_size:
-                self.metrics.batch_size.labels(image.model_id).observe(out.batch_size)
+                # labelled by model id: a versioned pipeline names images id@version (serving.online.versions)
+                self.metrics.batch_size.labels(image.model_id.partition("@")[0]).observe(out.batch_size)
         return self._assemble(job, prepared, pairs)
 
     async def _screen_in_stages(
