@@ -328,6 +328,37 @@ class OrdersSettings(_Strict):
         return self
 
 
+class PixelRegion(_Strict):
+    """A rectangle of the image, as fractions of its width and height (0..1)."""
+
+    x0: float = Field(ge=0, le=1)
+    y0: float = Field(ge=0, le=1)
+    x1: float = Field(ge=0, le=1)
+    y1: float = Field(ge=0, le=1)
+
+
+class ExportSettings(_Strict):
+    """``dxassist export``: de-identification for retraining (PS3.15 Basic Application Level
+    Confidentiality Profile, ADR 0018) and the label layout.
+
+    Options of the profile: ``retain_longitudinal_dates`` (Retain Longitudinal Temporal
+    Information with Modified Dates: every date shifted by one secret offset per export, so
+    intervals survive; off: dates removed), ``retain_patient_characteristics`` (sex, age, size,
+    weight), ``clean_pixels`` (Clean Pixel Data: these regions are blanked in every image; an
+    image whose header says BurnedInAnnotation YES is left out unless regions are set).
+    ``mapping_file``: where the private table (original -> pseudonymous identifiers) goes; none
+    is written unless it is set, and never inside the export folder."""
+
+    retain_longitudinal_dates: bool = True
+    retain_patient_characteristics: bool = False
+    clean_pixels: list[PixelRegion] = Field(default_factory=list)
+    mapping_file: Path | None = None
+    layout: Literal["chestxray14", "kvasir"] = "chestxray14"
+    #: seed of the pseudonyms and the date offset (a secret: the same seed gives the same
+    #: pseudonyms across exports); None: a fresh random one per export (nothing links exports)
+    seed: SecretStr | None = None
+
+
 class ResultsSettings(_Strict):
     """Results, jobs and outbox: SQLite by default; PostgreSQL when ``url`` is set (from
     ``DXASSIST_RESULTS__URL``, as ``postgresql://user:password@host/db``; it carries a secret)."""
@@ -551,6 +582,7 @@ class Settings(BaseSettings):
     poller: PollerSettings = PollerSettings()
     emr: EmrSettings = EmrSettings()
     orders: OrdersSettings = OrdersSettings()
+    export: ExportSettings = ExportSettings()
     drift: DriftSettings = DriftSettings()
 
     @model_validator(mode="after")

@@ -209,6 +209,51 @@ def screen(
     )
 
 
+@app.command()
+def export(
+    out: Annotated[Path, typer.Option(help="the export folder (de-identified DICOM, images, labels)")],
+    uids: Annotated[Path | None, typer.Option(help="file of StudyInstanceUIDs (one a line) to export")] = None,
+    query_modality: Annotated[str | None, typer.Option(help="search the store: modality")] = None,
+    query_dates: Annotated[str | None, typer.Option(help="search the store: StudyDate, YYYYMMDD-YYYYMMDD")] = None,
+    layout: Annotated[
+        str | None, typer.Option(help="labels layout: chestxray14 or kvasir (default: export.layout)")
+    ] = None,
+    settings: SettingsOpt = None,
+) -> None:
+    """Export screened studies from the store, de-identified (PS3.15 Basic Profile, export.*
+    options), with labels in the ChestX-ray14 or Kvasir layout, for retraining.
+
+    Exit codes: 0 exported, 1 nothing exported, 2 usage or configuration error.
+    """
+    install_logging(logging.WARNING)
+    from serving.export.job import run_export
+
+    cfg = _load_settings(settings)
+    if layout is not None:
+        if layout not in ("chestxray14", "kvasir"):
+            console.print("[red]--layout: chestxray14 or kvasir[/red]")
+            raise typer.Exit(2)
+        cfg = cfg.model_copy(update={"export": cfg.export.model_copy(update={"layout": layout})})
+    study_uids = uids.read_text().split() if uids is not None else []
+    if query_modality or query_dates:
+        study_uids += _query_store(cfg, query_modality, query_dates)
+    if not study_uids:
+        console.print("[red]nothing to export: give --uids or --query-*[/red]")
+        raise typer.Exit(2)
+    try:
+        summary = run_export(cfg, study_uids, out)
+    except ValueError as exc:
+        console.print(f"[red]{exc}[/red]")
+        raise typer.Exit(2) from None
+    skipped = ", ".join(f"{n} {why}" for why, n in summary.skipped.items()) or "none"
+    console.print(
+        f"exported {summary.studies} studies ({summary.instances} instances, {summary.images} images) "
+        f"to {out}; skipped: {skipped}"
+    )
+    if summary.studies == 0:
+        raise typer.Exit(1)
+
+
 def _query_store(cfg: Settings, modality: str | None, dates: str | None) -> list[str]:
     from serving.dicom.sources import SearchableSource
     from serving.online.factory import build_source

@@ -1,0 +1,233 @@
+"""``dxassist export``: studies from the store, de-identified, with labels, for retraining.
+
+Studies are named by Study UID (a list, or a store query); each needs a screening in the
+results database, whose findings are the labels, corrected by readers' feedback where a reader
+disagreed (``Label Source`` says ``reader`` then, ``ai`` otherwise). Every instance goes through
+``serving.export.deid`` before anything is written. Output, in ``out``:
+
+* ``dicom/<study>/<instance>.dcm``: the de-identified instances (pseudonymous UIDs);
+* ``chestxray14`` layout: ``images/<patient>_<follow-up>.png`` and ``Data_Entry.csv`` with the
+  columns of NIH ChestX-ray14 (``Image Index``, ``Finding Labels`` joined by ``|`` or
+  ``No Finding``, ``Follow-up #``, ``Patient ID`` as a number, ``Patient Age``/``Gender`` only
+  with the patient-characteristics option, ``View Position``, sizes, spacing) plus ``Label Source``;
+* ``kvasir`` layout: one folder per class (``polyps``, ``normal``) of JPEG frames, as Kvasir;
+* ``export.json``: counts and the profile options (no identifier).
+
+The private mapping table (original -> pseudonymous Patient ID and Study UID) is written only to
+``export.mapping_file``, which may not lie inside ``out``. Logs carry counts, never identifiers.
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+import logging
+import os
+from collections import Counter
+from dataclasses import dataclass, field
+from io import BytesIO
+from pathlib import Path
+from typing import Any
+
+import cv2
+import numpy as np
+from numpy.typing import NDArray
+from pydicom import dcmread
+
+from models.errors import DxAssistError, InputRejected, SourceError
+from models.pixels import load_frames
+from models.results import ScreeningResult
+from serving.export.deid import Deidentifier
+from serving.online.factory import build_source
+from serving.persistence.results import ResultsStore
+from serving.persistence.schema import STORE_SOURCES, VerdictValues
+from serving.settings import Settings
+
+logger = logging.getLogger(__name__)
+
+#: ChestX-ray14 label names for the reference model's finding keys
+CHESTXRAY14_NAMES = {
+    "cardiomegaly": "Cardiomegaly",
+    "pleural_effusion": "Effusion",
+    "pneumothorax": "Pneumothorax",
+    "nodule_mass": "Nodule",
+    "consolidation": "Consolidation",
+}
+CHESTXRAY14_COLUMNS = [
+    "Image Index",
+    "Finding Labels",
+    "Follow-up #",
+    "Patient ID",
+    "Patient Age",
+    "Patient Gender",
+    "View Position",
+    "OriginalImage[Width",
+    "Height]",
+    "OriginalImagePixelSpacing[x",
+    "y]",
+    "Label Source",
+]
+
+
+@dataclass
+class ExportSummary:
+    studies: int = 0
+    instances: int = 0
+    images: int = 0
+    skipped: Counter[str] = field(default_factory=Counter)
+
+
+def labels_for(store: ResultsStore, study_instance_uid: str) -> tuple[list[str], str] | None:
+    """Positive finding keys of the study's reference screening, with readers' disagreements
+    applied, and where they came from (``reader``/``ai``); None when it was never screened."""
+    records = store.screenings_for(study_instance_uid)
+    if not records:
+        return None
+    store_copies = [r for r in records if r.source in STORE_SOURCES]
+    record = (store_copies or records)[-1]
+    result: ScreeningResult = record.result
+    positive = {f.key for f in result.findings if f.positive}
+    verdicts = store.feedback_for(record.screening_uuid)
+    for verdict in verdicts:
+        if verdict.verdict == VerdictValues.DISAGREE:
+            positive ^= {verdict.finding_key}
+    return sorted(positive), "reader" if verdicts else "ai"
+
+
+def _private_write(path: Path, data: bytes) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    try:
+        os.write(fd, data)
+    finally:
+        os.close(fd)
+
+
+def _encode(pixels: NDArray[np.float32], suffix: str) -> bytes:
+    """A display-ready [0, 1] frame as 8-bit PNG/JPEG (grayscale or RGB)."""
+    image: Any = np.clip(np.rint(pixels * 255.0), 0, 255).astype(np.uint8)
+    if image.ndim == 3:
+        image = cv2.cvtColor(image, cv2.COLOR_RGB2BGR)
+    ok, encoded = cv2.imencode(suffix, image)
+    if not ok:
+        raise ValueError("image encoding failed")
+    return bytes(encoded.tobytes())
+
+
+def _bytes_of(source: object) -> bytes:
+    if isinstance(source, bytes):
+        return source
+    if isinstance(source, str | os.PathLike):
+        return Path(source).read_bytes()
+    read = getattr(source, "read", None)
+    if read is None:
+        raise TypeError("instance source")
+    return bytes(read())
+
+
+def run_export(settings: Settings, study_uids: list[str], out: Path) -> ExportSummary:
+    """Export ``study_uids`` into ``out`` (see the module docstring)."""
+    options = settings.export
+    mapping_file = options.mapping_file
+    if mapping_file is not None and out.resolve() in mapping_file.resolve().parents:
+        raise ValueError("export.mapping_file: must not lie inside the export folder")
+    out.mkdir(parents=True, exist_ok=True)
+    deid = Deidentifier(options)
+    source = build_source(settings)
+    store = ResultsStore(settings.results.target)
+    summary = ExportSummary()
+    rows: list[dict[str, str]] = []
+    patients: dict[str, int] = {}
+    follow_ups: Counter[str] = Counter()
+    try:
+        for uid in dict.fromkeys(study_uids):
+            labels = labels_for(store, uid)
+            if labels is None:
+                summary.skipped["not screened (no labels)"] += 1
+                continue
+            try:
+                items = source.instances(uid)
+            except SourceError as exc:
+                summary.skipped[type(exc).__name__] += 1
+                continue
+            positive, label_source = labels
+            exported = 0
+            for item in items:
+                try:
+                    raw = _bytes_of(item.source)
+                    clean = deid(dcmread(BytesIO(raw)))
+                    buffer = BytesIO()
+                    clean.save_as(buffer, enforce_file_format=True)
+                    data = buffer.getvalue()
+                    frames = load_frames(data)
+                except InputRejected as exc:
+                    summary.skipped[exc.reason.value] += 1
+                    continue
+                except (DxAssistError, ValueError, KeyError, AttributeError, TypeError) as exc:
+                    summary.skipped[type(exc).__name__] += 1
+                    continue
+                study, sop = str(clean.StudyInstanceUID), str(clean.SOPInstanceUID)
+                _private_write(out / "dicom" / study / f"{sop}.dcm", data)
+                summary.instances += 1
+                exported += 1
+                patient = str(clean.get("PatientID", "")) or study
+                number = patients.setdefault(patient, len(patients) + 1)
+                for frame in frames:
+                    follow_up = follow_ups[patient]
+                    follow_ups[patient] += 1
+                    if options.layout == "kvasir":
+                        klass = "polyps" if positive else "normal"
+                        _private_write(
+                            out / "kvasir" / klass / f"{number:08d}_{follow_up:03d}.jpg", _encode(frame.pixels, ".jpg")
+                        )
+                    else:
+                        name = f"{number:08d}_{follow_up:03d}.png"
+                        _private_write(out / "images" / name, _encode(frame.pixels, ".png"))
+                        spacing = list(clean.get("PixelSpacing", clean.get("ImagerPixelSpacing", [])) or [])
+                        rows.append(
+                            {
+                                "Image Index": name,
+                                "Finding Labels": "|".join(CHESTXRAY14_NAMES.get(k, k) for k in positive)
+                                or "No Finding",
+                                "Follow-up #": str(follow_up),
+                                "Patient ID": str(number),
+                                "Patient Age": str(clean.get("PatientAge", "")),
+                                "Patient Gender": str(clean.get("PatientSex", "")),
+                                "View Position": str(clean.get("ViewPosition", "")),
+                                "OriginalImage[Width": str(clean.get("Columns", "")),
+                                "Height]": str(clean.get("Rows", "")),
+                                "OriginalImagePixelSpacing[x": str(spacing[1]) if len(spacing) == 2 else "",
+                                "y]": str(spacing[0]) if len(spacing) == 2 else "",
+                                "Label Source": label_source,
+                            }
+                        )
+                    summary.images += 1
+            summary.studies += 1 if exported else 0
+    finally:
+        store.close()
+        close = getattr(source, "close", None)
+        if close is not None:
+            close()
+    if options.layout == "chestxray14":
+        with (out / "Data_Entry.csv").open("w", newline="") as fh:
+            writer = csv.DictWriter(fh, fieldnames=CHESTXRAY14_COLUMNS)
+            writer.writeheader()
+            writer.writerows(rows)
+    report = {
+        "studies": summary.studies,
+        "instances": summary.instances,
+        "images": summary.images,
+        "skipped": dict(summary.skipped),
+        "layout": options.layout,
+        "profile": {
+            "retain_longitudinal_dates": options.retain_longitudinal_dates,
+            "retain_patient_characteristics": options.retain_patient_characteristics,
+            "clean_pixel_regions": len(options.clean_pixels),
+        },
+    }
+    (out / "export.json").write_text(json.dumps(report, indent=2))
+    if mapping_file is not None:
+        table = "kind,original,pseudonym\n" + "".join(f"{k},{o},{p}\n" for k, o, p in deid.mapping)
+        _private_write(mapping_file, table.encode())
+    logger.info("export done: %d studies, %d instances, %d images", summary.studies, summary.instances, summary.images)
+    return summary
