@@ -3,14 +3,16 @@
 Studies are named by Study UID (a list, or a store query); each needs a screening in the
 results database, whose findings are the labels, corrected by readers' feedback where a reader
 disagreed (``Label Source`` says ``reader`` then, ``ai`` otherwise). Every instance goes through
-``serving.export.deid`` before anything is written. Output, in ``out``:
+``serving.export.deid`` before anything is written; the images stay DICOM (de-identified, pseudonymous UIDs),
+which is what ``training/datasets.py`` reads. Output, in ``out``:
 
-* ``dicom/<study>/<instance>.dcm``: the de-identified instances (pseudonymous UIDs);
-* ``chestxray14`` layout: ``images/<patient>_<follow-up>.png`` and ``Data_Entry.csv`` with the
-  columns of NIH ChestX-ray14 (``Image Index``, ``Finding Labels`` joined by ``|`` or
-  ``No Finding``, ``Follow-up #``, ``Patient ID`` as a number, ``Patient Age``/``Gender`` only
-  with the patient-characteristics option, ``View Position``, sizes, spacing) plus ``Label Source``;
-* ``kvasir`` layout: one folder per class (``polyps``, ``normal``) of JPEG frames, as Kvasir;
+* ``chestxray14`` layout: ``<patient>_<follow-up>.dcm`` and ``Data_Entry.csv`` with the columns
+  of NIH ChestX-ray14 (``Image Index``, ``Finding Labels`` joined by ``|`` or ``No Finding``,
+  ``Follow-up #``, ``Patient ID`` as a number, ``Patient Age``/``Gender`` only with the
+  patient-characteristics option, ``View Position``, sizes, spacing) plus ``Label Source``;
+* ``kvasir`` layout (Kvasir-SEG): ``images/<n>.dcm`` and ``masks/<n>.png``, the mask being the
+  AI's polyp region (a box; empty when no polyp): pseudo-labels to be corrected by readers, listed
+  in ``labels.csv`` with their source;
 * ``export.json``: counts and the profile options (no identifier).
 
 The private mapping table (original -> pseudonymous Patient ID and Study UID) is written only to
@@ -27,16 +29,15 @@ from collections import Counter
 from dataclasses import dataclass, field
 from io import BytesIO
 from pathlib import Path
-from typing import Any
 
 import cv2
 import numpy as np
-from numpy.typing import NDArray
 from pydicom import dcmread
 
 from models.errors import DxAssistError, InputRejected, SourceError
 from models.pixels import load_frames
 from models.results import ScreeningResult
+from models.synthetic.cxr import CHESTXRAY14_NAMES
 from serving.export.deid import Deidentifier
 from serving.online.factory import build_source
 from serving.persistence.results import ResultsStore
@@ -45,14 +46,8 @@ from serving.settings import Settings
 
 logger = logging.getLogger(__name__)
 
-#: ChestX-ray14 label names for the reference model's finding keys
-CHESTXRAY14_NAMES = {
-    "cardiomegaly": "Cardiomegaly",
-    "pleural_effusion": "Effusion",
-    "pneumothorax": "Pneumothorax",
-    "nodule_mass": "Nodule",
-    "consolidation": "Consolidation",
-}
+#: ChestX-ray14 label names for the reference model's finding keys (``nodule_mass`` reads as Nodule)
+CHESTXRAY14 = CHESTXRAY14_NAMES | {"nodule_mass": "Nodule"}
 CHESTXRAY14_COLUMNS = [
     "Image Index",
     "Finding Labels",
@@ -77,7 +72,7 @@ class ExportSummary:
     skipped: Counter[str] = field(default_factory=Counter)
 
 
-def labels_for(store: ResultsStore, study_instance_uid: str) -> tuple[list[str], str] | None:
+def labels_for(store: ResultsStore, study_instance_uid: str) -> tuple[list[str], str, ScreeningResult] | None:
     """Positive finding keys of the study's reference screening, with readers' disagreements
     applied, and where they came from (``reader``/``ai``); None when it was never screened."""
     records = store.screenings_for(study_instance_uid)
@@ -91,7 +86,7 @@ def labels_for(store: ResultsStore, study_instance_uid: str) -> tuple[list[str],
     for verdict in verdicts:
         if verdict.verdict == VerdictValues.DISAGREE:
             positive ^= {verdict.finding_key}
-    return sorted(positive), "reader" if verdicts else "ai"
+    return sorted(positive), "reader" if verdicts else "ai", result
 
 
 def _private_write(path: Path, data: bytes) -> None:
@@ -103,14 +98,18 @@ def _private_write(path: Path, data: bytes) -> None:
         os.close(fd)
 
 
-def _encode(pixels: NDArray[np.float32], suffix: str) -> bytes:
-    """A display-ready [0, 1] frame as 8-bit PNG/JPEG (grayscale or RGB)."""
-    image: Any = np.clip(np.rint(pixels * 255.0), 0, 255).astype(np.uint8)
-    if image.ndim == 3:
-        image = cv2.cvtColor(image, cv2.COLOR_RGB2BGR)
-    ok, encoded = cv2.imencode(suffix, image)
+def _mask(shape: tuple[int, ...], result: ScreeningResult, positive: list[str]) -> bytes:
+    """A Kvasir-SEG mask (PNG, 255 inside): the AI's region of each positive finding kept."""
+    height, width = int(shape[0]), int(shape[1])
+    mask = np.zeros((height, width), np.uint8)
+    for finding in result.findings:
+        if finding.key in positive and finding.region is not None:
+            r = finding.region
+            x0, y0 = int(r.x * width), int(r.y * height)
+            mask[y0 : y0 + max(1, int(r.height * height)), x0 : x0 + max(1, int(r.width * width))] = 255
+    ok, encoded = cv2.imencode(".png", mask)
     if not ok:
-        raise ValueError("image encoding failed")
+        raise ValueError("mask encoding failed")
     return bytes(encoded.tobytes())
 
 
@@ -137,6 +136,7 @@ def run_export(settings: Settings, study_uids: list[str], out: Path) -> ExportSu
     store = ResultsStore(settings.results.target)
     summary = ExportSummary()
     rows: list[dict[str, str]] = []
+    kvasir_rows: list[dict[str, str]] = []
     patients: dict[str, int] = {}
     follow_ups: Counter[str] = Counter()
     try:
@@ -150,7 +150,7 @@ def run_export(settings: Settings, study_uids: list[str], out: Path) -> ExportSu
             except SourceError as exc:
                 summary.skipped[type(exc).__name__] += 1
                 continue
-            positive, label_source = labels
+            positive, label_source, result = labels
             exported = 0
             for item in items:
                 try:
@@ -166,42 +166,39 @@ def run_export(settings: Settings, study_uids: list[str], out: Path) -> ExportSu
                 except (DxAssistError, ValueError, KeyError, AttributeError, TypeError) as exc:
                     summary.skipped[type(exc).__name__] += 1
                     continue
-                study, sop = str(clean.StudyInstanceUID), str(clean.SOPInstanceUID)
-                _private_write(out / "dicom" / study / f"{sop}.dcm", data)
                 summary.instances += 1
                 exported += 1
-                patient = str(clean.get("PatientID", "")) or study
+                patient = str(clean.get("PatientID", "")) or str(clean.StudyInstanceUID)
                 number = patients.setdefault(patient, len(patients) + 1)
-                for frame in frames:
-                    follow_up = follow_ups[patient]
-                    follow_ups[patient] += 1
-                    if options.layout == "kvasir":
-                        klass = "polyps" if positive else "normal"
-                        _private_write(
-                            out / "kvasir" / klass / f"{number:08d}_{follow_up:03d}.jpg", _encode(frame.pixels, ".jpg")
-                        )
-                    else:
-                        name = f"{number:08d}_{follow_up:03d}.png"
-                        _private_write(out / "images" / name, _encode(frame.pixels, ".png"))
-                        spacing = list(clean.get("PixelSpacing", clean.get("ImagerPixelSpacing", [])) or [])
-                        rows.append(
-                            {
-                                "Image Index": name,
-                                "Finding Labels": "|".join(CHESTXRAY14_NAMES.get(k, k) for k in positive)
-                                or "No Finding",
-                                "Follow-up #": str(follow_up),
-                                "Patient ID": str(number),
-                                "Patient Age": str(clean.get("PatientAge", "")),
-                                "Patient Gender": str(clean.get("PatientSex", "")),
-                                "View Position": str(clean.get("ViewPosition", "")),
-                                "OriginalImage[Width": str(clean.get("Columns", "")),
-                                "Height]": str(clean.get("Rows", "")),
-                                "OriginalImagePixelSpacing[x": str(spacing[1]) if len(spacing) == 2 else "",
-                                "y]": str(spacing[0]) if len(spacing) == 2 else "",
-                                "Label Source": label_source,
-                            }
-                        )
-                    summary.images += 1
+                follow_up = follow_ups[patient]
+                follow_ups[patient] += 1
+                name = f"{number:08d}_{follow_up:03d}"
+                if options.layout == "kvasir":
+                    _private_write(out / "images" / f"{name}.dcm", data)
+                    _private_write(out / "masks" / f"{name}.png", _mask(frames[0].pixels.shape[:2], result, positive))
+                    kvasir_rows.append(
+                        {"image": f"{name}.dcm", "polyp": str(int(bool(positive))), "Label Source": label_source}
+                    )
+                else:
+                    _private_write(out / f"{name}.dcm", data)
+                    spacing = list(clean.get("PixelSpacing", clean.get("ImagerPixelSpacing", [])) or [])
+                    rows.append(
+                        {
+                            "Image Index": f"{name}.dcm",
+                            "Finding Labels": "|".join(CHESTXRAY14.get(k, k) for k in positive) or "No Finding",
+                            "Follow-up #": str(follow_up),
+                            "Patient ID": str(number),
+                            "Patient Age": str(clean.get("PatientAge", "")),
+                            "Patient Gender": str(clean.get("PatientSex", "")),
+                            "View Position": str(clean.get("ViewPosition", "")),
+                            "OriginalImage[Width": str(clean.get("Columns", "")),
+                            "Height]": str(clean.get("Rows", "")),
+                            "OriginalImagePixelSpacing[x": str(spacing[1]) if len(spacing) == 2 else "",
+                            "y]": str(spacing[0]) if len(spacing) == 2 else "",
+                            "Label Source": label_source,
+                        }
+                    )
+                summary.images += len(frames)
             summary.studies += 1 if exported else 0
     finally:
         store.close()
@@ -213,6 +210,11 @@ def run_export(settings: Settings, study_uids: list[str], out: Path) -> ExportSu
             writer = csv.DictWriter(fh, fieldnames=CHESTXRAY14_COLUMNS)
             writer.writeheader()
             writer.writerows(rows)
+    else:
+        with (out / "labels.csv").open("w", newline="") as fh:
+            kvasir = csv.DictWriter(fh, fieldnames=["image", "polyp", "Label Source"])
+            kvasir.writeheader()
+            kvasir.writerows(kvasir_rows)
     report = {
         "studies": summary.studies,
         "instances": summary.instances,
