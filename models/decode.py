@@ -161,6 +161,15 @@ def evidence_of(ds: Dataset, limits: DecodeLimits = DEFAULT_LIMITS) -> Dataset:
     return evidence
 
 
+def _pixel_data_bytes(ds: Dataset) -> int:
+    """Length of the Pixel Data value without converting the element (a hostile VR would raise
+    on conversion; the decode step converts it under its own handling)."""
+    if 0x7FE00010 not in ds:
+        return 0
+    value = getattr(ds.get_item(0x7FE00010, keep_deferred=True), "value", None)
+    return len(value) if isinstance(value, bytes | bytearray) else 0
+
+
 def _is_fatal(exc: BaseException) -> bool:
     return isinstance(exc, KeyboardInterrupt | SystemExit | GeneratorExit)
 
@@ -204,8 +213,7 @@ def prepare_instance(
         identity = StudyIdentity.from_header(evidence)
         header = header_of(ds)
         plan = planner(header)
-        pixel = ds.get("PixelData") if "PixelData" in ds else None
-        file_bytes = len(pixel) if isinstance(pixel, bytes | bytearray) else 0
+        file_bytes = _pixel_data_bytes(ds)
         tensors: list[NDArray[np.float32]] = []
         shape: tuple[int, int] = (0, 0)
         for frame in iter_frames(

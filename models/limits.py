@@ -100,9 +100,12 @@ def inflated_size(data: bytes | memoryview, limit: int) -> int:
     try:
         for start in range(0, len(view), step):
             pending: bytes | memoryview = view[start : start + step]
-            while pending and total <= limit:
+            while pending and total <= limit and not inflater.eof:  # after eof zlib keeps the tail
+                before = len(pending)
                 total += len(inflater.decompress(pending, step))
                 pending = inflater.unconsumed_tail
+                if len(pending) == before and not inflater.eof:
+                    break  # no progress: zlib wants more input than this chunk
             if total > limit or inflater.eof:
                 break
         while total <= limit and not inflater.eof:

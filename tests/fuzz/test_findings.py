@@ -284,3 +284,29 @@ def test_an_allocation_past_the_worker_cap_is_a_typed_memory_fault(pool: DecodeP
     assert getattr(outcome, "reason", None) == ReasonCode.IMAGE_TOO_LARGE
     assert getattr(outcome, "fault", "") == FAULT_MEMORY
     assert pool.stats.worker_deaths == 0  # the cap made it a MemoryError, the worker lived on
+
+
+# -- found by this suite's own 50,000-case run ----------------------------------------------
+
+
+def test_deflated_dataset_with_bytes_after_the_stream_end_is_measured_not_looped() -> None:
+    import zlib
+
+    from models.limits import inflated_size
+
+    squeezer = zlib.compressobj(9, zlib.DEFLATED, -zlib.MAX_WBITS)
+    stream = squeezer.compress(bytes(range(256)) * 5000) + squeezer.flush()
+    # zlib keeps input after the end of the stream as an "unconsumed tail": the measuring loop
+    # re-fed it forever (two 10 s timeouts in the long run)
+    assert inflated_size(stream + b"\x00" * 136, 1 << 30) == 256 * 5000
+
+
+def test_pixel_data_with_an_unknown_vr_is_a_typed_decode_failure() -> None:
+    from models.decode import prepare_instance
+
+    data = crafted.native_chest()
+    at = data.find(b"\xe0\x7f\x10\x00OB")
+    hostile = data[: at + 4] + b"\x4f\x8f" + data[at + 6 :]
+    outcome = prepare_instance(hostile, RoutePlanner((resolve("cxr-triage").manifest,)))
+    assert getattr(outcome, "reason", None) == ReasonCode.DECODE_FAILED
+    assert getattr(outcome, "fault", None) == ""  # typed where it happens, not the last-resort handler
