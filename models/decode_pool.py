@@ -50,8 +50,14 @@ from models.pixels import read_source
 ISOLATION_ENV: Final = "DXASSIST_DECODE_ISOLATION"
 WORKERS_ENV: Final = "DXASSIST_DECODE_WORKERS"
 _START_TIMEOUT_S: Final = 120.0
-#: Worker environment: single-threaded numeric libraries, few malloc arenas (address space).
-_WORKER_ENV: Final = {"OMP_NUM_THREADS": "1", "OPENBLAS_NUM_THREADS": "1", "MALLOC_ARENA_MAX": "2"}
+#: Worker environment: single-threaded numeric libraries, few malloc arenas (address space);
+#: Rust panics (pylibjpeg-rle) print one line, not a backtrace.
+_WORKER_ENV: Final = {
+    "OMP_NUM_THREADS": "1",
+    "OPENBLAS_NUM_THREADS": "1",
+    "MALLOC_ARENA_MAX": "2",
+    "RUST_BACKTRACE": "0",
+}
 _PAGE: Final = os.sysconf("SC_PAGE_SIZE")
 
 
@@ -206,6 +212,7 @@ class DecodePool:
                 [sys.executable, "-m", "models.decode_pool", str(theirs.fileno())],
                 pass_fds=(theirs.fileno(),),
                 stdin=subprocess.DEVNULL,
+                stdout=2,  # codec chatter goes to stderr: stdout may carry the CLI's --json output
                 env=env,
             )
         finally:
