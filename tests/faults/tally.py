@@ -22,6 +22,8 @@ class Tally:
     refused: int = 0
     unreachable: int = 0
     dropped: int = 0
+    #: what each dropped request got: an HTTP status or a transport error's type
+    dropped_kinds: list[str] = field(default_factory=list)
     done: int = 0
     lost: int = 0
     duplicated: int = 0
@@ -31,6 +33,7 @@ class Tally:
             f"{name}: submitted {self.submitted}, accepted {len(self.accepted)}, refused {self.refused}, "
             f"unreachable {self.unreachable}, dropped {self.dropped}, done {self.done}, lost {self.lost}, "
             f"duplicated {self.duplicated}"
+            + (f" (dropped as {sorted(self.dropped_kinds)})" if self.dropped_kinds else "")
         )
 
     def settle(self, db: Path) -> None:

@@ -128,7 +128,9 @@ def log_tail(path: Path, lines: int = 40) -> str:
 def submit_in_background(
     base: str, uids: list[str], tally: Tally, threads: int = 4
 ) -> tuple[list[threading.Thread], threading.Event]:
-    """Client threads posting one screening per study until the list or the service ends."""
+    """Client threads posting one screening per study until the list ends or ``stop`` is set;
+    like any client should, they honour ``Retry-After`` after a 503 (a draining service says
+    30 s, so a client told to back off sends nothing more before the process exits)."""
     stop = threading.Event()
     queue = list(uids)
     lock = threading.Lock()
@@ -147,18 +149,23 @@ def submit_in_background(
                     with lock:
                         tally.unreachable += 1
                     continue
-                except httpx.TransportError:
+                except httpx.TransportError as exc:
                     with lock:
                         tally.dropped += 1
+                        tally.dropped_kinds.append(type(exc).__name__)
                     continue
+                retry_after = 0.0
                 with lock:
                     if answer.status_code == 202:
                         tally.accepted.append(answer.json()["screening_id"])
                     elif answer.status_code == 503 and "Retry-After" in answer.headers:
                         tally.refused += 1
+                        retry_after = float(answer.headers["Retry-After"])
                     else:
                         tally.dropped += 1
-                time.sleep(0.02)
+                        tally.dropped_kinds.append(f"{answer.status_code} {answer.text[:60]!r}")
+                # a well-behaved client: after a refusal it waits as told (draining says 30 s)
+                stop.wait(retry_after or 0.02)
 
     workers = [threading.Thread(target=client, daemon=True) for _ in range(threads)]
     for w in workers:
