@@ -544,14 +544,17 @@ class ScreeningService:
                     submitted += 1
         return submitted
 
-    def submit_upload(self, files: Sequence[bytes], priority: PriorityValues) -> str:
-        """Spool uploaded instances to disk first (they must survive a restart), then submit."""
+    def submit_upload(
+        self, files: Sequence[bytes], priority: PriorityValues, *, requested_by: str = SYSTEM_ACTOR
+    ) -> str:
+        """Spool uploaded instances to disk first (they must survive a restart), then submit
+        them as ``submit_spooled`` does (their Study UID checked, recorded as an upload)."""
         self.check_admission(priority)
         spool = private_dir(private_dir(self.settings.spool_dir) / uuid.uuid4().hex)
         try:
             for i, data in enumerate(files):
                 write_private(spool / f"{i:05d}.dcm", data)
-            return self.submit(StudyRequest(spool_dir=str(spool)), priority)
+            return self.submit_spooled(spool, priority, requested_by=requested_by)
         except BaseException:
             shutil.rmtree(spool, ignore_errors=True)
             raise
