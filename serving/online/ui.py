@@ -290,6 +290,10 @@ def ui_router(get_service: Callable[[], Awaitable[ScreeningService]], auth: Any)
 
     Service = Annotated[ScreeningService, Depends(service)]
 
+    def actor(request: Request) -> str:
+        """Who asks (the token id the edge put on the request), for the audit log."""
+        return str(getattr(getattr(request.state, "principal", None), "id", "unknown"))
+
     @router.get("/ui", include_in_schema=False)
     @router.get("/ui/", include_in_schema=False)
     async def page() -> HTMLResponse:
@@ -304,22 +308,30 @@ def ui_router(get_service: Callable[[], Awaitable[ScreeningService]], auth: Any)
         return Response(resource.read_bytes(), media_type=_TYPES[suffix])
 
     @router.get("/v1/ui/worklist", response_model=list[UiWorklistRow], dependencies=[auth])
-    async def ui_worklist(svc: Service, limit: Annotated[int, Query(ge=1, le=1000)] = 200) -> list[UiWorklistRow]:
+    async def ui_worklist(
+        svc: Service, request: Request, limit: Annotated[int, Query(ge=1, le=1000)] = 200
+    ) -> list[UiWorklistRow]:
         """The worklist as the reading page shows it (identifiers included: readers only)."""
-        return await asyncio.to_thread(worklist_rows, svc, limit)
+        rows = await asyncio.to_thread(worklist_rows, svc, limit)
+        subjects = [(r.screening_id, r.study_ref) for r in rows]
+        await asyncio.to_thread(svc.store.audit_many, actor(request), "read-worklist", subjects)
+        return rows
 
     @router.get("/v1/screenings/{screening_id}/view", response_model=ScreeningView, dependencies=[auth])
-    async def screening_view(screening_id: str, svc: Service) -> ScreeningView:
+    async def screening_view(screening_id: str, svc: Service, request: Request) -> ScreeningView:
         """One screening as the study view shows it."""
         ohif = getattr(svc.settings, "ohif_url", None)
-        return await asyncio.to_thread(_view, svc, screening_id, ohif)
+        view = await asyncio.to_thread(_view, svc, screening_id, ohif)
+        await asyncio.to_thread(svc.store.audit, actor(request), "read", screening_id, view.result.study_ref)
+        return view
 
     @router.get("/v1/screenings/{screening_id}/image.png", dependencies=[auth])
     async def screening_image(
-        screening_id: str, svc: Service, sop: str, frame: Annotated[int, Query(ge=0)] = 0
+        screening_id: str, svc: Service, request: Request, sop: str, frame: Annotated[int, Query(ge=0)] = 0
     ) -> Response:
         """The screened frame rendered from the store (PNG, long side at most 2048 px)."""
         png = await asyncio.to_thread(_render_png, svc, screening_id, sop, frame)
+        await asyncio.to_thread(svc.store.audit, actor(request), "read-image", screening_id)
         return Response(png, media_type="image/png")
 
     @router.post("/v1/screenings/{screening_id}/feedback", status_code=201, dependencies=[auth])
@@ -332,11 +344,13 @@ def ui_router(get_service: Callable[[], Awaitable[ScreeningService]], auth: Any)
         row = await asyncio.to_thread(
             svc.store.add_feedback, screening_id, body.finding_key, body.verdict, reader, body.comment
         )
+        await asyncio.to_thread(svc.store.audit, actor(request), "feedback", screening_id, view.result.study_ref)
         return {"id": row}
 
     @router.get("/v1/screenings/{screening_id}/feedback", response_model=list[FeedbackOut], dependencies=[auth])
-    async def list_feedback(screening_id: str, svc: Service) -> list[FeedbackOut]:
+    async def list_feedback(screening_id: str, svc: Service, request: Request) -> list[FeedbackOut]:
         view = await asyncio.to_thread(_view, svc, screening_id, None)
+        await asyncio.to_thread(svc.store.audit, actor(request), "read-feedback", screening_id, view.result.study_ref)
         return view.feedback
 
     return router

@@ -208,9 +208,21 @@ def test_every_api_read_and_write_of_results_leaves_an_audit_row_without_uids(
         client.get(f"/v1/screenings/{job['screening_id']}")
         client.get("/v1/worklist")
         client.post("/v1/events/stable-study", json={"study_instance_uid": uid})
+        assert client.get("/v1/ui/worklist").status_code == 200  # the reading page's routes too
+        assert client.get(f"/v1/screenings/{job['screening_id']}/view").status_code == 200
+        assert client.get(f"/v1/screenings/{job['screening_id']}/feedback").status_code == 200
     store = ResultsStore(tmp_path / "results.sqlite3")
     entries = store.audit_entries()
-    assert [e.action for e in entries] == ["request", "read", "read-worklist", "webhook"]
+    assert [e.action for e in entries] == [
+        "request",
+        "read",
+        "read-worklist",
+        "webhook",
+        "read-worklist",
+        "read",
+        "read-feedback",
+    ]
+    assert entries[4].screening_id == job["screening_id"] and entries[5].study_ref == job["result"]["study_ref"]
     assert entries[0].screening_id == job["screening_id"] and entries[1].screening_id == job["screening_id"]
     assert entries[1].study_ref == job["result"]["study_ref"] == entries[2].study_ref
     assert all(e.actor and e.at for e in entries)
