@@ -505,6 +505,10 @@ class ApiSettings(_Strict):
     #: (what is left stays persisted and resumes at the next start); below the ingress's
     #: ``graceful_shutdown_timeout_s`` (60)
     drain_timeout_s: float = Field(default=50.0, ge=0)
+    #: serve HTTPS directly with these PEM files (both or neither). Without them the API speaks
+    #: plain HTTP: keep it on loopback behind the TLS reverse proxy of the README
+    tls_certfile: Path | None = None
+    tls_keyfile: Path | None = None
     max_queued_routine: int = Field(default=200, ge=1)
     max_queued_stat: int = Field(default=50, ge=1)
     max_inflight: int = Field(default=4, ge=1)  # studies screened at once; one slot is kept for stat
@@ -533,6 +537,8 @@ class ApiSettings(_Strict):
                 "api.host: without api.tokens the API is open to anyone who can reach it, so it binds "
                 "loopback only; set DXASSIST_API__TOKENS to bind another address"
             )
+        if (self.tls_certfile is None) != (self.tls_keyfile is None):
+            raise ValueError("api.tls_certfile and api.tls_keyfile: both or neither")
         ids = [t.id for t in self.tokens]
         if len(set(ids)) != len(ids):
             raise ValueError("api.tokens: token ids must be unique")
@@ -640,6 +646,12 @@ class Settings(BaseSettings):
             update={
                 "store": self.store.model_copy(update={"path": absolute(self.store.path)}),
                 "results": self.results.model_copy(update={"sqlite_path": absolute(self.results.sqlite_path)}),
-                "api": self.api.model_copy(update={"spool_dir": absolute(self.api.spool_dir)}),
+                "api": self.api.model_copy(
+                    update={
+                        "spool_dir": absolute(self.api.spool_dir),
+                        "tls_certfile": absolute(self.api.tls_certfile) if self.api.tls_certfile else None,
+                        "tls_keyfile": absolute(self.api.tls_keyfile) if self.api.tls_keyfile else None,
+                    }
+                ),
             }
         )

@@ -94,6 +94,8 @@ def run(settings: Settings, *, host: str, port: int) -> None:
         log_level="warning",
         timeout_graceful_shutdown=int(settings.api.drain_timeout_s),
         lifespan="on",
+        ssl_certfile=str(settings.api.tls_certfile) if settings.api.tls_certfile else None,
+        ssl_keyfile=str(settings.api.tls_keyfile) if settings.api.tls_keyfile else None,
     )
     DrainingServer(config).run()
 

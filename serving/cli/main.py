@@ -411,13 +411,15 @@ def serve(
     if cfg.serve.runtime == "asgi":
         from serving.asgi.app import run
 
-        console.print(f"dxassist serving at http://{bind}:{port or cfg.api.port} (one process). Ctrl-C to stop.")
+        scheme = "https" if cfg.api.tls_certfile else "http"
+        console.print(f"dxassist serving at {scheme}://{bind}:{port or cfg.api.port} (one process). Ctrl-C to stop.")
         run(cfg, host=bind, port=port or cfg.api.port)
         console.print("stopped")
         return
     stop = threading.Event()
+    tls = (cfg.api.tls_certfile, cfg.api.tls_keyfile) if cfg.api.tls_certfile and cfg.api.tls_keyfile else None
     with local_serve(
-        str(settings) if settings else None, host=bind, port=port or cfg.api.port, num_cpus=num_cpus
+        str(settings) if settings else None, host=bind, port=port or cfg.api.port, num_cpus=num_cpus, tls=tls
     ) as base:
         # ray.init replaced this process's SIGTERM handler with an immediate exit: take it back
         signal.signal(signal.SIGTERM, lambda *_: stop.set())

@@ -7,8 +7,9 @@ import time
 import httpx
 
 
-def wait_ready(base_url: str, timeout_s: float = 180.0, *, hint: str = "") -> None:
-    """Poll ``/readyz`` until the models have loaded and passed their self-test.
+def wait_ready(base_url: str, timeout_s: float = 180.0, *, hint: str = "", verify: bool = True) -> None:
+    """Poll ``/readyz`` until the models have loaded and passed their self-test (``verify``
+    False: a loopback HTTPS probe of our own listener, whose certificate names the public host).
 
     Raises:
         TimeoutError: not ready in time (the last answer or error type, and ``hint``, say why).
@@ -17,7 +18,7 @@ def wait_ready(base_url: str, timeout_s: float = 180.0, *, hint: str = "") -> No
     last = ""
     while time.monotonic() < deadline:
         try:
-            response = httpx.get(f"{base_url}/readyz", timeout=5.0)
+            response = httpx.get(f"{base_url}/readyz", timeout=5.0, verify=verify)
             if response.status_code == 200:
                 return
             last = str(response.status_code)

@@ -15,6 +15,7 @@ import logging
 import os
 from collections.abc import Iterator
 from contextlib import contextmanager
+from pathlib import Path
 from typing import Any
 
 from serving.online.probe import wait_ready
@@ -65,8 +66,10 @@ def local_serve(
     api_token: str | None = None,
     env: dict[str, str] | None = None,
     topology: str = "auto",
+    tls: tuple[Path, Path] | None = None,
 ) -> Iterator[str]:
-    """Run the app on a fresh local Ray; yields the base URL once ready; shuts everything down."""
+    """Run the app on a fresh local Ray; yields the base URL once ready; shuts everything down.
+    ``tls`` (certificate and key PEM files): the Serve proxy speaks HTTPS."""
     import ray
     from ray import serve
 
@@ -79,7 +82,8 @@ def local_serve(
         env_vars["DXASSIST_SERVE__TOPOLOGY"] = topology
     init_loopback_ray(num_cpus=num_cpus, runtime_env={"env_vars": env_vars})
     try:
-        serve.start(http_options={"host": host, "port": port})
+        ssl = {"ssl_certfile": str(tls[0]), "ssl_keyfile": str(tls[1])} if tls else {}
+        serve.start(http_options={"host": host, "port": port, **ssl})
         saved = {k: os.environ.get(k) for k in env_vars}
         os.environ.update({k: str(v) for k, v in env_vars.items()})
         try:
@@ -91,9 +95,10 @@ def local_serve(
                 else:
                     os.environ[k] = v
         serve.run(app, name="dxassist", route_prefix="/")
-        base = f"http://{host}:{port}"
+        base = f"{'https' if tls else 'http'}://{host}:{port}"
         wait_ready(
             base,
+            verify=tls is None,
             hint="; check `serve status`: a replica that cannot be scheduled (CPU/GPU reservations above "
             "the machine) keeps the app DEPLOYING",
         )
