@@ -138,34 +138,14 @@ def _modality(svc: ScreeningService, result: ScreeningResult) -> str:
 
 
 def worklist_rows(svc: ScreeningService, limit: int) -> list[UiWorklistRow]:
-    """Newest screening per study (each screening without a Study UID on its own), in reading order."""
+    """Each study's reference screening (the store copy's over an upload of the same Study UID;
+    each screening without a Study UID on its own), in reading order."""
     from serving.online.api import worklist_rank
 
-    with _database(svc).read() as conn:
-        rows = conn.execute(
-            select(
-                screenings.c.id,
-                screenings.c.created_at,
-                screenings.c.result_json,
-                screenings.c.screening_uuid,
-                jobs.c.id,
-                jobs.c.priority,
-            )
-            .outerjoin(jobs, jobs.c.screening_id == screenings.c.id)
-            .order_by(screenings.c.id.desc())
-            .limit(limit * 4)
-        ).all()
-    seen: set[str] = set()
-    picked = []
-    for sid, created, body, uuid, job_id, requested in rows:
-        result = ScreeningResult.model_validate_json(body)
-        key = result.study_instance_uid or f"#{sid}"
-        if key in seen:
-            continue
-        seen.add(key)
-        picked.append((int(sid), created, result, str(job_id or uuid or sid), requested))
-        if len(picked) >= limit:
-            break
+    picked = [
+        (r.id, r.created_at, r.result, r.screening_uuid, r.requested_priority)
+        for r in svc.store.reference_screenings(limit)
+    ]
     sent = _deliveries(svc, [p[0] for p in picked])
     now = datetime.now(UTC)
     out = []

@@ -115,6 +115,18 @@ class ScreeningRecord:
 
 
 @dataclass(frozen=True)
+class ReferenceScreening:
+    """A study's reference screening, as worklists list it."""
+
+    id: int  # the row id (deliveries and evidence refer to it)
+    screening_uuid: str  # the public id (the job id for API screenings)
+    created_at: str
+    requested_priority: str | None
+    source: str
+    result: ScreeningResult
+
+
+@dataclass(frozen=True)
 class FeedbackRecord:
     id: int
     created_at: str
@@ -255,11 +267,10 @@ class ResultsStore:
             for r in rows
         ]
 
-    def latest_per_study(
-        self, limit: int = 200, *, prefer_store: bool = True
-    ) -> list[tuple[str, str | None, ScreeningResult]]:
-        """(created_at, requested priority or None, result) of each study's reference screening
-        (see ``latest``), newest first. Screenings without a Study UID each stand alone."""
+    def reference_screenings(self, limit: int = 200, *, prefer_store: bool = True) -> list[ReferenceScreening]:
+        """Each study's reference screening (see ``latest``), newest first; screenings without
+        a Study UID each stand alone. What every worklist shows: an upload claiming a study's
+        UID never displaces the result of the store's copy."""
         order = (_authority().desc(), screenings.c.id.desc()) if prefer_store else (screenings.c.id.desc(),)
         study = func.coalesce(
             func.nullif(screenings.c.study_instance_uid, ""), literal("#") + cast(screenings.c.id, Text)
@@ -268,7 +279,14 @@ class ResultsStore:
             screenings.c.id.label("id"), func.row_number().over(partition_by=study, order_by=order).label("n")
         ).subquery()
         query = (
-            select(screenings.c.created_at, jobs.c.priority, screenings.c.result_json)
+            select(
+                screenings.c.id,
+                screenings.c.screening_uuid,
+                screenings.c.created_at,
+                jobs.c.priority,
+                screenings.c.source,
+                screenings.c.result_json,
+            )
             .join(ranked, and_(ranked.c.id == screenings.c.id, ranked.c.n == 1))
             .outerjoin(jobs, jobs.c.screening_id == screenings.c.id)
             .order_by(screenings.c.id.desc())
@@ -276,7 +294,19 @@ class ResultsStore:
         )
         with self._db.read() as conn:
             rows = conn.execute(query).all()
-        return [(r[0], r[1], ScreeningResult.model_validate_json(r[2])) for r in rows]
+        return [
+            ReferenceScreening(int(r[0]), str(r[1]), r[2], r[3], r[4], ScreeningResult.model_validate_json(r[5]))
+            for r in rows
+        ]
+
+    def latest_per_study(
+        self, limit: int = 200, *, prefer_store: bool = True
+    ) -> list[tuple[str, str | None, ScreeningResult]]:
+        """(created_at, requested priority or None, result) of each study's reference screening."""
+        return [
+            (r.created_at, r.requested_priority, r.result)
+            for r in self.reference_screenings(limit, prefer_store=prefer_store)
+        ]
 
     def count(self) -> int:
         with self._db.read() as conn:

@@ -90,6 +90,8 @@ def test_an_upload_claiming_a_pacs_studys_uid_does_not_replace_its_result(
         assert fake["result"]["outcome"] == "NOT_SCREENED"  # recorded as its own screening...
         worklist = [w for w in client.get("/v1/worklist").json() if w["study_instance_uid"] == uid]
         assert [w["outcome"] for w in worklist] == ["SCREENED"]  # ...but the PACS result stays the record
+        page = [w for w in client.get("/v1/ui/worklist").json() if w["study_instance_uid"] == uid]
+        assert [(w["outcome"], w["screening_id"]) for w in page] == [("SCREENED", pacs["screening_id"])]
     store = ResultsStore(tmp_path / "results.sqlite3")
     assert store.latest(uid).outcome == "SCREENED"  # type: ignore[union-attr]
     records = store.screenings_for(uid)
