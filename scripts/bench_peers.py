@@ -62,7 +62,22 @@ COMMON = [
     "pydantic>=2.10,<3",
     "pyyaml",
 ]
-PINS = {"litserve": ["litserve==0.2.19"], "bentoml": ["bentoml>=1.4,<1.5"], "pytriton": ["numpy<2", "nvidia-pytriton==0.7.0"]}
+PINS = {"litserve": ["litserve==0.2.19", "python-multipart"], "bentoml": ["bentoml>=1.4,<1.5"]}
+#: PyTriton 0.7 needs numpy 1.x: its venv takes the codec and OpenCV releases that still support it
+PYTRITON = [
+    "numpy<2",
+    "pydicom==3.0.2",
+    "pylibjpeg",
+    "pylibjpeg-libjpeg",
+    "pylibjpeg-openjpeg",
+    "pylibjpeg-rle",
+    "pillow",
+    "opencv-python-headless<4.11",
+    "onnxruntime-gpu==1.31.1",
+    "pydantic>=2.10,<3",
+    "pyyaml",
+    "nvidia-pytriton==0.7.0",
+]
 
 
 def pct(values: list[float], q: float) -> float:
@@ -75,8 +90,11 @@ def venv_python(name: str) -> str:
         return sys.executable
     python = VENVS / name / "bin" / "python"
     if not python.exists():
-        subprocess.run([sys.executable, "-m", "venv", str(VENVS / name)], check=True)
-        subprocess.run([str(python), "-m", "pip", "install", "-q", *COMMON, *PINS[name]], check=True)
+        # PyTriton's Triton Python stub is built against Debian's Python 3.11: its venv must use it
+        base = "/usr/bin/python3" if name == "pytriton" else sys.executable
+        subprocess.run([base, "-m", "venv", str(VENVS / name)], check=True)
+        packages = PYTRITON if name == "pytriton" else [*COMMON, *PINS[name]]
+        subprocess.run([str(python), "-m", "pip", "install", "-q", *packages], check=True)
     return str(python)
 
 
@@ -254,8 +272,11 @@ def measure(system: System, blobs: list[bytes], burst: int) -> Figures:
         try:
             os.killpg(proc.pid, signal.SIGTERM)
             proc.wait(60)
-        except (ProcessLookupError, subprocess.TimeoutExpired):
+        except ProcessLookupError:
+            pass
+        except subprocess.TimeoutExpired:
             os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait(30)
     return fig
 
 

@@ -27,16 +27,20 @@ from models.registry import resolve  # noqa: E402
 class PeerModel:
     """Decode + preprocess + infer, thread-safe (ONNX Runtime sessions are)."""
 
-    def __init__(self, model_id: str = "cxr-triage") -> None:
-        self.predictor = OnnxPredictor(resolve(model_id), providers="auto")
-        self.pipeline = get_pipeline(self.predictor.manifest.input.preprocessing)
-        self.labels = [label.key for label in self.predictor.manifest.labels]
+    def __init__(self, model_id: str = "cxr-triage", *, session: bool = True) -> None:
+        """``session=False``: decode and preprocess only (a process that does not infer)."""
+        loaded = resolve(model_id)
+        self.predictor = OnnxPredictor(loaded, providers="auto") if session else None
+        self.pipeline = get_pipeline(loaded.manifest.input.preprocessing)
+        self.labels = [label.key for label in loaded.manifest.labels]
 
     def tensor(self, data: bytes) -> np.ndarray:
         frame = load_frames(data, frame_indices=[0], target_size=self.pipeline.decode_size)[0]
         return np.asarray(self.pipeline(frame), dtype=np.float32)
 
     def scores(self, tensors: np.ndarray) -> np.ndarray:
+        if self.predictor is None:
+            raise RuntimeError("this PeerModel has no session")
         return self.predictor.scores(self.predictor.predict(tensors))
 
     def answer(self, scores: np.ndarray) -> dict[str, float]:
