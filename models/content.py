@@ -117,7 +117,8 @@ def check_header_facts(manifest: ModelManifest, header: ImageHeader) -> None:
     """Refuse when the header's own technical facts contradict its labels.
 
     The SOP class says what kind of object the file is; a CT image relabelled ``CR`` is still a
-    CT image. A 1-bit image is a mask or a drawing, never a radiograph or a video frame.
+    CT image. A colour image is not a radiograph (nor a greyscale one an endoscopy frame). A
+    1-bit image is a mask or a drawing, never a radiograph or a video frame.
     """
     ref = manifest.ref
     family = None
@@ -129,6 +130,11 @@ def check_header_facts(manifest: ModelManifest, header: ImageHeader) -> None:
             f"the file is stored as {family[1]} (its SOP class), not the kind of image "
             f"{ref} reads ({', '.join(manifest.accepts.modality)})"
         )
+    colour = header.samples_per_pixel == 3 or normalise(header.photometric_interpretation) == "PALETTE COLOR"
+    if colour and manifest.accepts.samples_per_pixel == 1:
+        raise _refuse(f"the image is in colour, and {ref} reads greyscale radiographs")
+    if not colour and manifest.accepts.samples_per_pixel == 3:
+        raise _refuse(f"the image is greyscale, and {ref} reads colour frames")
     if header.bits_stored == 1 or header.bits_allocated == 1:
         raise _refuse(f"the image has 1 bit per pixel: a mask or a drawing, not an image {ref} can read")
 

@@ -160,3 +160,23 @@ def rg1() -> dict[str, Path]:
         assert path, f"pydicom-data must provide {name}"
         out[name] = Path(str(path))
     return out
+
+
+CR_STORAGE = "1.2.840.10008.5.1.4.1.1.1"
+
+
+def relabel_as_chest(name: str, out: Path, *, sop_class: bool = False) -> Path:
+    """A pydicom test file relabelled CR / CHEST / PA (and, optionally, as CR storage too)."""
+    import pydicom
+    from pydicom.data import get_testdata_file
+
+    ds = pydicom.dcmread(str(get_testdata_file(f"{name}.dcm")))
+    ds.Modality = "CR"
+    ds.BodyPartExamined = "CHEST"
+    ds.ViewPosition = "PA"
+    if sop_class:
+        ds.SOPClassUID = CR_STORAGE
+        ds.file_meta.MediaStorageSOPClassUID = CR_STORAGE
+    path = out / f"{name}_as_chest.dcm"
+    ds.save_as(path, enforce_file_format=True)
+    return path

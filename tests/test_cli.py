@@ -35,11 +35,17 @@ def settings_file(tmp_path: Path) -> Path:
 def test_screen_json_reports_findings_and_reasons(tmp_path: Path, settings_file: Path, rg1: dict[str, Path]) -> None:
     bad = tmp_path / "bad.dcm"
     bad.write_bytes(b"not dicom at all" * 10)
-    args = ["screen", str(rg1["RG1_UNCR"]), str(rg1["RG3_UNCR"]), str(bad), "--json", "--settings", str(settings_file)]
+    synthetic = write_synthetic_cxr(tmp_path / "synthetic.dcm", seed=8)
+    files = [rg1["RG1_UNCR"], rg1["RG3_UNCR"], synthetic, bad]
+    args = ["screen", *map(str, files), "--json", "--settings", str(settings_file)]
     result = runner.invoke(app, args)
     assert result.exit_code == 1, result.output  # some files not screened (documented exit code)
     out = {r["images"][0]["label"]: r for r in json.loads(result.stdout)}
-    chest = out[str(rg1["RG1_UNCR"])]
+    # the real chest RG1: the phantom-trained reference model refuses it, with its reason
+    real = out[str(rg1["RG1_UNCR"])]
+    assert (real["outcome"], real["reason"], real["findings"]) == ("NOT_SCREENED", "OUT_OF_DISTRIBUTION", [])
+    assert "distance" in real["reason_detail"] and "limit" in real["reason_detail"]
+    chest = out[str(synthetic)]
     assert chest["outcome"] == "SCREENED" and chest["models"][0].startswith("cxr-triage@")
     assert {f["key"] for f in chest["findings"]} == {
         "cardiomegaly",
@@ -53,7 +59,12 @@ def test_screen_json_reports_findings_and_reasons(tmp_path: Path, settings_file:
     assert out[str(bad)]["reason"] == "NOT_DICOM"
     rows = sqlite3.connect(tmp_path / "results.sqlite3").execute("SELECT outcome, reason FROM screenings").fetchall()
     assert sorted(rows) == sorted(
-        [("SCREENED", None), ("NOT_SCREENED", "UNSUPPORTED_BODY_PART"), ("NOT_SCREENED", "NOT_DICOM")]
+        [
+            ("SCREENED", None),
+            ("NOT_SCREENED", "OUT_OF_DISTRIBUTION"),
+            ("NOT_SCREENED", "UNSUPPORTED_BODY_PART"),
+            ("NOT_SCREENED", "NOT_DICOM"),
+        ]
     )
 
 
@@ -77,6 +88,8 @@ def test_demo_prints_findings_and_reasons(tmp_path: Path, settings_file: Path) -
     assert result.exit_code == 0, result.output
     text = result.output
     assert "RG1_J2KR.dcm" in text and "cxr-triage@" in text and "threshold" in text
+    # real RG1 refused with its reason; relabelled leg, MR and CT refused on their content
+    assert "OUT_OF_DISTRIBUTION" in text and "CONTENT_MISMATCH" in text
     assert "UNSUPPORTED_BODY_PART" in text and "NOT_DICOM" in text and "UNSUPPORTED_VIEW" in text
     assert "CORRUPT_FILE" in text or "DECODE_FAILED" in text
     assert "endoscopy-polyp@" in text

@@ -31,7 +31,7 @@ from numpy.typing import NDArray
 from models.errors import InputRejected
 from models.pixels import PixelFrame, f32, load_frames
 from models.preprocessing import Pipeline
-from models.synthetic.cxr import render_cxr
+from models.synthetic.cxr import LABELS, render_cxr
 from models.synthetic.endoscopy import render_frame
 
 logger = logging.getLogger(__name__)
@@ -230,7 +230,7 @@ def phantom_set(
             sources.append("phantom:endoscopy")
     else:
         for _ in range(n_each):
-            chest, _ = render_cxr(rng, (512, 512), {})
+            chest, _ = render_cxr(rng, (512, 512), dict.fromkeys(LABELS, False))
             tensors.append(to_tensor(chest, pipeline, channels, template))
             sources.append("phantom:chest radiograph")
     return ImageSet(

@@ -13,7 +13,11 @@ from pathlib import Path
 
 import numpy as np
 
+from models.errors import ReasonCode
 from models.results import OutcomeValues, ScreeningResult, TriagePriorityValues
+
+#: image-level refusals on what the image is (content check, out-of-distribution gate)
+CONTENT_REASONS = (ReasonCode.CONTENT_MISMATCH, ReasonCode.OUT_OF_DISTRIBUTION)
 
 
 def result_rows(results: list[ScreeningResult]) -> list[dict[str, object]]:
@@ -28,6 +32,9 @@ def result_rows(results: list[ScreeningResult]) -> list[dict[str, object]]:
             "reason": r.reason.value if r.reason else "",
             "priority": r.priority.value if r.priority else "",
             "models": ";".join(r.models),
+            # the model's out-of-distribution distance (largest over the study's images): drift
+            # and threshold reviews read it beside the outcome
+            "ood_distance": max((i.ood_distance for i in r.images if i.ood_distance is not None), default=None),
         }
         for f in r.findings:
             row[f"score_{f.key}"] = f.score
@@ -67,6 +74,67 @@ def _labels_for(results: list[ScreeningResult], inputs: list[Path]) -> dict[str,
                     vec = label_vector(row["Finding Labels"])
                     truth[row["Image Index"]] = {k: int(v) for k, v in zip(LABELS, vec, strict=True)}
     return truth or None
+
+
+def _ood_limits(refs: set[str]) -> dict[str, float]:
+    """Each model version's distance limit from its registered manifest (absent: not shown)."""
+    from models.errors import DxAssistError
+    from models.registry import resolve
+
+    limits = {}
+    for ref in refs:
+        model_id, _, version = ref.partition("@")
+        try:
+            spec = resolve(model_id, version).manifest.ood
+        except DxAssistError:
+            continue
+        if spec is not None:
+            limits[ref] = spec.threshold
+    return limits
+
+
+def content_gate_summary(
+    results: list[ScreeningResult],
+) -> tuple[Counter[str], dict[str, list[float]], dict[str, list[float]]]:
+    """Image refusals by content reason, and OOD distances of accepted / refused images per model."""
+    refusals: Counter[str] = Counter()
+    accepted: dict[str, list[float]] = {}
+    refused: dict[str, list[float]] = {}
+    for r in results:
+        for image in r.images:
+            if image.reason in CONTENT_REASONS:
+                refusals[image.reason.value] += 1
+            if image.ood_distance is not None and image.model_ref:
+                side = accepted if image.outcome == OutcomeValues.SCREENED else refused
+                side.setdefault(image.model_ref, []).append(image.ood_distance)
+    return refusals, accepted, refused
+
+
+def _plot_ood(
+    plt: object, accepted: dict[str, list[float]], refused: dict[str, list[float]], limits: dict[str, float], path: Path
+) -> None:
+    refs = sorted(set(accepted) | set(refused))
+    fig, axes = plt.subplots(len(refs), 1, figsize=(7, 1.9 * len(refs)), squeeze=False)  # type: ignore[attr-defined]
+    for ax, ref in zip(axes[:, 0], refs, strict=True):
+        values = accepted.get(ref, []) + refused.get(ref, [])
+        top = max([*values, limits.get(ref, 1.0)]) * 1.1
+        bins = np.geomspace(max(min([*values, limits.get(ref, 1.0)]) * 0.8, 1e-3), top, 41)
+        ax.hist(
+            [accepted.get(ref, []), refused.get(ref, [])],
+            bins=bins,
+            stacked=True,
+            color=["#66aa55", "#cc3311"],
+            label=["screened", "refused (OOD)"],
+        )
+        if ref in limits:
+            ax.axvline(limits[ref], color="k", ls="--", lw=1)
+        ax.set_xscale("log")
+        ax.set_ylabel(ref, fontsize=8)
+        ax.legend(fontsize=7)
+    axes[-1, 0].set_xlabel("out-of-distribution distance (dashed: the model's limit)")
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)  # type: ignore[attr-defined]
 
 
 def write_report(
@@ -116,6 +184,12 @@ def write_report(
         plt.close(fig)
         plots.append("scores.png")
 
+    refusals, ood_accepted, ood_refused = content_gate_summary(results)
+    ood_limits = _ood_limits(set(ood_accepted) | set(ood_refused))
+    if ood_accepted or ood_refused:
+        _plot_ood(plt, ood_accepted, ood_refused, ood_limits, out_dir / "ood.png")
+        plots.append("ood.png")
+
     auroc_rows = []
     truth = _labels_for(results, inputs)
     if truth:
@@ -161,6 +235,28 @@ def write_report(
         *[f"<tr><td>{esc(n)}</td><td>{outcomes[n]}</td></tr>" for n in names],
         "</table><img src='outcomes.png' alt='outcomes'>",
     ]
+    parts += [
+        "<h2>Content gate: images refused before any score</h2>",
+        "<p>CONTENT_MISMATCH: the file or its pixels disagree with the header (another modality, a mask, "
+        "no colour, mostly blank). OUT_OF_DISTRIBUTION: the image does not look like the images the model was "
+        "trained on (distance above the model's limit). Neither gets a finding.</p>",
+        "<table><tr><th>reason</th><th>images</th></tr>",
+        *[f"<tr><td>{reason.value}</td><td>{refusals.get(reason.value, 0)}</td></tr>" for reason in CONTENT_REASONS],
+        "</table>",
+    ]
+    if ood_accepted or ood_refused:
+        parts += [
+            "<table><tr><th>model</th><th>screened</th><th>refused (OOD)</th>"
+            "<th>median distance, screened</th><th>limit</th></tr>"
+        ]
+        for ref in sorted(set(ood_accepted) | set(ood_refused)):
+            acc, ref_d = ood_accepted.get(ref, []), ood_refused.get(ref, [])
+            median = f"{float(np.median(acc)):.1f}" if acc else "-"
+            limit = f"{ood_limits[ref]:.1f}" if ref in ood_limits else "-"
+            parts.append(
+                f"<tr><td>{esc(ref)}</td><td>{len(acc)}</td><td>{len(ref_d)}</td><td>{median}</td><td>{limit}</td></tr>"
+            )
+        parts += ["</table><img src='ood.png' alt='out-of-distribution distances'>"]
     if scores:
         parts += ["<h2>Score distributions</h2><img src='scores.png' alt='scores'>"]
     if auroc_rows:

@@ -2,8 +2,11 @@
 
 * ``chest/``     the real adult PA chest CR ``RG1`` from the ``pydicom-data`` package (NEMA WG04, MIT)
                  in its four encodings: uncompressed (from lossless and from lossy), JPEG 2000
-                 lossless, JPEG 2000 lossy;
-* ``leg/``       the lower-leg CR ``RG3`` (a negative control: must never get a chest finding);
+                 lossless, JPEG 2000 lossy. The reference models have seen phantoms only, so
+                 they refuse it (OUT_OF_DISTRIBUTION) instead of inventing findings;
+* ``leg/``       the lower-leg CR ``RG3`` (a negative control: must never get a chest finding),
+                 once as labelled and once relabelled CR/CHEST/PA (refused on its content);
+* ``other/``     pydicom's MR and CT slices relabelled CR/CHEST/PA (refused on their content);
 * ``bad/``       a truncated DICOM and a file that is not DICOM at all;
 * ``synthetic/`` phantom chest radiographs with findings placed by construction (one of them a
                  lateral view, which the chest model does not accept) and, when the endoscopy
@@ -29,6 +32,21 @@ logger = logging.getLogger(__name__)
 DEMO_SEED = 7
 RG1 = ("RG1_UNCR.dcm", "RG1_UNCI.dcm", "RG1_J2KR.dcm", "RG1_J2KI.dcm")
 RG3 = ("RG3_UNCR.dcm", "RG3_J2KI.dcm")
+#: files shown labelled as a chest radiograph: (source, folder, what the content gate says)
+RELABELLED = (
+    ("RG3_UNCR.dcm", "leg", "NOT_SCREENED CONTENT_MISMATCH or OUT_OF_DISTRIBUTION"),
+    ("MR2_UNCR.dcm", "other", "NOT_SCREENED CONTENT_MISMATCH"),
+    ("693_UNCR.dcm", "other", "NOT_SCREENED CONTENT_MISMATCH"),
+)
+
+
+def _relabel_as_chest(src: Path, dst: Path) -> None:
+    """Write ``src`` with a header that claims CR / CHEST / PA (what a mislabelled study does)."""
+    import pydicom
+
+    ds = pydicom.dcmread(src)
+    ds.Modality, ds.BodyPartExamined, ds.ViewPosition = "CR", "CHEST", "PA"
+    ds.save_as(dst, enforce_file_format=True)
 
 
 def _registry_file(name: str) -> Path | None:
@@ -45,7 +63,7 @@ def build_demo_set(root: Path, *, with_endoscopy: bool = True) -> Path:
     root.mkdir(parents=True, exist_ok=True)
     expected: list[tuple[str, str]] = []
     for folder, names, expect in (
-        ("chest", RG1, "SCREENED by cxr-triage"),
+        ("chest", RG1, "NOT_SCREENED OUT_OF_DISTRIBUTION (real radiograph; reference model saw phantoms only)"),
         ("leg", RG3, "NOT_SCREENED UNSUPPORTED_BODY_PART"),
     ):
         for name in names:
@@ -56,6 +74,15 @@ def build_demo_set(root: Path, *, with_endoscopy: bool = True) -> Path:
             (root / folder).mkdir(exist_ok=True)
             shutil.copyfile(src, root / folder / name)
             expected.append((f"{folder}/{name}", expect))
+
+    for name, folder, expect in RELABELLED:
+        src = _registry_file(name)
+        if src is None:
+            continue
+        (root / folder).mkdir(exist_ok=True)
+        target = f"{Path(name).stem}_labelled_chest.dcm"
+        _relabel_as_chest(src, root / folder / target)
+        expected.append((f"{folder}/{target}", expect))
 
     bad = root / "bad"
     bad.mkdir(exist_ok=True)

@@ -282,7 +282,7 @@ class StudyScreener:
             )
         accepted = np.flatnonzero(distances <= spec.threshold)
         if accepted.size == 0:
-            closest = float(distances.min())
+            closest = round(float(distances.min()), 2)  # the same figure in the detail and the field
             return ImageResult(
                 sop_instance_uid=image.sop_instance_uid,
                 label=image.label,
@@ -290,7 +290,7 @@ class StudyScreener:
                 reason=ReasonCode.OUT_OF_DISTRIBUTION,
                 reason_detail=ood_refusal_detail(manifest.ref, closest, spec.threshold, len(distances)),
                 model_ref=manifest.ref,
-                ood_distance=round(closest, 2),
+                ood_distance=closest,
             )
         distance = round(float(distances[accepted].max()), 2)
         if accepted.size == len(distances):

@@ -37,6 +37,11 @@ def test_cxr_training_end_to_end(tmp_path: Path) -> None:
     assert float(str(report["parity_max_abs_diff"])) < 1e-3
     card = (staged / "MODEL_CARD.md").read_text()
     assert "AUROC" in card and "synthetic" in card.lower()
+    # train -> export -> fit OOD: the gate is fitted on this run's training split and shipped
+    assert m.ood is not None and (staged / m.ood.stats_file).is_file()
+    assert m.ood.threshold > 0 and "training split" in m.ood.basis and "validation" in m.ood.basis
+    assert {"heldout_acceptance", "far_ood_auroc", "near_ood_auroc"} <= m.ood.metrics.keys()
+    assert "Out-of-distribution gate" in card and "Far-OOD AUROC" in card
     # registered beside nothing else, verifies, runs
     assert [e.version for e in list_versions(registry)] == ["0.0.1-test"]
     predictor = OnnxPredictor(resolve("cxr-triage", "0.0.1-test", registry), providers="cpu")
@@ -60,6 +65,9 @@ def test_polyp_training_end_to_end(tmp_path: Path) -> None:
     predictor = OnnxPredictor(loaded, providers="cpu")
     out = predictor.predict(np.random.default_rng(0).random((2, 3, 256, 256), dtype=np.float32))
     assert out["score"].shape == (2, 1) and out["mask"].shape == (2, 1, 256, 256)
+    assert loaded.manifest.ood is not None and predictor.ood is not None
+    distances = predictor.ood_distances(out)
+    assert distances is not None and distances.shape == (2,)
 
 
 def test_parity_check_refuses_a_mismatched_export(tmp_path: Path) -> None:

@@ -6,7 +6,6 @@ import dataclasses
 from pathlib import Path
 
 import numpy as np
-import pydicom
 import pytest
 from pydicom.data import get_testdata_file
 
@@ -16,23 +15,7 @@ from models.errors import ReasonCode, UnsupportedStudy
 from models.manifest import load_manifest
 from models.pixels import header_of, load_frames, read_dataset
 from models.synthetic.endoscopy import generate_endoscopy_demo
-from tests.conftest import write_synthetic_cxr
-
-CR_STORAGE = "1.2.840.10008.5.1.4.1.1.1"
-
-
-def relabel_as_chest(name: str, out: Path, *, sop_class: bool = False) -> Path:
-    """A pydicom test file relabelled CR / CHEST / PA (and, optionally, as CR storage too)."""
-    ds = pydicom.dcmread(str(get_testdata_file(f"{name}.dcm")))
-    ds.Modality = "CR"
-    ds.BodyPartExamined = "CHEST"
-    ds.ViewPosition = "PA"
-    if sop_class:
-        ds.SOPClassUID = CR_STORAGE
-        ds.file_meta.MediaStorageSOPClassUID = CR_STORAGE
-    path = out / f"{name}_as_chest.dcm"
-    ds.save_as(path, enforce_file_format=True)
-    return path
+from tests.conftest import relabel_as_chest, write_synthetic_cxr
 
 
 @pytest.fixture

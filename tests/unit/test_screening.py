@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import hashlib
 import logging
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
@@ -15,16 +16,21 @@ from models.manifest import load_manifest
 from models.predictor import OnnxPredictor
 from models.registry import resolve
 from models.results import OutcomeValues, Region, TriagePriorityValues
-from serving.core.screening import InstanceInput, StudyScreener, _letterbox_region, screen_paths
+from serving.core.screening import InstanceInput, PreparedImage, StudyScreener, _letterbox_region, screen_paths
 from tests.conftest import (
     CANARY_ACCESSION,
     CANARY_ID,
     build_tiny_onnx,
+    relabel_as_chest,
     tiny_manifest_dict,
     write_synthetic_cxr,
 )
 
 KEY = b"test-key"
+#: refusals on what the image is, not on what its header says
+CONTENT_REASONS = {ReasonCode.CONTENT_MISMATCH, ReasonCode.OUT_OF_DISTRIBUTION}
+#: refusals from header facts that are about the pixels themselves (too small to be a radiograph)
+HEADER_PIXEL_REASONS = {ReasonCode.IMAGE_TOO_SMALL}
 
 
 @pytest.fixture
@@ -99,12 +105,33 @@ def test_letterbox_region_maps_back_to_image_fractions() -> None:
     assert (mapped.x, mapped.y, mapped.width, mapped.height) == pytest.approx((0.0, 0.0, 1.0, 1.0))
 
 
-def test_real_chest_radiograph_is_screened_with_all_labels(cxr_screener: StudyScreener, rg1: dict[str, Path]) -> None:
-    result = screen_paths(cxr_screener, [rg1["RG1_UNCR"]])[0]
+def test_real_chest_radiograph_gets_no_finding_from_a_phantom_trained_model(
+    cxr_screener: StudyScreener, rg1: dict[str, Path]
+) -> None:
+    """RG1 is a real adult PA chest: the reference model has seen phantoms only, so its gate
+    refuses it (OUT_OF_DISTRIBUTION) with the measured distance and the limit, and no score."""
+    manifest = cxr_screener.manifests[0]
+    assert manifest.ood is not None
+    for name in ("RG1_UNCR", "RG1_UNCI", "RG1_J2KR", "RG1_J2KI"):
+        result = screen_paths(cxr_screener, [rg1[name]])[0]
+        assert result.outcome == OutcomeValues.NOT_SCREENED, name
+        assert result.reason == ReasonCode.OUT_OF_DISTRIBUTION
+        assert result.findings == [] and result.priority is None
+        image = result.images[0]
+        assert image.ood_distance is not None and image.ood_distance > manifest.ood.threshold
+        assert f"distance {image.ood_distance:.1f} > limit {manifest.ood.threshold:.1f}" in str(result.reason_detail)
+        assert manifest.ref in str(result.reason_detail)
+
+
+def test_synthetic_chest_is_still_screened_with_its_distance(cxr_screener: StudyScreener, tmp_path: Path) -> None:
+    manifest = cxr_screener.manifests[0]
+    assert manifest.ood is not None
+    path = write_synthetic_cxr(tmp_path / "s.dcm", seed=21, findings={"cardiomegaly": True})
+    result = screen_paths(cxr_screener, [path])[0]
     assert result.outcome == OutcomeValues.SCREENED
-    assert result.models == ["cxr-triage@" + cxr_screener.manifests[0].version]
-    assert [f.key for f in result.findings] == sorted(lab.key for lab in cxr_screener.manifests[0].labels)
-    assert all(0.0 <= f.score <= 1.0 for f in result.findings)
+    assert [f.key for f in result.findings] == sorted(lab.key for lab in manifest.labels)
+    distance = result.images[0].ood_distance
+    assert distance is not None and distance <= manifest.ood.threshold
 
 
 def test_lower_leg_never_gets_a_chest_finding(cxr_screener: StudyScreener, rg1: dict[str, Path]) -> None:
@@ -115,14 +142,77 @@ def test_lower_leg_never_gets_a_chest_finding(cxr_screener: StudyScreener, rg1: 
         assert result.findings == []
 
 
-def test_rg1_encodings_give_the_same_scores(cxr_screener: StudyScreener, rg1: dict[str, Path]) -> None:
+@pytest.mark.parametrize("name", ["RG3_UNCR", "RG3_UNCI", "RG3_J2KR", "RG3_J2KI"])
+def test_lower_leg_labelled_as_a_chest_is_refused_on_its_content(
+    cxr_screener: StudyScreener, tmp_path: Path, name: str
+) -> None:
+    result = screen_paths(cxr_screener, [relabel_as_chest(name, tmp_path)])[0]
+    assert result.outcome == OutcomeValues.NOT_SCREENED
+    assert result.reason in CONTENT_REASONS
+    assert result.findings == [] and result.priority is None
+    assert "EXTREMITY" not in str(result.reason_detail) and "CHEST" not in str(result.reason_detail)
+
+
+@pytest.mark.parametrize(
+    "name", ["MR_small", "MR2_UNCR", "CT_small", "693_UNCR", "US1_UNCR", "JPGLosslessP14SV1_1s_1f_8b", "liver"]
+)
+@pytest.mark.parametrize("as_cr_storage", [False, True])
+def test_mr_ct_ultrasound_and_masks_labelled_as_a_chest_get_no_score(
+    cxr_screener: StudyScreener, tmp_path: Path, name: str, as_cr_storage: bool
+) -> None:
+    """Relabelled CR/CHEST/PA; with ``as_cr_storage`` the SOP class is changed too, so the
+    pixels (content check, then the OOD gate) must do the refusing."""
+    result = screen_paths(cxr_screener, [relabel_as_chest(name, tmp_path, sop_class=as_cr_storage)])[0]
+    assert result.outcome == OutcomeValues.NOT_SCREENED
+    assert result.findings == [] and result.priority is None
+    assert result.reason in CONTENT_REASONS | HEADER_PIXEL_REASONS, result.reason
+    if not as_cr_storage and name not in ("MR_small", "CT_small"):
+        assert result.reason == ReasonCode.CONTENT_MISMATCH
+    if name == "US1_UNCR":  # a colour image stored as a CR is still in colour
+        assert result.reason == ReasonCode.CONTENT_MISMATCH
+
+
+def test_a_gated_image_without_distances_fails_closed(cxr_screener: StudyScreener, tmp_path: Path) -> None:
+    prepared = cxr_screener.prepare(InstanceInput(write_synthetic_cxr(tmp_path / "s.dcm", seed=4), "s"))
+    assert isinstance(prepared, PreparedImage)
+    outputs = cxr_screener.infer(prepared.model_id, prepared.tensors)
+    assert outputs.ood_distances is not None
+    stripped = replace(outputs, ood_distances=None)
+    result = cxr_screener.assemble(prepared.study_instance_uid, [(prepared, stripped)], [])
+    assert result.outcome == OutcomeValues.NOT_SCREENED and result.findings == []
+    assert result.reason == ReasonCode.INFERENCE_FAILED
+
+
+def test_only_frames_the_gate_accepts_are_scored(cxr_screener: StudyScreener, tmp_path: Path) -> None:
+    prepared = cxr_screener.prepare(InstanceInput(write_synthetic_cxr(tmp_path / "s.dcm", seed=4), "s"))
+    assert isinstance(prepared, PreparedImage)
+    outputs = cxr_screener.infer(prepared.model_id, prepared.tensors)
+    assert outputs.ood_distances is not None
+    # a two-frame image whose second frame is far out: only the first frame is scored
+    two = replace(prepared, frame_indices=[0, 1], tensors=np.concatenate([prepared.tensors] * 2))
+    doubled = replace(
+        outputs,
+        scores=np.concatenate([outputs.scores, np.ones_like(outputs.scores)]),
+        maps=None if outputs.maps is None else np.concatenate([outputs.maps] * 2),
+        ood_distances=np.array([outputs.ood_distances[0], 1e6]),
+    )
+    result = cxr_screener.assemble(prepared.study_instance_uid, [(two, doubled)], [])
+    assert result.outcome == OutcomeValues.SCREENED and result.images[0].frames_screened == 1
+    keys = [label.key for label in cxr_screener.manifests[0].labels]
+    expected = dict(zip(keys, outputs.scores[0].tolist(), strict=True))
+    assert {f.key: f.score for f in result.findings} == pytest.approx(expected, abs=1e-6)
+
+
+def test_rg1_encodings_give_the_same_scores(rg1: dict[str, Path]) -> None:
     """JPEG 2000 (decoded at reduced resolution) vs uncompressed: scores within 0.03 absolute.
 
+    Decode consistency, measured on the ungated 1.0.0 (the gated versions give RG1 no score).
     Stated tolerance: RG1 is far outside the synthetic training data, where the model is most
     sensitive; measured max difference 0.022 (J2K lossy) at the r=2 level used for 224 inputs."""
+    screener = StudyScreener([OnnxPredictor(resolve("cxr-triage", "1.0.0"), providers="cpu")], study_ref_key=KEY)
     scores = {}
     for name in ("RG1_UNCR", "RG1_J2KR", "RG1_UNCI", "RG1_J2KI"):
-        result = screen_paths(cxr_screener, [rg1[name]])[0]
+        result = screen_paths(screener, [rg1[name]])[0]
         scores[name] = np.array([f.score for f in result.findings])
     for name, s in scores.items():
         np.testing.assert_allclose(s, scores["RG1_UNCR"], atol=0.03, err_msg=name)

@@ -1,0 +1,87 @@
+"""What the content gate costs: in-process per-study latency with and without it, same run.
+
+    python scripts/bench_ood_gate.py [--studies 40] [--rounds 3]
+
+Baseline: ``cxr-triage@1.0.0`` (same weights, no features output, no out-of-distribution
+gate) with the content check switched off. Gated: ``cxr-triage@1.1.0`` with the content check
+(header facts + frame statistics), the extra ``features`` output and the Mahalanobis distance.
+Both screen the same synthetic 1024 px CR studies one at a time, decode in-process, and
+alternate study by study so that machine load hits both alike; medians are compared.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import statistics
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+os.environ.setdefault("DXASSIST_DECODE_ISOLATION", "inline")
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+import models.decode as decode  # noqa: E402
+from models.content import route_checked  # noqa: E402
+from models.predictor import OnnxPredictor  # noqa: E402
+from models.qa import route  # noqa: E402
+from models.registry import resolve  # noqa: E402
+from models.synthetic.cxr import generate_cxr_dataset  # noqa: E402
+from serving.core.screening import StudyScreener, screen_paths  # noqa: E402
+
+
+def _ungated_route(header, manifests, body_part_aliases=None):  # type: ignore[no-untyped-def]
+    return route(header, list(manifests), body_part_aliases=body_part_aliases)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--studies", type=int, default=40)
+    parser.add_argument("--rounds", type=int, default=3)
+    parser.add_argument("--baseline", default="cxr-triage@1.0.0")
+    parser.add_argument("--gated", default="cxr-triage@1.1.0")
+    args = parser.parse_args()
+
+    def screener(ref: str) -> StudyScreener:
+        model_id, _, version = ref.partition("@")
+        predictor = OnnxPredictor(resolve(model_id, version), providers="cpu", allow_spinning=False)
+        return StudyScreener([predictor], study_ref_key=b"bench")
+
+    base, gated = screener(args.baseline), screener(args.gated)
+    assert base.predictors["cxr-triage"].ood is None and gated.predictors["cxr-triage"].ood is not None
+    with tempfile.TemporaryDirectory() as tmp:
+        folder = Path(tmp)
+        generate_cxr_dataset(folder, args.studies, 4711, size=(1024, 1024))
+        files = sorted(folder.glob("*.dcm"))
+        for s in (base, gated):  # warm-up: sessions, caches
+            screen_paths(s, files[:2], group_by_study=False)
+        times: dict[str, list[float]] = {"baseline": [], "gated": []}
+        refused = 0
+        for _ in range(args.rounds):
+            for path in files:
+                for name, s in (("baseline", base), ("gated", gated)):
+                    if name == "baseline":
+                        decode.route_checked = _ungated_route  # type: ignore[assignment]
+                        decode.content_checked = lambda manifest, pipeline: pipeline  # type: ignore[assignment]
+                    else:
+                        decode.route_checked = route_checked
+                        from models.content import content_checked
+
+                        decode.content_checked = content_checked
+                    start = time.perf_counter()
+                    result = screen_paths(s, [path])[0]
+                    times[name].append(time.perf_counter() - start)
+                    if name == "gated" and result.outcome.value != "SCREENED":
+                        refused += 1
+    b, g = statistics.median(times["baseline"]), statistics.median(times["gated"])
+    n = len(times["gated"])
+    print(f"studies: {args.studies} synthetic 1024 px CR x {args.rounds} rounds, alternating, in-process decode")
+    print(f"baseline ({args.baseline}, no content check, no gate): p50 {b * 1000:.1f} ms per study")
+    print(f"gated    ({args.gated}, content check + features + distance): p50 {g * 1000:.1f} ms per study")
+    print(f"gate's added latency: {(g - b) * 1000:.1f} ms = {(g / b - 1) * 100:+.1f}% (goal < +10%)")
+    print(f"in-distribution studies refused by the gate during the run: {refused} of {n}")
+
+
+if __name__ == "__main__":
+    main()
