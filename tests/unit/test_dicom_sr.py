@@ -224,3 +224,28 @@ def test_sc_of_a_source_with_a_one_part_name_warns_nothing_and_leaves_the_source
         scs = build_scs(result, [source], {(str(source.SOPInstanceUID), None): pixels})
     assert scs and str(scs[0].ReferringPhysicianName) == "ward^"
     assert str(source.ReferringPhysicianName) == "ward"
+
+
+def test_dcmtk_presentation_state_engine_applies_the_gsps_to_the_image(chest: tuple, tmp_path: Path) -> None:
+    """DCMTK's presentation-state engine (the one behind the DICOMscope GSPS viewer) loads the GSPS
+    with its image and attaches the AI layer: one outline per positive region, with its caption;
+    its presentation-state checker passes. (dcmp2pgm does not burn graphics into pixels.)"""
+    result, header, path = chest
+    gsps = build_gsps(result, [header])
+    assert gsps is not None
+    gsps.save_as(tmp_path / "pr.dcm", enforce_file_format=True)
+    check = subprocess.run(["dcmpschk", str(tmp_path / "pr.dcm")], capture_output=True, text=True)
+    assert "Test passed" in check.stdout + check.stderr
+    dump = subprocess.run(
+        ["dcmp2pgm", "-v", "-p", str(tmp_path / "pr.dcm"), str(path), str(tmp_path / "out.pgm")],
+        capture_output=True,
+        text=True,
+    )
+    text = dump.stdout + dump.stderr
+    assert dump.returncode == 0 and "Graphic Layer #1 [AI]" in text
+    placed = placed_findings(result, [header])
+    assert f"Number of graphic objects: {len(placed)}" in text
+    for p in placed:
+        x0, y0, x1, y1 = p.box
+        assert f"coordinates: {x0:g}\\{y0:g}, {x1:g}\\{y0:g}, {x1:g}\\{y1:g}" in text
+        assert f'"{p.caption}"' in text
