@@ -196,7 +196,8 @@ class VersionedPipeline:
 
     async def prepare_study(self, request: StudyRequest) -> PreparedStudy:
         active = await asyncio.to_thread(self.router.active)
-        screener = self.router.screener(active)
+        # a version promoted since the last job opens its session here, off the event loop
+        screener = await asyncio.to_thread(self.router.screener, active)
         prepared = await asyncio.to_thread(prepare_request, screener, self.source, request)
         for image in prepared.prepared:
             image.model_id = f"{image.model_id}@{active[image.model_id]}"
@@ -211,7 +212,7 @@ class VersionedPipeline:
         return prepared
 
     async def infer(self, model_id: str, tensors: NDArray[np.float32]) -> ModelOutputs:
-        predictor = self.router.predictor(model_id)
+        predictor = await asyncio.to_thread(self.router.predictor, model_id)
         return await asyncio.to_thread(run_model, predictor, tensors, self.router.settings.screening.batch_size)
 
     async def model_info(self) -> list[dict[str, object]]:
