@@ -70,3 +70,20 @@ def test_shadow_promote_rollback_from_the_command_line(tmp_path: Path) -> None:
     ]
     assert store.active_versions() == {"cxr-triage": "1.0.0"} and store.shadow_versions() == {}
     store.close()
+
+
+def test_bundle_import_from_the_command_line_runs_the_training_exporter(tmp_path: Path, site_folder: Path) -> None:
+    from tests.lifecycle.test_import import _bundle
+
+    registry = tmp_path / "registry"
+    bundle = _bundle(tmp_path / "bundle", torchscript=False)
+    spec = write_spec(tmp_path / "spec.yaml", chest_spec("bundle-cxr", "1.0.0", ["pneumothorax", "cardiomegaly"]))
+    run = _dxassist(
+        registry, "models", "import", "--bundle", str(bundle), "--spec", str(spec), "--ood-folder", str(site_folder)
+    )
+    assert run.returncode == 0, run.stdout + run.stderr
+    loaded = resolve("bundle-cxr", "1.0.0", registry)
+    card = (loaded.directory / "MODEL_CARD.md").read_text()
+    assert loaded.manifest.ood is not None and "MONAI Bundle" in card
+    parity = card.split("per output: ")[1].split(" (gate")[0]
+    assert all(float(part.split()[1]) <= 1e-4 for part in parity.split(", "))
