@@ -149,7 +149,12 @@ def worklist_rows(svc: ScreeningService, limit: int) -> list[UiWorklistRow]:
     sent = _deliveries(svc, [p[0] for p in picked])
     now = datetime.now(UTC)
     out = []
+    stat_uids, stat_accessions = svc.stat_orders()  # inbound STAT orders rank first (serving.online.orders)
     for sid, created, result, public_id, requested in picked:
+        if result.study_instance_uid in stat_uids or (
+            result.accession_number and result.accession_number in stat_accessions
+        ):
+            requested = "stat"
         rank, why = worklist_rank(result, requested, created, now, svc.settings.ageing_minutes)
         out.append(
             UiWorklistRow(

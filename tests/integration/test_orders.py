@@ -275,6 +275,8 @@ def test_order_for_an_already_screened_study_raises_its_rank_without_screening_a
         assert ack_code(ack) == "AA"
         after = client.get("/v1/worklist").json()[0]
         assert (after["rank"], after["rank_reason"]) == (0, "STAT requested")
+        page = client.get("/v1/ui/worklist").json()[0]  # the reading page ranks it the same
+        assert (page["rank"], page["rank_reason"]) == (0, "STAT requested")
         # a completed order naming the study: the study is screened already, so nothing is queued
         done = orm(
             "ORD-3", placer="PL-LATE", filler="FL-LATE", accession="ACC-LATE-1", study_uid=uid, order_status="CM"
