@@ -283,3 +283,28 @@ def test_order_for_an_already_screened_study_raises_its_rank_without_screening_a
         )
         assert ack_code(send(orders_port, done)) == "AA"  # the order was handed on before this ACK
         assert store.pending_jobs() == [] and store.count() == 1
+
+
+def test_order_book_on_both_databases(results_db: Path | str) -> None:
+    """The orders tables (migration 0005) and their rules on SQLite and PostgreSQL: one message
+    stored once, orders merged by key, STAT first when a study matches several orders."""
+    from serving.online.orders import parse_order_message
+
+    book = OrderBook(results_db)
+    settings = OrdersSettings()
+    routine = parse_order_message(orm("A-1", placer="P-R", priority="R", accession="ACC-X"), settings)
+    stat = parse_order_message(orm("A-2", placer="P-S", accession="ACC-X"), settings)
+    assert not book.record_message(routine.sender, routine.control_id, "ORM^O01", "body", routine.orders).duplicate
+    assert book.record_message(routine.sender, routine.control_id, "ORM^O01", "body", routine.orders).duplicate
+    book.record_message(stat.sender, stat.control_id, "ORM^O01", "body", stat.orders)
+    match = book.match(accession_number="ACC-X")
+    assert match is not None and match.order.placer_number == "P-S"
+    book.link_study(match.id, "1.2.826.0.1.3680043.8.498.5")
+    assert book.stat_keys() == ({"1.2.826.0.1.3680043.8.498.5"}, {"ACC-X"})
+    status_only = parse_order_message(orm("A-3", placer="P-S", accession="", priority="", order_status="CM"), settings)
+    book.record_message(status_only.sender, status_only.control_id, "ORM^O01", "body", status_only.orders)
+    kept = book.get("P:P-S")
+    assert kept is not None and kept.order.accession_number == "ACC-X"  # not forgotten by a status update
+    assert kept.order.priority == OrderPriorityValues.STAT and kept.order.status == OrderStatusValues.COMPLETED
+    assert book.message_count() == 3
+    book.close()
