@@ -43,6 +43,10 @@ class OodConfig(_Strict):
     acceptance: float = Field(default=0.99, gt=0.5, lt=1)
     #: principal directions of the feature covariance kept exactly
     components: int = Field(default=256, ge=1)
+    #: the limit is ``margin`` x the validation distance at ``acceptance`` (1.0: exactly that
+    #: quantile); above 1 it leaves room for acquisition variation the network was trained to
+    #: tolerate but the un-augmented training images do not show
+    margin: float = Field(default=1.0, ge=1.0, le=3.0)
 
 
 class TrainConfig(_Strict):

@@ -92,19 +92,27 @@ def fit_ood_gate(
     acceptance: float,
     data_text: str,
     components: int = 256,
+    margin: float = 1.0,
 ) -> FittedGate:
-    """Fit on ``train`` model inputs, choose the limit on ``validation`` for ``acceptance``."""
+    """Fit on ``train`` model inputs; the limit is ``margin`` x the ``validation`` distance that
+    accepts ``acceptance`` of it."""
     f_train = features_of(train)
     stats = fit_gaussian(f_train, components=components)
     # the limit is chosen on the written (float32) statistics: what serving will load
     stats = GaussianStats.from_bytes(stats.to_bytes())
     d_val = stats.distances(features_of(validation))
-    threshold = threshold_for_acceptance(d_val, acceptance)
+    threshold = margin * threshold_for_acceptance(d_val, acceptance)
     d_train = stats.distances(f_train)
     basis = (
         f"Mahalanobis distance of pooled intermediate features to a Gaussian fitted on {data_text} "
         f"(n={len(train)}, Ledoit-Wolf shrinkage, {stats.components.shape[1]} principal directions); "
-        f"limit = the distance that accepts {acceptance:.1%} of the validation split (n={len(validation)})"
+        + (
+            f"limit = the distance that accepts {acceptance:.1%} of the validation split (n={len(validation)})"
+            if margin == 1.0
+            else f"limit = {margin:g} x the distance that accepts {acceptance:.1%} of the validation split "
+            f"(n={len(validation)}), room for acquisition variation (image size, exposure) the network "
+            "tolerates but the un-augmented training images do not show"
+        )
     )
     logger.info(
         "ood gate: limit %.2f (validation median %.2f, training median %.2f)",
@@ -139,13 +147,20 @@ def fit_and_evaluate(
     components: int,
     data_text: str,
     staged_dir: Path,
+    margin: float = 1.0,
 ) -> tuple[dict[str, Any], GateEvaluation]:
     """The training pipeline's last step: fit the gate on ``train``, choose its limit on
     ``validation``, measure it on ``heldout`` (another seed) and the far/near-OOD sets, write
     ``ood.npz`` into ``staged_dir``. Returns the manifest's ``ood:`` block and the evaluation."""
     features_of = OnnxFeatures(onnx_path)
     gate = fit_ood_gate(
-        features_of, train, validation, acceptance=acceptance, data_text=data_text, components=components
+        features_of,
+        train,
+        validation,
+        acceptance=acceptance,
+        data_text=data_text,
+        components=components,
+        margin=margin,
     )
     evaluation = evaluate_gate(
         lambda batch: gate.stats.distances(features_of(batch)),

@@ -109,6 +109,7 @@ def reexport(source: LoadedManifest, version: str, out: Path, *, register: bool 
         preprocessing=preprocessing,
         acceptance=cfg.ood.acceptance,
         components=cfg.ood.components,
+        margin=cfg.ood.margin,
         data_text=f"the {cfg.data.source} training split ({len(x_train)} {kind}, seed {cfg.data.train_seed})",
         staged_dir=staged,
     )

@@ -205,6 +205,7 @@ def train(
         preprocessing=preprocessing,
         acceptance=cfg.ood.acceptance,
         components=cfg.ood.components,
+        margin=cfg.ood.margin,
         data_text=f"the {cfg.data.source} training split ({len(train_set)} images, seed {cfg.data.train_seed})",
         staged_dir=staged,
     )

@@ -209,6 +209,7 @@ def train(cfg: TrainConfig, out: Path, *, register: bool = False) -> dict[str, o
         preprocessing=preprocessing,
         acceptance=cfg.ood.acceptance,
         components=cfg.ood.components,
+        margin=cfg.ood.margin,
         data_text=f"the {cfg.data.source} training split ({len(train_records)} frames, seed {cfg.data.train_seed})",
         staged_dir=staged,
     )

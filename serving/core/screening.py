@@ -158,11 +158,14 @@ def run_model(predictor: OnnxPredictor, tensors: NDArray[np.float32], batch_size
 
 def ood_refusal_detail(ref: str, distance: float, limit: float, frames: int) -> str:
     """Why the gate refused an image, in a radiologist's words, with the measured value."""
-    what = "the image" if frames <= 1 else f"none of its {frames} frames"
-    verb = "does" if frames <= 1 else "do"
+    if frames <= 1:
+        return (
+            f"the image does not look like the images {ref} was trained on "
+            f"(distance {distance:.1f} > limit {limit:.1f}); no finding is given"
+        )
     return (
-        f"image content is not like the images {ref} was trained on: {what} {verb} not match "
-        f"(distance {distance:.1f} > limit {limit:.1f}), so the model gives no finding"
+        f"none of the image's {frames} frames looks like the images {ref} was trained on "
+        f"(smallest distance {distance:.1f} > limit {limit:.1f}); no finding is given"
     )
 
 
