@@ -7,7 +7,8 @@ runs ``models.decode.prepare_instance`` in a few long-lived worker processes:
 * each worker is a fresh interpreter (``python -m models.decode_pool``) that caps its own address space (``RLIMIT_AS``) at what it holds after start-up plus
   ``DecodeLimits.worker_memory_bytes``, so one file's peak RSS stays within that budget
   whatever the file declares (an allocation past it is a ``MemoryError`` or an abort);
-* the parent waits at most ``DecodeLimits.file_timeout_s`` per file, then kills the worker;
+* the parent kills a worker that has spent ``DecodeLimits.file_timeout_s`` of CPU on one file,
+  or ``file_wall_timeout_s`` of wall clock (CPU time, so that a loaded machine is no "hang");
 * a worker that dies or times out is replaced on the next file, and only the file it held is
   answered ``DECODE_FAILED``; a worker whose resident set stayed high after a file (allocator
   high-water after a large image) is replaced too, so no file leaves memory behind;
@@ -58,7 +59,7 @@ _WORKER_ENV: Final = {
     "MALLOC_ARENA_MAX": "2",
     "RUST_BACKTRACE": "0",
 }
-_PAGE: Final = os.sysconf("SC_PAGE_SIZE")
+_CLOCK_TICKS: Final = os.sysconf("SC_CLK_TCK")
 
 
 class Decoder(Protocol):
@@ -85,6 +86,16 @@ class InlineDecoder:
 
 # --------------------------------------------------------------------------------------------
 # Worker side
+
+
+def _cpu_seconds(pid: int) -> float:
+    """User + system CPU seconds of a process so far (0 when it is gone)."""
+    try:
+        with open(f"/proc/{pid}/stat", encoding="ascii") as fh:
+            fields = fh.read().rsplit(")", 1)[1].split()
+    except (OSError, IndexError):
+        return 0.0
+    return (int(fields[11]) + int(fields[12])) / _CLOCK_TICKS
 
 
 def _status_bytes(key: str) -> int:
@@ -296,10 +307,23 @@ class DecodePool:
                 )
             return self._run(worker, payload, planner)
 
+    def _wait(self, worker: _Worker) -> bool:
+        """Wait for the worker's answer: ``False`` once it has used ``file_timeout_s`` of CPU on
+        this file, or ``file_wall_timeout_s`` have passed (blocked, or starved for CPU)."""
+        started, cpu_start = time.monotonic(), _cpu_seconds(worker.process.pid)
+        while True:
+            left = self.limits.file_wall_timeout_s - (time.monotonic() - started)
+            if left <= 0:
+                return False
+            if worker.conn.poll(min(1.0, left, self.limits.file_timeout_s)):
+                return True
+            if _cpu_seconds(worker.process.pid) - cpu_start >= self.limits.file_timeout_s:
+                return False
+
     def _run(self, worker: _Worker, payload: str | bytes, planner: Planner) -> DecodeOutcome:
         try:
             worker.conn.send((payload, planner))
-            if not worker.conn.poll(self.limits.file_timeout_s):
+            if not self._wait(worker):
                 self._kill(worker)
                 with self._lock:
                     self.stats.timeouts += 1
@@ -308,7 +332,8 @@ class DecodePool:
                     "",
                     "",
                     ReasonCode.DECODE_FAILED,
-                    f"decoding took longer than {self.limits.file_timeout_s:g} s",
+                    f"decoding took longer than {self.limits.file_timeout_s:g} CPU seconds "
+                    f"(or {self.limits.file_wall_timeout_s:g} s)",
                     fault=FAULT_TIMEOUT,
                 )
             outcome: DecodeOutcome

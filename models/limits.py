@@ -48,8 +48,11 @@ class DecodeLimits:
     max_parse_seconds: float = 5.0
     #: Address space a decode worker may add to what it holds after start-up (RLIMIT_AS).
     worker_memory_bytes: int = 1280 * MIB
-    #: Wall-clock seconds for one file in a decode worker before the worker is killed.
+    #: CPU seconds one file may use in a decode worker before the worker is killed (CPU, not
+    #: wall clock: a worker starved by a loaded machine is not a hang).
     file_timeout_s: float = 30.0
+    #: Wall-clock seconds for one file whatever its CPU use (a worker blocked or starved).
+    file_wall_timeout_s: float = 120.0
     #: A worker whose resident set exceeds this after a file is replaced (allocator high-water).
     worker_recycle_rss_bytes: int = 768 * MIB
 

@@ -6,7 +6,7 @@ cap and a per-file timeout. Many cases share a worker (as in the service); the p
 accounts for isolation events. A run is clean when all of these are zero:
 
 * ``crashes``: an exception escaped ``prepare`` (the boundary's promise is broken);
-* ``hangs``: a file hit the per-file timeout and its worker was killed;
+* ``hangs``: a file used 10 CPU seconds (or 60 s of wall clock) and its worker was killed;
 * ``dead_workers``: a worker process died (native abort, segfault, OOM kill);
 * ``memory``: a ``MemoryError`` inside the boundary (the estimate let through a file that hit
   the address-space cap), or a per-file peak RSS above the documented budget;
@@ -147,7 +147,7 @@ def run_cases(
     progress: Callable[[int], None] | None = None,
 ) -> Report:
     """Run every case through ``DecodePool.prepare`` with ``workers`` workers and count."""
-    limits = limits or DecodeLimits(file_timeout_s=10.0)
+    limits = limits or DecodeLimits(file_timeout_s=10.0, file_wall_timeout_s=60.0)
     warnings.simplefilter("ignore")  # the mutators parse hostile bytes with pydicom here too
     planner = default_planner()
     report = Report()

@@ -252,6 +252,15 @@ class SleepingPlanner:
 
 
 @dataclass(frozen=True)
+class SpinningPlanner:
+    """Loops forever on the CPU, as a codec stuck in a loop would."""
+
+    def __call__(self, header: ImageHeader) -> FramePlan:
+        while True:
+            pass
+
+
+@dataclass(frozen=True)
 class GreedyPlanner:
     """Allocates far more than the worker's address-space cap."""
 
@@ -273,9 +282,12 @@ def test_a_worker_that_aborts_fails_only_its_file_and_is_replaced() -> None:
 
 def test_a_hanging_decode_times_out_and_the_next_file_is_served() -> None:
     good = RoutePlanner((resolve("cxr-triage").manifest,))
-    with DecodePool(1, DecodeLimits(file_timeout_s=2.0)) as pool:
-        hung = pool.prepare(crafted.native_chest(), SleepingPlanner())
-        assert getattr(hung, "fault", "") == FAULT_TIMEOUT and pool.stats.timeouts == 1
+    with DecodePool(1, DecodeLimits(file_timeout_s=1.0, file_wall_timeout_s=60.0)) as pool:
+        spinning = pool.prepare(crafted.native_chest(), SpinningPlanner())  # killed after 1 CPU second
+        assert getattr(spinning, "fault", "") == FAULT_TIMEOUT and pool.stats.timeouts == 1
+        blocked = DecodePool(1, DecodeLimits(file_timeout_s=1.0, file_wall_timeout_s=3.0))
+        with blocked:  # no CPU used: the wall-clock limit ends it
+            assert getattr(blocked.prepare(crafted.native_chest(), SleepingPlanner()), "fault", "") == FAULT_TIMEOUT
         assert type(pool.prepare(crafted.native_chest(), good)).__name__ == "DecodedInstance"
 
 
