@@ -5,8 +5,10 @@ worker processes, measured in this one run on this machine.
 
 For every demo file (built with the demo set when missing) it times ``StudyScreener.prepare``
 (read, header, QA, decode, preprocess) with ``InlineDecoder`` and with ``DecodePool``:
-  1. sequential latency per file (one caller, one worker): mean, p50, p99, and per encoding;
-  2. throughput with two callers (two workers vs two threads in one process);
+  1. sequential latency per file (one caller, one worker; the two interleaved file by file so
+     that load changes hit both alike): mean, p50, p99, and per file;
+  2. throughput with two callers (two workers vs two threads in one process), median of three
+     alternating trials;
   3. the one-off cost of starting a worker.
 Prints the ratios (pool / inline). Not a test: it asserts nothing, it reports.
 """
@@ -46,19 +48,26 @@ def screener(decoder: object) -> object:
     return StudyScreener([], manifests=manifests, study_ref_key=b"bench", decoder=decoder)  # type: ignore[arg-type]
 
 
-def sequential(files: list[Path], decoder: object, repeat: int) -> dict[str, list[float]]:
+def sequential(files: list[Path], repeat: int) -> tuple[dict[str, list[float]], dict[str, list[float]]]:
+    """Per-file latency, in-process and in a worker, interleaved file by file (alternating which
+    goes first) so that the machine's load changes hit both alike."""
     from serving.core.screening import InstanceInput
 
-    s = screener(decoder)
-    for path in files:  # warm: worker started, codecs loaded, page cache hot
-        s.prepare(InstanceInput(path, "warm"))  # type: ignore[attr-defined]
-    times: dict[str, list[float]] = defaultdict(list)
-    for _ in range(repeat):
-        for path in files:
-            start = time.perf_counter()
-            s.prepare(InstanceInput(path, "x"))  # type: ignore[attr-defined]
-            times[str(path.relative_to(REPO / "var" / "store" / "demo"))].append(time.perf_counter() - start)
-    return times
+    with DecodePool(1) as pool:
+        both = {"inline": screener(InlineDecoder()), "pool": screener(pool)}
+        for s in both.values():  # warm: worker started, codecs loaded, page cache hot
+            for path in files:
+                s.prepare(InstanceInput(path, "warm"))  # type: ignore[attr-defined]
+        times: dict[str, dict[str, list[float]]] = {"inline": defaultdict(list), "pool": defaultdict(list)}
+        for round_ in range(repeat):
+            for i, path in enumerate(files):
+                order = ("inline", "pool") if (i + round_) % 2 == 0 else ("pool", "inline")
+                for kind in order:
+                    start = time.perf_counter()
+                    both[kind].prepare(InstanceInput(path, "x"))  # type: ignore[attr-defined]
+                    name = str(path.relative_to(REPO / "var" / "store" / "demo"))
+                    times[kind][name].append(time.perf_counter() - start)
+    return times["inline"], times["pool"]
 
 
 def throughput(files: list[Path], decoder: object, repeat: int, callers: int) -> float:
@@ -73,6 +82,16 @@ def throughput(files: list[Path], decoder: object, repeat: int, callers: int) ->
         return len(work) / (time.perf_counter() - start)
 
 
+def throughputs(files: list[Path], repeat: int, callers: int, trials: int = 3) -> tuple[float, float]:
+    """Median files/s in-process and with ``callers`` workers, trials alternating."""
+    inline, isolated = [], []
+    with DecodePool(callers) as pool:
+        for _ in range(trials):
+            inline.append(throughput(files, InlineDecoder(), repeat, callers))
+            isolated.append(throughput(files, pool, repeat, callers))
+    return statistics.median(inline), statistics.median(isolated)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--repeat", type=int, default=5)
@@ -85,9 +104,7 @@ def main() -> None:
         cold.warm()
     start_s = time.perf_counter() - started
 
-    inline = sequential(files, InlineDecoder(), args.repeat)
-    with DecodePool(1) as pool:
-        isolated = sequential(files, pool, args.repeat)
+    inline, isolated = sequential(files, args.repeat)
 
     def flat(d: dict[str, list[float]]) -> list[float]:
         return [t for ts in d.values() for t in ts]
@@ -105,9 +122,7 @@ def main() -> None:
         x, y = statistics.median(inline[name]) * 1000, statistics.median(isolated[name]) * 1000
         print(f"   {name:48s} {x:7.1f} -> {y:7.1f}  ({y - x:+.1f})")
 
-    t_inline = throughput(files, InlineDecoder(), args.repeat, 2)
-    with DecodePool(2) as pool2:
-        t_pool = throughput(files, pool2, args.repeat, 2)
+    t_inline, t_pool = throughputs(files, args.repeat, 2)
     print(
         f"\n2. throughput, 2 callers: in-process threads {t_inline:.1f} files/s, "
         f"2 workers {t_pool:.1f} files/s ({t_pool / t_inline:.2f}x)"
