@@ -367,6 +367,9 @@ def drift(
     days: Annotated[int, typer.Option(help="days back from today (UTC)")] = 7,
     baseline: Annotated[Path | None, typer.Option(help="baseline.json (default: beside the version)")] = None,
     out: Annotated[Path | None, typer.Option(help="write drift.json and drift.html here")] = None,
+    prom_file: Annotated[
+        Path | None, typer.Option(help="write the gauges here (node_exporter textfile collector, *.prom)")
+    ] = None,
     settings: SettingsOpt = None,
 ) -> None:
     """Inputs and scores per day against the validation baseline; exit 1 when a threshold is crossed."""
@@ -379,7 +382,10 @@ def drift(
         checks, feedback = drift_and_feedback(cfg, ref, days=days, baseline=baseline)
     except (DxAssistError, OSError, ValueError) as exc:
         raise _refuse(exc) from exc
-    crossed = DriftMonitor().publish(ref, checks)
+    monitor = DriftMonitor()
+    crossed = monitor.publish(ref, checks)
+    if prom_file is not None:
+        monitor.write_textfile(prom_file)
     table = Table(box=None)
     for col in ("day", "quantity", "statistic", "value", "threshold", "n", "crossed"):
         table.add_column(col)

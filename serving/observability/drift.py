@@ -11,7 +11,8 @@ baseline (the site validation's, kept beside the version as ``baseline.json``):
 - a check crosses when PSI > ``psi_alert`` or KS > ``ks_alert`` (``drift`` settings), and is
   judged only on days with at least ``min_studies`` studies.
 
-``DriftMonitor`` exports the latest values as Prometheus gauges and writes one log line per
+``DriftMonitor`` exports the latest values as Prometheus gauges (``dxassist models drift
+--prom-file`` writes them for node_exporter's textfile collector) and writes one log line per
 crossed check that names the model, the quantity and the numbers: never a study, a UID or a
 header value (a manufacturer's name is a header value; the quantity is named, not the value).
 """
@@ -25,7 +26,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Final
 
-from prometheus_client import CollectorRegistry, Gauge
+from prometheus_client import CollectorRegistry, Gauge, write_to_textfile
 from pydicom.dataset import Dataset
 
 from models.results import OutcomeValues, ScreeningResult
@@ -203,6 +204,11 @@ class DriftMonitor:
                     c.day,
                 )
         return crossed
+
+    def write_textfile(self, path: Path) -> None:
+        """The gauges in Prometheus text format, for node_exporter's textfile collector (the
+        drift report runs as a scheduled command, not inside the service)."""
+        write_to_textfile(str(path), self.registry)
 
 
 def save_observations(path: Path, observations: Sequence[Observation]) -> None:

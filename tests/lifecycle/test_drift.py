@@ -111,6 +111,9 @@ def test_a_shifted_input_mix_crosses_the_drift_thresholds(tmp_path: Path, caplog
         )
         == 1.0
     )
+    monitor.write_textfile(tmp_path / "drift.prom")
+    prom = (tmp_path / "drift.prom").read_text()
+    assert 'dxassist_drift_crossed{model="cxr-triage@1.0.0",quantity="manufacturer",statistic="psi"} 1.0' in prom
 
     # control: an unshifted mix of the same kind crosses none of the input-fact checks
     generate_cxr_dataset(tmp_path / "control", 16, seed=47, size=(320, 320), prevalence=0.25)
