@@ -36,7 +36,7 @@ from pydicom import dcmread
 
 from models.errors import DxAssistError, InputRejected, SourceError
 from models.pixels import load_frames
-from models.results import ScreeningResult
+from models.results import OutcomeValues, ScreeningResult
 from models.synthetic.cxr import CHESTXRAY14_NAMES
 from serving.export.deid import Deidentifier
 from serving.online.factory import build_source
@@ -74,13 +74,16 @@ class ExportSummary:
 
 def labels_for(store: ResultsStore, study_instance_uid: str) -> tuple[list[str], str, ScreeningResult] | None:
     """Positive finding keys of the study's reference screening, with readers' disagreements
-    applied, and where they came from (``reader``/``ai``); None when it was never screened."""
+    applied, where they came from (``reader``/``ai``) and the result; None when it was never
+    screened or not SCREENED."""
     records = store.screenings_for(study_instance_uid)
     if not records:
         return None
     store_copies = [r for r in records if r.source in STORE_SOURCES]
     record = (store_copies or records)[-1]
     result: ScreeningResult = record.result
+    if result.outcome != OutcomeValues.SCREENED:
+        return None  # the AI declined: nothing to learn from, and "No Finding" would be a false label
     positive = {f.key for f in result.findings if f.positive}
     verdicts = store.feedback_for(record.screening_uuid)
     for verdict in verdicts:
@@ -143,7 +146,7 @@ def run_export(settings: Settings, study_uids: list[str], out: Path) -> ExportSu
         for uid in dict.fromkeys(study_uids):
             labels = labels_for(store, uid)
             if labels is None:
-                summary.skipped["not screened (no labels)"] += 1
+                summary.skipped["no SCREENED result (no labels)"] += 1
                 continue
             try:
                 items = source.instances(uid)

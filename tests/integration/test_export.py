@@ -67,6 +67,7 @@ def _canary_study(path: Path, seed: int, study_date: str) -> pydicom.Dataset:
     ds.StudyDate = ds.SeriesDate = ds.ContentDate = study_date
     block = ds.private_block(0x0011, "CANARY CREATOR", create=True)
     block.add_new(0x01, "LO", PRIVATE_CANARY)
+    ds.save_as(path.with_suffix(".screened.dcm"))  # what the screening saw (the OOD gate refuses the text)
     # text burned into the pixels by the "modality", in the top band
     pixels = ds.pixel_array.copy()
     text = np.zeros(pixels.shape, np.uint8)
@@ -112,7 +113,8 @@ def test_export_passes_the_canary_scan_and_keeps_what_retraining_needs(orthanc: 
     screener = StudyScreener([OnnxPredictor(resolve("cxr-triage"), providers="cpu")], study_ref_key=b"k")
     store = ResultsStore(tmp_path / "results.sqlite3")
     for n in range(2):
-        (result,) = screen_paths(screener, [tmp_path / "in" / f"s{n}.dcm"])
+        (result,) = screen_paths(screener, [tmp_path / "in" / f"s{n}.screened.dcm"])
+        assert result.outcome == "SCREENED"
         store.save(result, Provenance(SourceValues.PACS_FETCH, TriggerValues.API))
     first = store.screenings_for(uids[0])[0]
     flipped = first.result.findings[0]
@@ -175,7 +177,7 @@ def test_burned_in_images_are_left_out_without_pixel_cleaning(orthanc: OrthancSe
     orthanc.upload(tmp_path / "in" / "s.dcm")
     screener = StudyScreener([OnnxPredictor(resolve("cxr-triage"), providers="cpu")], study_ref_key=b"k")
     store = ResultsStore(tmp_path / "results.sqlite3")
-    (result,) = screen_paths(screener, [tmp_path / "in" / "s.dcm"])
+    (result,) = screen_paths(screener, [tmp_path / "in" / "s.screened.dcm"])
     store.save(result, Provenance(SourceValues.PACS_FETCH, TriggerValues.API))
     store.close()
     (tmp_path / "uids.txt").write_text(str(ds.StudyInstanceUID))
