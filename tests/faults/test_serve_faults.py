@@ -55,7 +55,7 @@ def site(tmp_path_factory: pytest.TempPathFactory) -> Site:
 
     root = tmp_path_factory.mktemp("fault-site")
     uids = []
-    for i in range(2 * STUDIES):
+    for i in range(2 * STUDIES + 1):  # the last one: the kill test's waiting client
         path = write_synthetic_cxr(root / "store" / f"f{i}.dcm", seed=1000 + i)
         uids.append(str(pydicom.dcmread(path, stop_before_pixels=True).StudyInstanceUID))
     for runtime in ("asgi", "ray"):
@@ -173,6 +173,46 @@ def submit_in_background(
     return workers, stop
 
 
+@dataclass
+class Waiter:
+    """A client holding ``POST /v1/screenings?wait=60`` open: what it got, and when."""
+
+    thread: threading.Thread
+    status: int | None = None
+    screening_id: str | None = None
+    location: str | None = None
+    body_outcome: str = "nothing"
+
+
+def waiting_client(base: str, uid: str) -> Waiter:
+    """Start a waiting POST; returns once its status line and headers have arrived."""
+    headers_in = threading.Event()
+    waiter = Waiter(threading.Thread(daemon=True))
+
+    def run() -> None:
+        auth = {"Authorization": f"Bearer {TOKEN}"}
+        try:
+            with httpx.Client(base_url=base, headers=auth, timeout=90) as http:
+                body = {"study_instance_uid": uid}
+                with http.stream("POST", "/v1/screenings", params={"wait": 60}, json=body) as answer:
+                    waiter.status = answer.status_code
+                    waiter.screening_id = answer.headers.get("x-screening-id")
+                    waiter.location = answer.headers.get("location")
+                    headers_in.set()
+                    try:
+                        answer.read()
+                        waiter.body_outcome = "the job as a complete body"
+                    except httpx.HTTPError as exc:
+                        waiter.body_outcome = f"a cut body ({type(exc).__name__})"
+        finally:
+            headers_in.set()
+
+    waiter.thread = threading.Thread(target=run, daemon=True)
+    waiter.thread.start()
+    assert headers_in.wait(60), "the waiting client got no headers"
+    return waiter
+
+
 def listening_sockets(root_pid: int) -> list[tuple[str, int, str]]:
     """(address, port, process name) of every listening TCP socket of ``root_pid``'s tree."""
     tree = [psutil.Process(root_pid), *psutil.Process(root_pid).children(recursive=True)]
@@ -211,6 +251,7 @@ def test_ray_listens_on_loopback_only_and_a_killed_replica_loses_nothing(site: S
         stop.set()  # from the kill on, no request reaches the service
         for w in workers:
             w.join(60)
+        waiter = waiting_client(f"http://127.0.0.1:{port}", site.uids[-1])
         pending_at_kill = len(unfinished(site.db, tally.accepted))
         replicas = [
             p
@@ -222,10 +263,20 @@ def test_ray_listens_on_loopback_only_and_a_killed_replica_loses_nothing(site: S
         )
         for replica in replicas:
             replica.send_signal(signal.SIGKILL)
+        waiter.thread.join(120)
+        # the client that was waiting on POST ?wait= holds a typed answer naming its screening
+        assert waiter.status == 202 and waiter.screening_id, waiter
+        assert waiter.location == f"/v1/screenings/{waiter.screening_id}"
+        tally.submitted += 1
+        tally.accepted.append(waiter.screening_id)
         # no request from here on: the new replica resumes the saved jobs by itself
         wait_until_settled(site, tally.accepted, 180)
     tally.settle(site.db)
-    print(tally.line("replica kill") + f", unfinished at the kill {pending_at_kill}")
+    print(
+        tally.line("replica kill")
+        + f", unfinished at the kill {pending_at_kill}, the waiting client got {waiter.status} "
+        + f"with its id and then {waiter.body_outcome}"
+    )
     assert pending_at_kill > 0, "the kill found no work to lose: the test proves nothing"
     assert (tally.lost, tally.duplicated) == (0, 0)
     assert tally.done == len(tally.accepted) > 0
@@ -238,7 +289,8 @@ def test_sigterm_under_load_drains_exits_zero_and_loses_nothing(site: Site, runt
     dropped connections."""
     port = free_port()
     tally = Tally()
-    uids = site.uids[STUDIES:][: STUDIES // 2] if runtime == "asgi" else site.uids[STUDIES:][STUDIES // 2 :]
+    ours = site.uids[STUDIES : 2 * STUDIES]
+    uids = ours[: STUDIES // 2] if runtime == "asgi" else ours[STUDIES // 2 :]
     with dxassist_serve(site, runtime, port, f"serve-sigterm-{runtime}.log") as proc:
         workers, stop = submit_in_background(f"http://127.0.0.1:{port}", uids, tally)
         deadline = time.monotonic() + 60
