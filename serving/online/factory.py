@@ -107,7 +107,7 @@ def build_service(settings: Settings, pipeline: Pipeline) -> ScreeningService:
     """The online service over ``pipeline`` with everything the settings configure (results
     database, sinks, SCP, poller, orders). Used by every runtime (ASGI, Ray Serve ingress)."""
     source = build_source(settings)
-    return ScreeningService(
+    service = ScreeningService(
         pipeline,
         pipeline.screener if isinstance(pipeline, VersionedPipeline) else build_screener(settings, sessions=False),
         ResultsStore(settings.results.target),
@@ -118,3 +118,6 @@ def build_service(settings: Settings, pipeline: Pipeline) -> ScreeningService:
         poll_source=source if isinstance(source, SearchableSource) else None,
         orders=settings.orders,
     )
+    if isinstance(pipeline, VersionedPipeline):
+        pipeline.bind_metrics(service.metrics.registry)
+    return service

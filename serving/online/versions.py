@@ -34,6 +34,7 @@ from typing import Final
 
 import numpy as np
 from numpy.typing import NDArray
+from prometheus_client import CollectorRegistry, Counter
 
 from models.errors import DxAssistError, InferenceFailed, ManifestError
 from models.manifest import LoadedManifest
@@ -193,6 +194,21 @@ class VersionedPipeline:
         self._shadow_tasks: set[asyncio.Task[None]] = set()
         #: shadow screenings stored / dropped (backlog full) / failed, for tests and metrics
         self.shadow_counts: dict[str, int] = {"stored": 0, "dropped": 0, "failed": 0}
+        self._shadow_metric: Counter | None = None
+
+    def bind_metrics(self, registry: CollectorRegistry) -> None:
+        """Count shadow screenings on the service's registry (``/metrics``)."""
+        self._shadow_metric = Counter(
+            "dxassist_shadow_screenings",
+            "Shadow screenings by outcome: stored (never delivered), dropped (backlog full), failed",
+            ["model", "outcome"],
+            registry=registry,
+        )
+
+    def _count(self, outcome: str, model: str = "") -> None:
+        self.shadow_counts[outcome] += 1
+        if self._shadow_metric is not None:
+            self._shadow_metric.labels(model, outcome).inc()
 
     async def prepare_study(self, request: StudyRequest) -> PreparedStudy:
         active = await asyncio.to_thread(self.router.active)
@@ -204,7 +220,7 @@ class VersionedPipeline:
         shadows = await asyncio.to_thread(self.router.shadows, active)
         if shadows and prepared.prepared:
             if len(self._shadow_tasks) >= MAX_SHADOW_BACKLOG:
-                self.shadow_counts["dropped"] += 1
+                self._count("dropped")
             else:
                 task = asyncio.create_task(self._shadow(prepared, active, shadows, request))
                 self._shadow_tasks.add(task)
@@ -235,9 +251,9 @@ class VersionedPipeline:
                 for version in versions:
                     try:
                         await asyncio.to_thread(self._shadow_one, images, prepared, model_id, version, active, request)
-                        self.shadow_counts["stored"] += 1
+                        self._count("stored", f"{model_id}@{version}")
                     except (DxAssistError, OSError, ValueError) as exc:
-                        self.shadow_counts["failed"] += 1
+                        self._count("failed", f"{model_id}@{version}")
                         logger.warning("shadow screening failed (%s)", type(exc).__name__, extra={"stage": "shadow"})
 
     def _shadow_one(

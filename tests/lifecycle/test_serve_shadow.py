@@ -92,6 +92,13 @@ def test_shadow_version_on_the_serve_app_delivers_nothing(tmp_path: Path, orthan
                 while len(lifecycle.shadow_results("cxr-triage", "1.0.1")) < len(screened):
                     assert time.monotonic() < deadline
                     time.sleep(0.3)
+                # the counter moves just after the row is written: poll, do not race
+                stored = (
+                    f'dxassist_shadow_screenings_total{{model="cxr-triage@1.0.1",outcome="stored"}} {len(screened)}.0'
+                )
+                while stored not in client.get("/metrics").text:
+                    assert time.monotonic() < deadline
+                    time.sleep(0.3)
                 outbox = Outbox(results_db)
                 while outbox.status().pending:
                     assert time.monotonic() < deadline
