@@ -318,12 +318,18 @@ class DimseSource:
         return assoc
 
     def search_studies(
-        self, *, modality: str | None = None, study_date: str | None = None, study_instance_uid: str = ""
+        self,
+        *,
+        modality: str | None = None,
+        study_date: str | None = None,
+        study_instance_uid: str = "",
+        accession_number: str = "",
     ) -> list[str]:
         """C-FIND at study level: Study Instance UIDs matching the keys."""
         query = Dataset()
         query.QueryRetrieveLevel = "STUDY"
         query.StudyInstanceUID = study_instance_uid
+        query.AccessionNumber = accession_number
         query.ModalitiesInStudy = modality or ""
         query.StudyDate = study_date or ""
         assoc = self._associate(self._ae([STUDY_ROOT_FIND]))

@@ -50,7 +50,7 @@ from serving.online.orders import FhirOrderPoller, OrderListener
 from serving.online.pipeline import Pipeline, PreparedStudy, StudyRequest
 from serving.online.spool import private_dir, sweep_partials, write_private
 from serving.persistence.ids import new_screening_uuid
-from serving.persistence.orders import OrderBook, OrderPriorityValues, OrderRecord, OrderStatusValues
+from serving.persistence.orders import Order, OrderBook, OrderPriorityValues, OrderRecord, OrderStatusValues
 from serving.persistence.outbox import Outbox
 from serving.persistence.results import Idempotency, JobRecord, Provenance, ResultsStore
 from serving.persistence.schema import STORE_SOURCES, SYSTEM_ACTOR, SourceValues, TriggerValues
@@ -106,6 +106,7 @@ class ScreeningService:
         self.orders = OrderBook(store.target) if orders is not None else None
         self._order_listener: OrderListener | None = None
         self._order_poller: asyncio.Task[None] | None = None
+        self._order_tasks: set[asyncio.Task[None]] = set()
         self.outbox = Outbox(store.target) if self.sinks else None
         self._delivery: asyncio.Task[None] | None = None
         self.scp_settings = scp
@@ -459,22 +460,64 @@ class ScreeningService:
         return self.orders.stat_keys()
 
     def on_orders(self, records: Sequence[OrderRecord]) -> None:
-        """Orders just stored (HL7 listener, FHIR notification or poll): an order that says its
-        images are taken, and names the study, has it fetched now at its priority (never a
-        second screening of a study already screened from the store). Others wait for the
-        images to arrive by push, webhook or poller."""
+        """Orders just stored (HL7 listener and FHIR endpoint: in the event loop; FHIR poller: from
+        its thread). An order known by accession only is looked up in the store (the study may
+        be there already) and linked to its Study UID; an order that says its images are taken
+        (ORC-5 CM, ImagingStudy available) has its study fetched now at its priority, never a
+        second screening of a study already screened from the store. Others wait for the images
+        to arrive by push, webhook or poller."""
+        loop = self._loop
+        if loop is None:
+            return
+        try:
+            in_loop = asyncio.get_running_loop() is loop
+        except RuntimeError:
+            in_loop = False
         for record in records:
             order = record.order
-            if order.status != OrderStatusValues.COMPLETED or not order.study_instance_uid:
+            if order.status == OrderStatusValues.CANCELLED:
                 continue
-            stat = order.priority == OrderPriorityValues.STAT
+            if order.study_instance_uid and in_loop:
+                self._submit_order(order, order.study_instance_uid)  # before the sender's ACK
+                continue
+            if not order.study_instance_uid and not (order.accession_number and self.poll_source is not None):
+                continue
+            if in_loop:
+                task = loop.create_task(self._resolve_order(record))
+                self._order_tasks.add(task)
+                task.add_done_callback(self._order_tasks.discard)
+            else:
+                asyncio.run_coroutine_threadsafe(self._resolve_order(record), loop)
+
+    async def _resolve_order(self, record: OrderRecord) -> None:
+        order, uid = record.order, record.order.study_instance_uid
+        if not uid and self.poll_source is not None and self.orders is not None:
             try:
-                self.submit_automatic(
-                    order.study_instance_uid, TriggerValues.ORDER.value, priority=PriorityValues.STAT if stat else None
+                found = await asyncio.to_thread(
+                    self.poll_source.search_studies, accession_number=order.accession_number
                 )
-            except (QueueFull, ServiceDraining, ResultsDatabaseError) as exc:
-                # the order is stored: the poller, a push or the webhook still bring the study
-                logger.warning("order-triggered screening not queued (%s)", type(exc).__name__)
+            except SourceError as exc:  # the images may come later by push, webhook or poller
+                logger.warning("order accession lookup failed (%s)", type(exc).__name__)
+                return
+            if len(set(found)) != 1 or not is_dicom_uid(found[0]):
+                return  # not in the store yet, or the accession is ambiguous there
+            uid = found[0]
+            await asyncio.to_thread(self.orders.link_study, record.id, uid)
+        if uid:
+            self._submit_order(order, uid)
+
+    def _submit_order(self, order: Order, study_instance_uid: str) -> None:
+        """Fetch the study of an order whose images are taken (in the event loop)."""
+        if order.status != OrderStatusValues.COMPLETED:
+            return
+        stat = order.priority == OrderPriorityValues.STAT
+        try:
+            self.submit_automatic(
+                study_instance_uid, TriggerValues.ORDER.value, priority=PriorityValues.STAT if stat else None
+            )
+        except (QueueFull, ServiceDraining, ResultsDatabaseError) as exc:
+            # the order is stored: the poller, a push or the webhook still bring the study
+            logger.warning("order-triggered screening not queued (%s)", type(exc).__name__)
 
     async def _poll_orders_forever(self, poller: FhirOrderPoller) -> None:
         assert self.orders_settings is not None

@@ -33,7 +33,7 @@ from serving.persistence.results import ResultsStore
 from serving.settings import ApiSettings, OrdersHl7Settings, OrdersSettings, ScpSettings
 from tests.conformance.receivers import mllp_listener
 from tests.conftest import write_synthetic_cxr
-from tests.integration.conftest import free_port, start_orthanc
+from tests.integration.conftest import OrthancServer, free_port, start_orthanc
 from tests.integration.test_pacs_flows import REPO, storescu
 
 pytestmark = pytest.mark.integration
@@ -308,3 +308,52 @@ def test_order_book_on_both_databases(results_db: Path | str) -> None:
     assert kept.order.priority == OrderPriorityValues.STAT and kept.order.status == OrderStatusValues.COMPLETED
     assert book.message_count() == 3
     book.close()
+
+
+def test_completed_order_known_by_accession_only_has_its_study_fetched_at_stat(
+    tmp_path: Path, orthanc: OrthancServer
+) -> None:
+    """The RIS says the images are taken (ORC-5 CM) and gives only the accession: dxassist finds
+    the study in the store by accession, links the order to it and fetches it at STAT."""
+    path, uid = _study(tmp_path, "done", 73, "ACC-DONE-1")
+    storescu(path, orthanc.dicom_port, orthanc.aet)  # in the PACS; nothing routes it to dxassist
+    store = ResultsStore(tmp_path / "results.sqlite3")
+    screener = StudyScreener([OnnxPredictor(resolve("cxr-triage"), providers="cpu")], study_ref_key=b"k")
+    manifests = [resolve("cxr-triage").manifest]
+
+    def source() -> DicomWebSource:
+        return DicomWebSource(
+            orthanc.dicomweb, username=orthanc.user, password=orthanc.password, manifests=manifests, timeout_s=10
+        )
+
+    orders_port = free_port()
+
+    def factory() -> ScreeningService:
+        return ScreeningService(
+            LocalPipeline(screener, source()),
+            screener,
+            store,
+            ApiSettings(spool_dir=tmp_path / "spool"),
+            poll_source=source(),
+            orders=OrdersSettings(hl7=OrdersHl7Settings(enabled=True, port=orders_port)),
+        )
+
+    lazy = LazyService(factory)
+    with TestClient(create_api(lazy), client=("127.0.0.1", 50000)) as client:
+        assert client.get("/readyz").status_code == 200
+        scheduled = orm("ORD-9", placer="PL-D", filler="FL-D", accession="ACC-DONE-1", order_status="SC")
+        unknown = orm("ORD-10", placer="PL-U", filler="FL-U", accession="ACC-NOT-THERE", order_status="CM")
+        assert ack_code(send(orders_port, unknown)) == "AA"  # no such study yet: nothing fetched
+        assert ack_code(send(orders_port, scheduled)) == "AA"  # scheduled, not done: nothing fetched
+        assert store.pending_jobs() == [] and store.count() == 0
+        done = orm("ORD-11", placer="PL-D", filler="FL-D", accession="ACC-DONE-1", order_status="CM")
+        assert ack_code(send(orders_port, done)) == "AA"
+        _wait(lambda: store.latest(uid) is not None)
+        ((_, job_priority, result),) = store.latest_per_study()
+        assert job_priority == "stat" and (result.placer_order_number, result.filler_order_number) == ("PL-D", "FL-D")
+        service = lazy.started
+        assert service is not None and service.orders is not None
+        linked = service.orders.match(study_instance_uid=uid)
+        assert linked is not None and linked.order.placer_number == "PL-D"
+        client.portal.call(service.drain, 5.0)
+        service.close()

@@ -20,7 +20,12 @@ class SearchableSource(Protocol):
     batch queries need."""
 
     def search_studies(
-        self, *, modality: str | None = None, study_date: str | None = None, study_instance_uid: str = ""
+        self,
+        *,
+        modality: str | None = None,
+        study_date: str | None = None,
+        study_instance_uid: str = "",
+        accession_number: str = "",
     ) -> list[str]: ...
 
     def instances(self, study_instance_uid: str) -> list[InstanceInput]: ...

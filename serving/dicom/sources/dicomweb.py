@@ -171,6 +171,7 @@ class DicomWebSource:
         modality: str | None = None,
         study_date: str | None = None,
         study_instance_uid: str = "",
+        accession_number: str = "",
         page_size: int = 500,
     ) -> list[str]:
         """Every Study Instance UID matching modality and a date or range (``YYYYMMDD-YYYYMMDD``),
@@ -187,6 +188,8 @@ class DicomWebSource:
                 params["StudyDate"] = study_date
             if study_instance_uid:
                 params["StudyInstanceUID"] = study_instance_uid
+            if accession_number:  # an inbound order known by accession only (serving.online.orders)
+                params["AccessionNumber"] = accession_number
             response = self._request("GET", "/studies", params=params, headers={"Accept": "application/dicom+json"})
             items = [] if response.status_code == 204 or not response.content else response.json()
             for item in items:
