@@ -19,6 +19,7 @@ import pytest
 from models.registry import REGISTRY_ROOT, resolve
 from models.synthetic.cxr import generate_cxr_dataset
 from models.synthetic.endoscopy import generate_kvasir_folder
+from tests.integration.conftest import OrthancServer, orthanc  # noqa: F401  (fixture)
 
 CARD_ROW = re.compile(r"^\| (\w+) \| ([0-9.]+) \(([0-9.]+)-([0-9.]+)\) \|", re.MULTILINE)
 
@@ -99,3 +100,61 @@ def test_validate_reads_kvasir_masks(tmp_path: Path, registry: Path) -> None:
     polyp = next(iter(report["findings"].values()))
     assert polyp["n"] + sum(report["not_screened"].values()) == 24
     assert polyp["positives"] > 0 and polyp["auroc"] > 0.5
+
+
+@pytest.mark.integration
+def test_validate_fetches_labelled_studies_from_the_store(
+    tmp_path: Path,
+    registry: Path,
+    orthanc: OrthancServer,  # noqa: F811
+) -> None:
+    import csv
+
+    import pydicom
+    import yaml
+
+    folder = tmp_path / "labelled"
+    csv_path = generate_cxr_dataset(folder, 16, seed=77, size=(320, 320), prevalence=0.4)
+    with csv_path.open() as fh:
+        rows = list(csv.DictReader(fh))
+    with (tmp_path / "store_labels.csv").open("w", newline="") as fh:
+        writer = csv.writer(fh)
+        writer.writerow(["Study Instance UID", "Finding Labels", "Patient Gender"])
+        for row in rows:
+            path = folder / row["Image Index"]
+            orthanc.upload(path)
+            uid = str(pydicom.dcmread(path, stop_before_pixels=True).StudyInstanceUID)
+            writer.writerow([uid, row["Finding Labels"], row["Patient Gender"]])
+    settings = tmp_path / "settings.yaml"
+    settings.write_text(
+        yaml.safe_dump(
+            {
+                "models": [{"id": "cxr-triage", "version": "1.0.0", "providers": "cpu"}],
+                "store": {
+                    "kind": "dicomweb",
+                    "dicomweb": {"url": orthanc.dicomweb, "username": orthanc.user, "password": orthanc.password},
+                },
+                "results": {"sqlite_path": str(tmp_path / "results.sqlite3")},
+            }
+        )
+    )
+    out = tmp_path / "reports"
+    run = _dxassist(
+        registry,
+        "models",
+        "validate",
+        "cxr-triage@1.0.0",
+        "--labels",
+        str(tmp_path / "store_labels.csv"),
+        "--source",
+        "store",
+        "--settings",
+        str(settings),
+        "--out",
+        str(out),
+    )
+    assert run.returncode == 0, run.stdout + run.stderr
+    report = json.loads((out / "cxr-triage-1.0.0" / "validation.json").read_text())
+    assert report["studies"] == 16 and report["screened"] == 16
+    assert {"sex=F", "sex=M"} <= set(report["subgroups"])
+    assert all(f["n"] == 16 for f in report["findings"].values())
