@@ -130,7 +130,10 @@ class VersionRouter:
         return out
 
     def shadows(self, active: Mapping[str, str]) -> dict[str, list[str]]:
-        """Shadow versions per model (settings and ``dxassist models shadow``), minus the active one."""
+        """Shadow versions per model (settings and ``dxassist models shadow``), minus the active one;
+        none without a lifecycle store (shadow results have nowhere else to go)."""
+        if self.lifecycle is None:
+            return {}
         found: dict[str, list[str]] = {m.id: list(m.shadow) for m in self.settings.models}
         if self.lifecycle is not None:
             for model_id, versions in self.lifecycle.shadow_versions().items():
@@ -280,7 +283,7 @@ class VersionedPipeline:
         uids = [i.study_instance_uid for i in images]
         uid = next((u for u in uids if is_dicom_uid(u)), request.study_instance_uid or "")
         result = screener.assemble(uid, paired, prepared.rejected)
-        assert self.router.lifecycle is not None  # shadows come from settings/lifecycle only with a store
+        assert self.router.lifecycle is not None  # ``shadows`` names none without a store
         self.router.lifecycle.add_shadow_result(model_id, version, active[model_id], result)
 
 
