@@ -1,12 +1,17 @@
 """A shadow version on live traffic through the real Serve app (inline topology on a local Ray):
 the PACS is a real Orthanc (studies fetched by DICOMweb, results stored back), the EMR a real
 FHIR server and MLLP listener. Counted at the receivers: every delivery comes from the active
-version, none from the shadow version, whose results are all in ``shadow_results``."""
+version, none from the shadow version, whose results are all in ``shadow_results``. Then
+``dxassist models promote`` while jobs are running: nothing lost or duplicated, later jobs use
+the promoted version, no restart."""
 
 from __future__ import annotations
 
 import io
+import os
 import shutil
+import subprocess
+import sys
 import time
 from pathlib import Path
 
@@ -20,6 +25,7 @@ from models.registry import REGISTRY_ROOT
 from models.synthetic.cxr import generate_cxr_dataset
 from serving.persistence.lifecycle import LifecycleStore
 from serving.persistence.outbox import Outbox
+from serving.persistence.results import ResultsStore
 from tests.conformance.receivers import fhir_search, fhir_server, mllp_listener
 from tests.integration.conftest import OrthancServer, free_port, orthanc  # noqa: F401  (fixture)
 
@@ -44,11 +50,12 @@ def test_shadow_version_on_the_serve_app_delivers_nothing(tmp_path: Path, orthan
         "cxr-triage", "1.0.0", "1.0.1", dict.fromkeys(keys, (0.5, "test: every threshold at 0.5")), root=registry
     )
     studies = tmp_path / "studies"
-    generate_cxr_dataset(studies, 6, seed=31, size=(320, 320), prevalence=0.4)
-    uids = []
+    generate_cxr_dataset(studies, 14, seed=31, size=(320, 320), prevalence=0.4)
+    all_uids = []
     for path in sorted(studies.glob("*.dcm")):
         orthanc.upload(path)
-        uids.append(str(pydicom.dcmread(path, stop_before_pixels=True).StudyInstanceUID))
+        all_uids.append(str(pydicom.dcmread(path, stop_before_pixels=True).StudyInstanceUID))
+    uids, later = all_uids[:6], all_uids[6:]  # the shadow phase; then the promotion under load
     results_db = tmp_path / "results.sqlite3"
     with fhir_server() as fhir, mllp_listener() as listener:
         settings = tmp_path / "settings.yaml"
@@ -107,9 +114,48 @@ def test_shadow_version_on_the_serve_app_delivers_nothing(tmp_path: Path, orthan
                 outbox.close()
                 shadows = lifecycle.shadow_results("cxr-triage", "1.0.1")
                 lifecycle.close()
-        reports = fhir_search(fhir, "DiagnosticReport")
-        devices = fhir_search(fhir, "Device")
-        messages = list(listener.messages)
+                reports = fhir_search(fhir, "DiagnosticReport")
+                devices = fhir_search(fhir, "Device")
+                messages = list(listener.messages)
+
+                # promote under load, from the command line, while the service keeps screening
+                def submit(batch: list[str]) -> list[str]:
+                    return [
+                        client.post("/v1/screenings", json={"study_instance_uid": u, "priority": "routine"}).json()[
+                            "screening_id"
+                        ]
+                        for u in batch
+                    ]
+
+                first = submit(later[:4])
+                promote = subprocess.run(
+                    [
+                        *(sys.executable, "-m", "serving.cli.main", "models", "promote", "cxr-triage@1.0.1"),
+                        *("--reason", "shadow agreement reviewed", "--actor", "ml-lead", "--settings", str(settings)),
+                    ],
+                    capture_output=True,
+                    text=True,
+                    env={**os.environ, "DXASSIST_REGISTRY": str(registry)},
+                    timeout=120,
+                )
+                assert promote.returncode == 0, promote.stdout + promote.stderr
+                second = submit(later[4:])
+                while any(
+                    client.get(f"/v1/screenings/{j}").json()["status"] not in ("DONE", "FAILED") for j in first + second
+                ):
+                    assert time.monotonic() < deadline + 120
+                    time.sleep(0.3)
+                after = [client.get(f"/v1/screenings/{j}").json() for j in first + second]
+
+    # promotion under load: every job done, once, each with one version, the later ones with 1.0.1
+    assert [b["status"] for b in after] == ["DONE"] * len(later)
+    store = ResultsStore(results_db)
+    assert store.count() == len(all_uids)
+    assert all(len(store.screenings_for(u)) == 1 for u in all_uids)
+    store.close()
+    for body in after:
+        assert len({f["model_version"] for f in body["result"]["findings"]}) <= 1
+    assert all(b["result"]["models"] == ["cxr-triage@1.0.1"] for b in after[4:] if b["result"]["outcome"] == "SCREENED")
 
     assert len(shadows) == len(screened)
     assert all(f["model_version"] == "1.0.1" for s in shadows for f in s.result.model_dump()["findings"])
