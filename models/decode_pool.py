@@ -16,8 +16,9 @@ runs ``models.decode.prepare_instance`` in a few long-lived worker processes:
   the worker.
 
 ``InlineDecoder`` has the same interface without isolation (tests, benchmarks, training);
-``make_decoder`` picks one from ``DXASSIST_DECODE_ISOLATION`` (``process``, the default, or
-``inline``). The choice and its measured cost are in docs/adr/0013-decode-boundary.md.
+``make_decoder`` builds either (``process``, the default, or ``inline``); the service takes the
+choice from its settings (``screening.decode_isolation``, ``screening.decode_workers``). The
+choice and its measured cost are in docs/adr/0013-decode-boundary.md.
 """
 
 from __future__ import annotations
@@ -48,8 +49,6 @@ from models.errors import InputRejected, ReasonCode
 from models.limits import DEFAULT_LIMITS, DecodeLimits
 from models.pixels import read_source
 
-ISOLATION_ENV: Final = "DXASSIST_DECODE_ISOLATION"
-WORKERS_ENV: Final = "DXASSIST_DECODE_WORKERS"
 _START_TIMEOUT_S: Final = 120.0
 #: Worker environment: single-threaded numeric libraries, few malloc arenas (address space);
 #: Rust panics (pylibjpeg-rle) print one line, not a backtrace.
@@ -368,42 +367,41 @@ class DecodePool:
 
 
 def make_decoder(
-    isolation: str | None = None, *, workers: int | None = None, limits: DecodeLimits = DEFAULT_LIMITS
+    isolation: str = "process", *, workers: int | None = None, limits: DecodeLimits = DEFAULT_LIMITS
 ) -> Decoder:
-    """``DecodePool`` (``process``, the default) or ``InlineDecoder`` (``inline``); the choice
-    comes from ``isolation`` or else from the ``DXASSIST_DECODE_ISOLATION`` environment variable,
-    the pool size from ``workers`` or ``DXASSIST_DECODE_WORKERS`` (default ``min(4, cores)``).
+    """``DecodePool`` (``process``, the default; ``workers`` defaults to ``min(4, cores)``) or
+    ``InlineDecoder`` (``inline``).
 
     Raises:
         ValueError: an unknown isolation name.
     """
-    name = (isolation or os.environ.get(ISOLATION_ENV, "") or "process").strip().lower()
+    name = isolation.strip().lower()
     if name == "process":
-        env_workers = os.environ.get(WORKERS_ENV, "").strip()
-        if workers is None and env_workers:
-            try:
-                workers = int(env_workers)
-            except ValueError:
-                raise ValueError(f"{WORKERS_ENV}: not an integer") from None
         return DecodePool(workers, limits)
-    if name in ("inline", "off", "none"):
+    if name == "inline":
         return InlineDecoder(limits)
-    raise ValueError(f"{ISOLATION_ENV}: unknown isolation {name!r} (process or inline)")
+    raise ValueError(f"unknown decode isolation {name!r} (process or inline)")
 
 
-_shared: Decoder | None = None
+_shared: dict[tuple[str, int | None], Decoder] = {}
 _shared_lock = threading.Lock()
 
 
-def default_decoder() -> Decoder:
-    """The process-wide decoder (``make_decoder()``), created on first use and shared by every
+def shared_decoder(isolation: str = "process", workers: int | None = None) -> Decoder:
+    """The process-wide decoder for this choice, created on first use and shared by every
     screener in the process, so that tests, CLI runs and Ray actors start one set of workers."""
-    global _shared
+    key = (isolation.strip().lower(), workers)
     with _shared_lock:
-        if _shared is None:
-            _shared = make_decoder()
-            atexit.register(_shared.close)
-        return _shared
+        if key not in _shared:
+            decoder = make_decoder(isolation, workers=workers)
+            atexit.register(decoder.close)
+            _shared[key] = decoder
+        return _shared[key]
+
+
+def default_decoder() -> Decoder:
+    """``shared_decoder()``: process isolation with the default pool size."""
+    return shared_decoder()
 
 
 if __name__ == "__main__":  # a worker: python -m models.decode_pool FD

@@ -3,7 +3,7 @@
     python scripts/bench_ood_gate.py [--studies 40] [--rounds 3]
 
 Baseline: ``cxr-triage@1.0.0`` (same weights, no features output, no out-of-distribution
-gate) with the content check switched off. Gated: ``cxr-triage@1.1.0`` with the content check
+gate) with the content check switched off. Gated: the latest ``cxr-triage`` with the content check
 (header facts + frame statistics), the extra ``features`` output and the Mahalanobis distance.
 Both screen the same synthetic 1024 px CR studies one at a time, decode in-process, and
 alternate study by study so that machine load hits both alike; medians are compared.
@@ -12,23 +12,22 @@ alternate study by study so that machine load hits both alike; medians are compa
 from __future__ import annotations
 
 import argparse
-import os
 import statistics
 import sys
 import tempfile
 import time
 from pathlib import Path
 
-os.environ.setdefault("DXASSIST_DECODE_ISOLATION", "inline")
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-import models.decode as decode  # noqa: E402
-from models.content import route_checked  # noqa: E402
-from models.predictor import OnnxPredictor  # noqa: E402
-from models.qa import route  # noqa: E402
-from models.registry import resolve  # noqa: E402
-from models.synthetic.cxr import generate_cxr_dataset  # noqa: E402
-from serving.core.screening import StudyScreener, screen_paths  # noqa: E402
+import models.decode as decode
+from models.content import route_checked
+from models.decode_pool import InlineDecoder
+from models.predictor import OnnxPredictor
+from models.qa import route
+from models.registry import resolve
+from models.synthetic.cxr import generate_cxr_dataset
+from serving.core.screening import StudyScreener, screen_paths
 
 
 def _ungated_route(header, manifests, body_part_aliases=None):  # type: ignore[no-untyped-def]
@@ -40,13 +39,13 @@ def main() -> None:
     parser.add_argument("--studies", type=int, default=40)
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--baseline", default="cxr-triage@1.0.0")
-    parser.add_argument("--gated", default="cxr-triage@1.1.0")
+    parser.add_argument("--gated", default="cxr-triage@latest")
     args = parser.parse_args()
 
     def screener(ref: str) -> StudyScreener:
         model_id, _, version = ref.partition("@")
         predictor = OnnxPredictor(resolve(model_id, version), providers="cpu", allow_spinning=False)
-        return StudyScreener([predictor], study_ref_key=b"bench")
+        return StudyScreener([predictor], study_ref_key=b"bench", decoder=InlineDecoder())
 
     base, gated = screener(args.baseline), screener(args.gated)
     assert base.predictors["cxr-triage"].ood is None and gated.predictors["cxr-triage"].ood is not None

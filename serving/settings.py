@@ -427,6 +427,14 @@ class ScreeningSettings(_Strict):
     batch_size: int = Field(default=4, ge=1)
     #: how long a Serve model deployment waits to fill a batch (0 on CPU: no added latency)
     batch_wait_s: float = Field(default=0.0, ge=0)
+    #: where untrusted files are decoded (ADR 0013): ``process`` (replaceable worker processes,
+    #: a codec crash costs one file) or ``inline`` (this process: tests and benchmarks only)
+    decode_isolation: Literal["process", "inline"] = "process"
+    #: decode worker processes (default: min(4, cores))
+    decode_workers: int | None = Field(default=None, ge=1)
+    #: this site's BodyPartExamined spellings mapped to the ones the models accept, e.g.
+    #: ``{NGUC: CHEST}`` (case-insensitive; the content gate backs the header up, ADR 0015)
+    body_part_aliases: dict[str, str] = Field(default_factory=dict)
 
 
 class ServeSettings(_Strict):

@@ -185,8 +185,8 @@ class StudyScreener:
     ) -> None:
         """``predictors`` run inference; ``manifests`` alone suffice for ``prepare`` and
         ``assemble`` (a fetcher or an ingress holds no ONNX session). ``decoder`` runs the
-        decode boundary (``models.decode_pool``; default: the process's shared worker pool,
-        or in-process when ``DXASSIST_DECODE_ISOLATION=inline``). ``body_part_aliases`` adds a
+        decode boundary (``models.decode_pool``; default: the process's shared worker pool;
+        the service passes the one its settings choose). ``body_part_aliases`` adds a
         site's local BodyPartExamined spellings to input QA's defaults (``models.qa``)."""
         self.predictors = {p.manifest.id: p for p in predictors}
         self.loaded: dict[str, LoadedManifest] = {m.manifest.id: m for m in manifests}

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from models.decode_pool import shared_decoder
 from models.predictor import OnnxPredictor
 from models.registry import resolve
 from serving.core.screening import StudyScreener
@@ -40,6 +41,8 @@ def build_screener(settings: Settings, *, sessions: bool = True) -> StudyScreene
         study_ref_key=settings.security.study_ref_key.get_secret_value().encode(),
         max_frames_per_image=settings.screening.max_frames_per_image,
         batch_size=settings.screening.batch_size,
+        decoder=shared_decoder(settings.screening.decode_isolation, settings.screening.decode_workers),
+        body_part_aliases=settings.screening.body_part_aliases,
     )
 
 

@@ -20,7 +20,7 @@ from tests.lifecycle.test_import import _export
 
 
 def _dxassist(registry: Path, *args: str) -> subprocess.CompletedProcess[str]:
-    env = {**os.environ, "DXASSIST_REGISTRY": str(registry), "DXASSIST_DECODE_ISOLATION": "inline"}
+    env = {**os.environ, "DXASSIST_REGISTRY": str(registry), "DXASSIST_SCREENING__DECODE_ISOLATION": "inline"}
     return subprocess.run(
         [sys.executable, "-m", "serving.cli.main", *args], capture_output=True, text=True, env=env, timeout=600
     )

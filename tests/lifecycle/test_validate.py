@@ -25,7 +25,7 @@ CARD_ROW = re.compile(r"^\| (\w+) \| ([0-9.]+) \(([0-9.]+)-([0-9.]+)\) \|", re.M
 
 
 def _dxassist(registry: Path, *args: str) -> subprocess.CompletedProcess[str]:
-    env = {**os.environ, "DXASSIST_REGISTRY": str(registry), "DXASSIST_DECODE_ISOLATION": "inline"}
+    env = {**os.environ, "DXASSIST_REGISTRY": str(registry), "DXASSIST_SCREENING__DECODE_ISOLATION": "inline"}
     return subprocess.run(
         [sys.executable, "-m", "serving.cli.main", *args], capture_output=True, text=True, env=env, timeout=900
     )

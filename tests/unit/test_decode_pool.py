@@ -9,10 +9,12 @@ import numpy as np
 import pytest
 
 from models.decode import DecodedInstance, DecodeRejection, RoutePlanner
-from models.decode_pool import ISOLATION_ENV, WORKERS_ENV, DecodePool, InlineDecoder, make_decoder
+from models.decode_pool import DecodePool, InlineDecoder, make_decoder
 from models.errors import ReasonCode
 from models.limits import DecodeLimits
 from models.registry import resolve
+from serving.online.factory import build_screener
+from serving.settings import Settings
 from tests.conftest import write_synthetic_cxr
 
 
@@ -48,16 +50,13 @@ def test_stream_sources_are_read_in_the_parent_within_the_file_limit(planner: Ro
         assert pool.stats.workers_started == 0  # refused before any worker was needed
 
 
-def test_isolation_is_chosen_by_setting(monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.delenv(ISOLATION_ENV, raising=False)
-    monkeypatch.delenv(WORKERS_ENV, raising=False)
+def test_isolation_is_chosen_by_setting() -> None:
     default = make_decoder()
     assert isinstance(default, DecodePool)  # safe by default
-    monkeypatch.setenv(ISOLATION_ENV, "inline")
-    assert isinstance(make_decoder(), InlineDecoder)
-    monkeypatch.setenv(ISOLATION_ENV, "process")
-    monkeypatch.setenv(WORKERS_ENV, "3")
-    pool = make_decoder()
+    assert isinstance(make_decoder("inline"), InlineDecoder)
+    pool = make_decoder("process", workers=3)
     assert isinstance(pool, DecodePool) and pool.workers == 3
-    with pytest.raises(ValueError, match="unknown isolation"):
+    with pytest.raises(ValueError, match="unknown decode isolation"):
         make_decoder("threads")
+    settings = Settings.model_validate({"models": [{"id": "cxr-triage"}], "screening": {"decode_isolation": "inline"}})
+    assert isinstance(build_screener(settings, sessions=False).decoder, InlineDecoder)
