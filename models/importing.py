@@ -47,6 +47,7 @@ from models.manifest import (
     load_manifest,
     parse_manifest,
 )
+from models.onnx_features import FEATURES_NAME, add_features_output
 from models.ood import GaussianStats, fit_gaussian, threshold_for_acceptance
 from models.predictor import OnnxPredictor
 from models.preprocessing import PIPELINES, get_pipeline
@@ -552,11 +553,23 @@ def stage_import(
     """
     signature = inspect_onnx(onnx_path)
     input_block, outputs = propose_signature(signature, spec)
+    notes = list(notes or [])
     staged_dir.mkdir(parents=True, exist_ok=True)
     try:
         artifact_file = f"{spec.id}-{spec.version}.onnx"
         artifact = staged_dir / artifact_file
         shutil.copyfile(onnx_path, artifact)
+        has_features = any(o["role"] == OutputRoleValues.FEATURES for o in outputs)
+        if not has_features and (ood_folder is not None or ood_tensors is not None):
+            taps = _with_features(onnx_path, artifact, input_block["name"], [o["name"] for o in outputs])
+            if taps:
+                signature = inspect_onnx(artifact)
+                input_block, outputs = propose_signature(signature, spec)
+                notes.append(
+                    f"dxassist added the output {FEATURES_NAME} (global average pools of {', '.join(taps)}) "
+                    f"for the OOD gate; the supplier's outputs are unchanged (checked); supplied file sha256 "
+                    f"{file_sha256(onnx_path)}."
+                )
         manifest = manifest_from_spec(
             spec,
             input_block,
@@ -589,7 +602,7 @@ def stage_import(
         text = yaml.safe_dump(manifest, sort_keys=False, allow_unicode=True)
         parse_manifest(text)
         (staged_dir / "manifest.yaml").write_text(text)
-        (staged_dir / "MODEL_CARD.md").write_text(model_card_stub(manifest, signature, notes or []))
+        (staged_dir / "MODEL_CARD.md").write_text(model_card_stub(manifest, signature, notes))
         predictor = OnnxPredictor(load_manifest(staged_dir), providers="cpu", intra_op_threads=1)
         if not predictor.self_test().ok:
             raise SignatureMismatch(f"{spec.id}@{spec.version}: the graph fails its self-test (shapes or NaN)")
@@ -597,6 +610,31 @@ def stage_import(
         shutil.rmtree(staged_dir, ignore_errors=True)
         raise
     return ImportReport(staged_dir, None, manifest, signature, n_ood)
+
+
+def _with_features(src: Path, artifact: Path, input_name: str, outputs: list[str]) -> list[str] | None:
+    """Replace ``artifact`` by ``src`` plus a features output when that can be done and changes
+    none of the declared outputs (probe input, max difference 1e-6 relative)."""
+    with tempfile.TemporaryDirectory(prefix="dxassist-features-") as tmp:
+        augmented = Path(tmp) / "augmented.onnx"
+        try:
+            taps = add_features_output(src, augmented)
+        except Exception as exc:  # onnx's checker/shape inference on a file from outside
+            logger.info("import: no features output could be added (%s)", type(exc).__name__)
+            return None
+        if not taps:
+            return None
+        original = ort.InferenceSession(str(src), providers=["CPUExecutionProvider"])
+        extended = ort.InferenceSession(str(augmented), providers=["CPUExecutionProvider"])
+        shape = [d if isinstance(d, int) and d > 0 else 1 for d in original.get_inputs()[0].shape]
+        probe = np.random.default_rng(0).random(shape, dtype=np.float32)
+        for a, b in zip(
+            original.run(outputs, {input_name: probe}), extended.run(outputs, {input_name: probe}), strict=True
+        ):
+            if not np.allclose(a, b, rtol=1e-6, atol=1e-6):
+                raise SignatureMismatch("adding the features output changed the graph's own outputs")
+        shutil.copyfile(augmented, artifact)
+        return taps
 
 
 def import_onnx(

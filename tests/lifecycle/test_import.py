@@ -37,9 +37,21 @@ class _TinyChest(nn.Module):
         return self.head(pooled), feats
 
 
-def _export(path: Path, labels: int, size: int = 224, *, dynamic: bool = True) -> Path:
+class _ScoresOnly(nn.Module):
+    def __init__(self, inner: _TinyChest) -> None:
+        super().__init__()
+        self.inner = inner
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.inner(x)[0]
+
+
+def _export(path: Path, labels: int, size: int = 224, *, dynamic: bool = True, features: bool = True) -> Path:
     torch.manual_seed(0)
-    module = _TinyChest(labels).eval()
+    module: nn.Module = _TinyChest(labels).eval()
+    names = ["logits", "features"]
+    if not features:
+        module, names = _ScoresOnly(module).eval(), ["logits"]
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         torch.onnx.export(
@@ -47,8 +59,8 @@ def _export(path: Path, labels: int, size: int = 224, *, dynamic: bool = True) -
             (torch.rand(1, 1, size, size),),
             str(path),
             input_names=["image"],
-            output_names=["logits", "features"],
-            dynamic_axes={"image": {0: "b"}, "logits": {0: "b"}, "features": {0: "b"}} if dynamic else None,
+            output_names=names,
+            dynamic_axes={"image": {0: "b"}, **{n: {0: "b"} for n in names}} if dynamic else None,
             opset_version=17,
             dynamo=False,
         )
@@ -91,6 +103,27 @@ def test_onnx_plus_yaml_import_registers_a_verified_version_that_screens(tmp_pat
     results = _screen_site("vendor-cxr@1.0.0", root, site_folder)
     assert {f.key for f in results[0].findings} == {"pneumothorax", "cardiomegaly"}
     assert results[0].models == ["vendor-cxr@1.0.0"]
+
+
+def test_a_scores_only_graph_gets_a_features_output_and_its_ood_gate(tmp_path: Path, site_folder: Path) -> None:
+    """The supplier exported only scores: the importer adds pooled features of the graph's own
+    stages (scores unchanged) so that the version still gets an OOD gate fitted on site studies."""
+    import onnxruntime as ort
+
+    onnx_path = _export(tmp_path / "vendor.onnx", labels=2, features=False)
+    spec = load_import_spec(
+        write_spec(tmp_path / "spec.yaml", chest_spec("vendor-cxr", "1.0.0", ["pneumothorax", "cardiomegaly"]))
+    )
+    report = import_onnx(onnx_path, spec, root=tmp_path / "registry", ood_folder=site_folder)
+    loaded = resolve("vendor-cxr", "1.0.0", tmp_path / "registry")
+    assert [o.name for o in loaded.manifest.outputs] == ["logits", "dxassist_features"]
+    assert loaded.manifest.ood is not None and loaded.manifest.ood.features_output == "dxassist_features"
+    probe = np.random.default_rng(3).random((2, 1, 224, 224), dtype=np.float32)
+    before = ort.InferenceSession(str(onnx_path)).run(["logits"], {"image": probe})[0]
+    after = OnnxPredictor(loaded, providers="cpu").predict(probe)["logits"]
+    np.testing.assert_allclose(after, before, rtol=1e-6, atol=1e-6)
+    assert "dxassist added the output dxassist_features" in (report.staged / "MODEL_CARD.md").read_text()
+    assert _screen_site("vendor-cxr@1.0.0", tmp_path / "registry", site_folder)
 
 
 @pytest.mark.parametrize(
