@@ -6,7 +6,8 @@ Baseline: ``cxr-triage@1.0.0`` (same weights, no features output, no out-of-dist
 gate) with the content check switched off. Gated: the latest ``cxr-triage`` with the content check
 (header facts + frame statistics), the extra ``features`` output and the Mahalanobis distance.
 Both screen the same synthetic 1024 px CR studies one at a time, decode in-process, and
-alternate study by study so that machine load hits both alike; medians are compared.
+alternate study by study (ABBA order) so that machine load and file caches hit both alike;
+medians are compared.
 """
 
 from __future__ import annotations
@@ -58,8 +59,9 @@ def main() -> None:
         times: dict[str, list[float]] = {"baseline": [], "gated": []}
         refused = 0
         for _ in range(args.rounds):
-            for path in files:
-                for name, s in (("baseline", base), ("gated", gated)):
+            for i, path in enumerate(files):
+                pair = [("baseline", base), ("gated", gated)]
+                for name, s in pair if i % 2 == 0 else pair[::-1]:  # ABBA: neither always reads first
                     if name == "baseline":
                         decode.route_checked = _ungated_route  # type: ignore[assignment]
                         decode.content_checked = lambda manifest, pipeline: pipeline  # type: ignore[assignment]
