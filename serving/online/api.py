@@ -267,13 +267,14 @@ def create_api(
         await remember(svc)
         request = StudyRequest(study_instance_uid=body.study_instance_uid)
         key = request_hash("screening", body.study_instance_uid, body.priority.value)
-        job_id = svc.submit(
+        job_id = await asyncio.to_thread(
+            svc.submit,
             request,
             body.priority,
             provenance=default_provenance(request, who.id),
             idempotency=Idempotency(who.id, idempotency_key, key) if idempotency_key else None,
+            audit_action="request",
         )
-        await asyncio.to_thread(svc.store.audit, who.id, "request", job_id)
         return await _answer(svc, job_id, wait, response)
 
     @api.post(
@@ -326,12 +327,16 @@ def create_api(
         )
         try:
             job_id = await asyncio.to_thread(
-                svc.submit_spooled, folder, priority, requested_by=who.id, idempotency_key=idempotency_key
+                svc.submit_spooled,
+                folder,
+                priority,
+                requested_by=who.id,
+                idempotency_key=idempotency_key,
+                audit_action="upload",
             )
         except BaseException:
             await asyncio.to_thread(shutil.rmtree, folder, True)
             raise
-        await asyncio.to_thread(svc.store.audit, who.id, "upload", job_id)
         return await _answer(svc, job_id, wait, response)
 
     @api.post("/v1/events/stable-study", status_code=202, dependencies=[Auth])
@@ -339,8 +344,9 @@ def create_api(
         """Webhook for the PACS: a study became stable. Screened once; repeats are ignored (an
         upload claiming the same Study UID is not a screening of the PACS copy: it does not count)."""
         await remember(svc)
-        job_id = svc.submit_automatic(body.study_instance_uid, "webhook", who.id)
-        await asyncio.to_thread(svc.store.audit, who.id, "webhook", job_id)
+        job_id = await asyncio.to_thread(
+            svc.submit_automatic, body.study_instance_uid, "webhook", who.id, audit_action="webhook"
+        )
         return {"screening_id": job_id, "duplicate": job_id is None}
 
     @api.get("/v1/screenings/{screening_id}", response_model=ScreeningJob, dependencies=[Auth])

@@ -16,10 +16,11 @@ from __future__ import annotations
 import asyncio
 import logging
 import shutil
+import threading
 import time
 import uuid
 from collections.abc import Callable, Mapping, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from datetime import UTC, datetime, timedelta
 from enum import StrEnum
 from pathlib import Path
@@ -81,6 +82,7 @@ class _Job:
     dedupe_key: str | None = None  # the Study UID of a store-sourced job (serving.persistence.results)
     idempotency: Idempotency | None = None
     unless_screened: bool = False  # automatic triggers: no job when the store's copy was screened
+    audit_action: str | None = None  # the API request that admitted it, audited in the same commit
 
 
 class ScreeningService:
@@ -120,10 +122,18 @@ class ScreeningService:
         self.store = store
         self.settings = settings
         self.metrics = metrics or ServiceMetrics()
-        self._queues: dict[PriorityValues, asyncio.Queue[_Job]] = {
-            PriorityValues.STAT: asyncio.Queue(settings.max_queued_stat),
-            PriorityValues.ROUTINE: asyncio.Queue(settings.max_queued_routine),
+        # Admission runs in worker threads (its database commit must not block the event loop);
+        # the queues live in the loop. Capacity is counted here, under a lock, as the jobs queued
+        # plus those admitted but not yet handed to the loop.
+        self._queues: dict[PriorityValues, asyncio.Queue[_Job]] = {p: asyncio.Queue() for p in PriorityValues}
+        self._capacity = {
+            PriorityValues.STAT: settings.max_queued_stat,
+            PriorityValues.ROUTINE: settings.max_queued_routine,
         }
+        self._handing: dict[PriorityValues, int] = dict.fromkeys(PriorityValues, 0)
+        self._slots = threading.Lock()
+        self._running: set[str] = set()  # job ids being screened now (never persisted as such)
+        self._loop_thread: int | None = None
         self._inflight: set[asyncio.Task[None]] = set()
         self._done_events: dict[str, asyncio.Event] = {}
         self._wakeup = asyncio.Event()
@@ -142,6 +152,8 @@ class ScreeningService:
         """Warm up (model self-test), sweep half-written uploads, resume unfinished jobs,
         start dispatching. Called at process start (not at the first request): resumed jobs
         move at once."""
+        self._loop = asyncio.get_running_loop()
+        self._loop_thread = threading.get_ident()
         private_dir(self.settings.spool_dir)  # 0700: spooled instances are patient data
         swept = sweep_partials(self.settings.spool_dir)
         if swept:
@@ -150,16 +162,12 @@ class ScreeningService:
         for m in info:
             self.metrics.model_info.labels(str(m["model"]), str(m["version"]), str(m["provider"])).set(1)
         resumed = 0
-        for record in self.store.pending_jobs():
-            try:
-                self._enqueue(_Job(record.id, PriorityValues(record.priority), _request_of(record)), persist=False)
-            except QueueFull:
-                break  # the rest stays persisted as QUEUED for the next start
+        for record in self.store.pending_jobs():  # accepted before: all of them run, whatever the capacity
+            self._enqueue(_Job(record.id, PriorityValues(record.priority), _request_of(record)), persist=False)
             resumed += 1
         if resumed:
             logger.info("resumed %d unfinished screening jobs", resumed)
         self._dispatcher = asyncio.create_task(self._dispatch())
-        self._loop = asyncio.get_running_loop()
         if self.scp_settings is not None and self.scp_settings.enabled:
             self._scp = StoreScp(
                 self.scp_settings.ae_title,
@@ -295,43 +303,66 @@ class ScreeningService:
         """Raise ``ServiceDraining`` or ``QueueFull`` now, before a caller reads an upload."""
         if self._draining:
             raise ServiceDraining()
-        queue = self._queues[priority]
-        if queue.full():
+        with self._slots:
+            full = self._queues[priority].qsize() + self._handing[priority] >= self._capacity[priority]
+        if full:
             self.metrics.rejected.labels(priority.value).inc()
             raise QueueFull(f"{priority.value} queue is full", retry_after_s=1)
 
     def _enqueue(self, job: _Job, *, persist: bool = True) -> str | None:
         """Persist and queue ``job``; returns the id of the job that answers (another one when
         the store found an equivalent: same Idempotency-Key or dedupe key), None when an
-        automatic trigger's study was already screened from the store."""
-        queue = self._queues[job.priority]
-        if queue.full():
-            self.metrics.rejected.labels(job.priority.value).inc()
-            raise QueueFull(
-                f"{job.priority.value} queue is full",
-                retry_after_s=max(1, int(queue.qsize() * 0.5 / self.settings.max_inflight)),
-            )
-        if persist:
-            try:
-                admission = self.store.add_job(
-                    job.id,
-                    job.priority.value,
-                    job.request.study_instance_uid,
-                    job.request.spool_dir,
-                    provenance=job.provenance,
-                    dedupe_key=job.dedupe_key,
-                    idempotency=job.idempotency,
-                    unless_screened=job.unless_screened,
+        automatic trigger's study was already screened from the store. Callable from the event
+        loop or from a worker thread (the commit then stays off the loop); jobs resumed at
+        start (``persist=False``) were accepted before and are not counted against capacity."""
+        priority = job.priority
+        queue = self._queues[priority]
+        with self._slots:
+            if persist and queue.qsize() + self._handing[priority] >= self._capacity[priority]:
+                self.metrics.rejected.labels(priority.value).inc()
+                raise QueueFull(
+                    f"{priority.value} queue is full",
+                    retry_after_s=max(1, int(queue.qsize() * 0.5 / self.settings.max_inflight)),
                 )
-            except ResultsDatabaseError as exc:  # nothing accepted: the caller gets 503 + Retry-After
-                self._db_error = type(exc).__name__
-                raise
-            if not admission.created:
-                return admission.job_id
-        queue.put_nowait(job)
-        self.metrics.queue_depth.labels(job.priority.value).set(queue.qsize())
+            self._handing[priority] += 1
+        handed = False
+        try:
+            if persist:
+                try:
+                    admission = self.store.add_job(
+                        job.id,
+                        job.priority.value,
+                        job.request.study_instance_uid,
+                        job.request.spool_dir,
+                        provenance=job.provenance,
+                        dedupe_key=job.dedupe_key,
+                        idempotency=job.idempotency,
+                        unless_screened=job.unless_screened,
+                        audit_action=job.audit_action,
+                    )
+                except ResultsDatabaseError as exc:  # nothing accepted: the caller gets 503 + Retry-After
+                    self._db_error = type(exc).__name__
+                    raise
+                if not admission.created:
+                    return admission.job_id
+            if self._loop is not None and threading.get_ident() != self._loop_thread:
+                self._loop.call_soon_threadsafe(self._put, job)
+            else:
+                self._put(job)
+            handed = True
+            return job.id
+        finally:
+            if not handed:
+                with self._slots:
+                    self._handing[priority] -= 1
+
+    def _put(self, job: _Job) -> None:
+        """In the event loop: the admitted job joins its queue and the dispatcher wakes."""
+        with self._slots:
+            self._handing[job.priority] -= 1
+            self._queues[job.priority].put_nowait(job)
+        self.metrics.queue_depth.labels(job.priority.value).set(self._queues[job.priority].qsize())
         self._wakeup.set()
-        return job.id
 
     def submit(
         self,
@@ -340,12 +371,13 @@ class ScreeningService:
         *,
         provenance: Provenance | None = None,
         idempotency: Idempotency | None = None,
+        audit_action: str | None = None,
     ) -> str:
         """Persist and enqueue; returns the job id: the existing job's for a retried
         Idempotency-Key, or for a study already queued from the store (one dedupe key for SCP,
         webhook, poller and API). Raises ``QueueFull``, ``ServiceDraining``,
         ``IdempotencyKeyReused``."""
-        job_id, _created = self._submit(request, priority, provenance, idempotency)
+        job_id, _created = self._submit(request, priority, provenance, idempotency, audit_action=audit_action)
         assert job_id is not None  # only automatic submissions can find nothing to do
         return job_id
 
@@ -357,6 +389,7 @@ class ScreeningService:
         idempotency: Idempotency | None = None,
         *,
         unless_screened: bool = False,
+        audit_action: str | None = None,
     ) -> tuple[str | None, bool]:
         """(answering job id, whether it is a new job)."""
         if self._draining:
@@ -371,6 +404,7 @@ class ScreeningService:
             dedupe_key=request.study_instance_uid if store_copy else None,
             idempotency=idempotency,
             unless_screened=unless_screened,
+            audit_action=audit_action,
         )
         job_id = self._enqueue(job)
         return job_id, job_id == job.id
@@ -381,6 +415,7 @@ class ScreeningService:
         trigger: str,
         requested_by: str = SYSTEM_ACTOR,
         priority: PriorityValues | None = None,
+        audit_action: str | None = None,
     ) -> str | None:
         """A trigger that fires on its own (webhook, poller): never screens a study twice.
 
@@ -396,6 +431,7 @@ class ScreeningService:
             priority or self.order_priority(study_instance_uid),
             provenance,
             unless_screened=True,
+            audit_action=audit_action,
         )
         self.metrics.triggers.labels(trigger, "submitted" if created else "duplicate").inc()
         return job_id if created else None
@@ -609,6 +645,7 @@ class ScreeningService:
         *,
         requested_by: str = SYSTEM_ACTOR,
         idempotency_key: str | None = None,
+        audit_action: str | None = None,
     ) -> str:
         """Submit instances already streamed into a private spool folder (the HTTP upload).
 
@@ -624,7 +661,7 @@ class ScreeningService:
         )
         request = StudyRequest(study_instance_uid=uid, spool_dir=str(folder))
         provenance = Provenance(SourceValues.UPLOAD, TriggerValues.API, requested_by)
-        job_id, created = self._submit(request, priority, provenance, idempotency)
+        job_id, created = self._submit(request, priority, provenance, idempotency, audit_action=audit_action)
         assert job_id is not None
         if not created:
             shutil.rmtree(folder, ignore_errors=True)
@@ -679,15 +716,16 @@ class ScreeningService:
         try:
             await self._run_job(job)
         finally:
+            self._running.discard(job.id)
             self._signal_done(job.id)
 
     async def _run_job(self, job: _Job) -> None:
         queued_s = time.monotonic() - job.enqueued
         self.metrics.stage_seconds.labels("queue").observe(queued_s)
-        # database writes run off the event loop (fsync on SQLite, a round trip on PostgreSQL);
-        # while the database fails they are retried, so no job is left RUNNING unrecorded
-        if not await self._persist("running", self.store.update_job, job.id, JobStatusValues.RUNNING):
-            return  # draining with the database down: still QUEUED there, resumes at the next start
+        # RUNNING is this process's knowledge, not a durable state: the database keeps the job
+        # QUEUED until its result (or failure) commits, so a crash resumes it either way and a
+        # screening costs two durable commits (admission, result) rather than three
+        self._running.add(job.id)
         start = time.monotonic()
         try:
             result, evidence = await asyncio.wait_for(self._screen(job), timeout=self.settings.request_timeout_s)
@@ -800,6 +838,8 @@ class ScreeningService:
         record = self.store.job(job_id)
         if record is None:
             return None
+        if record.status == JobStatusValues.QUEUED and job_id in self._running:
+            record = replace(record, status=JobStatusValues.RUNNING.value)
         result = self.store.result(record.screening_id) if record.screening_id else None
         return record, result
 

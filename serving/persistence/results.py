@@ -333,6 +333,7 @@ class ResultsStore:
         dedupe_key: str | None = None,
         idempotency: Idempotency | None = None,
         unless_screened: bool = False,
+        audit_action: str | None = None,
     ) -> Admission:
         """Persist a QUEUED job, unless an equivalent one answers the request:
 
@@ -342,12 +343,14 @@ class ResultsStore:
         * ``unless_screened`` (automatic triggers) and the study already screened from the store:
           no job (``job_id`` None).
 
-        One transaction; a concurrent writer that wins a race is found on the second pass."""
+        One transaction (with the audit row of the request, when ``audit_action`` names it: one
+        durable commit per admission); a concurrent writer that wins a race is found on the
+        second pass."""
         provenance = provenance or Provenance(SourceValues.UNKNOWN, TriggerValues.UNKNOWN)
         for attempt in range(2):
             try:
                 with self._db.write() as conn:
-                    return self._admit(
+                    admission = self._admit(
                         conn,
                         job_id,
                         priority,
@@ -358,6 +361,17 @@ class ResultsStore:
                         idempotency,
                         unless_screened,
                     )
+                    if audit_action is not None:
+                        conn.execute(
+                            insert(audit_log).values(
+                                at=_now(),
+                                actor=provenance.requested_by,
+                                action=audit_action,
+                                screening_id=admission.job_id,
+                                study_ref=None,
+                            )
+                        )
+                    return admission
             except ResultsConflict:
                 if attempt:
                     raise
