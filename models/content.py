@@ -99,11 +99,17 @@ def measure(frame: PixelFrame) -> ContentStats:
         chroma = float(np.abs(sub - sub.mean(axis=2, keepdims=True)).mean())
     else:
         luma, chroma = sub, 0.0
-    quantised = np.round(luma * 4095.0).astype(np.int32)
-    low, high = np.percentile(luma, [1.0, 99.0])
+    # one histogram of 4096 bins gives levels, blank share and percentiles without sorting
+    quantised = np.clip(luma * 4095.0 + 0.5, 0, 4095).astype(np.int32)
+    hist = np.bincount(quantised.ravel(), minlength=4096)
+    cdf = np.cumsum(hist)
+    total = int(cdf[-1])
+    low = int(np.searchsorted(cdf, 0.01 * total)) / 4095.0
+    high = int(np.searchsorted(cdf, 0.99 * total)) / 4095.0
+    blank = int(hist[: int(0.005 * 4095) + 1].sum() + hist[int(np.ceil(0.995 * 4095)) :].sum())
     return ContentStats(
-        grey_levels=int(np.unique(quantised).size),
-        blank_fraction=float(np.mean((luma <= 0.005) | (luma >= 0.995))),
+        grey_levels=int(np.count_nonzero(hist)),
+        blank_fraction=blank / max(total, 1),
         contrast=float(high - low),
         chroma=chroma,
     )

@@ -53,6 +53,10 @@ class GaussianStats:
     inv_eigenvalues: NDArray[np.float64]
     inv_residual: float
 
+    def __post_init__(self) -> None:
+        # the projection in float32: the distance needs no more precision, and it halves the work
+        object.__setattr__(self, "_components32", np.ascontiguousarray(self.components, dtype=np.float32))
+
     @property
     def dimensions(self) -> int:
         return int(self.mean.shape[0])
@@ -63,7 +67,9 @@ class GaussianStats:
         if x.ndim != 2 or x.shape[1] != self.dimensions:
             raise ValueError(f"features of shape {x.shape} do not fit a {self.dimensions}-dimensional gate")
         z = (x - self.mean) / self.scale
-        proj = z @ self.components
+        # einsum's own loop, not BLAS: a threaded BLAS call right after an ONNX Runtime run waits
+        # for its threads on a busy CPU (measured 5 ms against 0.1 ms for one frame)
+        proj = np.einsum("nd,dk->nk", z.astype(np.float32), self._components32).astype(np.float64)  # type: ignore[attr-defined]
         inside = (proj**2) @ self.inv_eigenvalues
         residual = np.maximum((z**2).sum(axis=1) - (proj**2).sum(axis=1), 0.0) * self.inv_residual
         d2 = inside + residual

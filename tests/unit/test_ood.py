@@ -26,7 +26,7 @@ def test_distance_equals_full_mahalanobis_when_every_direction_is_kept() -> None
     probe = rng.normal(size=(10, 6)) * 2 + 3.0
     zp = (probe - stats.mean) / stats.scale
     expected = np.sqrt(np.einsum("ij,jk,ik->i", zp, np.linalg.inv(shrunk), zp))
-    np.testing.assert_allclose(stats.distances(probe), expected, rtol=1e-6)
+    np.testing.assert_allclose(stats.distances(probe), expected, rtol=1e-4)  # float32 projection
 
 
 def test_far_points_are_farther_and_shrinkage_is_a_fraction() -> None:
