@@ -138,7 +138,7 @@ def heldout_set(
     if cfg.manifest["accepts"]["samples_per_pixel"] == 1:
         folder = work / f"data-seed{seed}-n{n}-{cfg.data.image_size[0]}"
         if not (folder / "Data_Entry.csv").exists():
-            generate_cxr_dataset(folder, n, seed, size=tuple(cfg.data.image_size))
+            generate_cxr_dataset(folder, n, seed, size=(cfg.data.image_size[0], cfg.data.image_size[1]))
         files = sorted(folder.glob("*.dcm"))
     else:
         folder = work / f"data-test-seed{seed}-n{n}"
