@@ -519,7 +519,9 @@ class ApiSettings(_Strict):
     tls_keyfile: Path | None = None
     max_queued_routine: int = Field(default=200, ge=1)
     max_queued_stat: int = Field(default=50, ge=1)
-    max_inflight: int = Field(default=4, ge=1)  # studies screened at once; one slot is kept for stat
+    #: studies screened at once (one slot is kept for stat); enough to keep every core busy while
+    #: other studies wait on I/O or a decode worker
+    max_inflight: int = Field(default_factory=lambda: max(4, 4 * (os.cpu_count() or 1) + 1), ge=1)
     request_timeout_s: float = Field(default=120.0, gt=0)
     max_upload_bytes: int = Field(default=256 * 1024 * 1024, ge=1024)
     spool_dir: Path = Path("var/spool")

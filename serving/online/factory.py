@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-from models.decode_pool import shared_decoder
 from models.predictor import OnnxPredictor
 from models.registry import resolve
 from serving.core.screening import StudyScreener
@@ -14,7 +13,7 @@ from serving.dicom.sources.local import LocalFolderSource
 from serving.dicom.store_back import DicomSrSink
 from serving.emr.fhir import FhirSink, FhirTriageSink
 from serving.emr.hl7 import Hl7MllpSink, Hl7PriorityUpdateSink
-from serving.online.pipeline import Pipeline
+from serving.online.pipeline import Pipeline, screener_options
 from serving.online.service import ScreeningService
 from serving.online.versions import VersionedPipeline, VersionRouter
 from serving.persistence.lifecycle import LifecycleStore
@@ -38,11 +37,7 @@ def build_screener(settings: Settings, *, sessions: bool = True) -> StudyScreene
     return StudyScreener(
         [build_predictor(m) for m in settings.models] if sessions else [],
         manifests=[] if sessions else [resolve(m.id, m.version) for m in settings.models],
-        study_ref_key=settings.security.study_ref_key.get_secret_value().encode(),
-        max_frames_per_image=settings.screening.max_frames_per_image,
-        batch_size=settings.screening.batch_size,
-        decoder=shared_decoder(settings.screening.decode_isolation, settings.screening.decode_workers),
-        body_part_aliases=settings.screening.body_part_aliases,
+        **screener_options(settings),
     )
 
 

@@ -10,14 +10,16 @@ from __future__ import annotations
 import asyncio
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Protocol
+from typing import Any, Protocol
 
 import numpy as np
 from numpy.typing import NDArray
 
+from models.decode_pool import shared_decoder
 from models.predictor import OnnxPredictor
 from serving.core.screening import InstanceInput, ModelOutputs, PreparedImage, RejectedImage, StudyScreener
 from serving.dicom.sources import StudySource
+from serving.settings import Settings
 
 
 @dataclass(frozen=True)
@@ -85,3 +87,15 @@ class LocalPipeline:
 
     async def model_info(self) -> list[dict[str, object]]:
         return [await asyncio.to_thread(model_status, p) for p in self.screener.predictors.values()]
+
+
+def screener_options(settings: Settings) -> dict[str, Any]:
+    """The ``StudyScreener`` keyword arguments the settings decide, for every place that builds
+    one (``factory.build_screener``, the versioned screeners): key, frames, batch, decoder, aliases."""
+    return {
+        "study_ref_key": settings.security.study_ref_key.get_secret_value().encode(),
+        "max_frames_per_image": settings.screening.max_frames_per_image,
+        "batch_size": settings.screening.batch_size,
+        "decoder": shared_decoder(settings.screening.decode_isolation, settings.screening.decode_workers),
+        "body_part_aliases": settings.screening.body_part_aliases,
+    }

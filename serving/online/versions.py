@@ -44,7 +44,7 @@ from models.validation import Agreement, agreement
 from serving.core.screening import ModelOutputs, PreparedImage, StudyScreener, run_model
 from serving.core.uids import is_dicom_uid
 from serving.dicom.sources import StudySource
-from serving.online.pipeline import PreparedStudy, StudyRequest, model_status, prepare_request
+from serving.online.pipeline import PreparedStudy, StudyRequest, model_status, prepare_request, screener_options
 from serving.persistence.lifecycle import LifecycleStore
 from serving.persistence.results import ResultsStore
 from serving.settings import ModelSettings, Settings
@@ -148,12 +148,7 @@ class VersionRouter:
             found = self._screeners.get(key)
         if found is not None:
             return found
-        screener = StudyScreener(
-            [self.predictor(ref) for ref in key],
-            study_ref_key=self.settings.security.study_ref_key.get_secret_value().encode(),
-            max_frames_per_image=self.settings.screening.max_frames_per_image,
-            batch_size=self.settings.screening.batch_size,
-        )
+        screener = StudyScreener([self.predictor(ref) for ref in key], **screener_options(self.settings))
         with self._lock:
             return self._screeners.setdefault(key, screener)
 
@@ -176,13 +171,7 @@ class VersionedScreener(StudyScreener):
 
     def __init__(self, router: VersionRouter) -> None:
         refs = [f"{k}@{v}" for k, v in router.configured.items()]
-        super().__init__(
-            [],
-            manifests=[router.manifest(r) for r in refs],
-            study_ref_key=router.settings.security.study_ref_key.get_secret_value().encode(),
-            max_frames_per_image=router.settings.screening.max_frames_per_image,
-            batch_size=router.settings.screening.batch_size,
-        )
+        super().__init__([], manifests=[router.manifest(r) for r in refs], **screener_options(router.settings))
         self.loaded = _ByRef(router)
 
 
