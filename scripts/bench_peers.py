@@ -342,8 +342,8 @@ def main() -> None:
         "pytriton": System("PyTriton (Triton dynamic batcher)", [py.get("pytriton", ""), "pytriton_ort.py", "--port", "8104"], 8104, "kserve"),
         "dxassist": System(
             "dxassist serve",
-            [str(Path(sys.executable).parent / "dxassist"), "serve", "--settings", str(settings), "--port", "8105"],
-            8105,
+            [str(Path(sys.executable).parent / "dxassist"), "serve", "--settings", str(settings), "--port", "8110"],
+            8110,
             "dxassist",
             env={"DXASSIST_API__TOKENS": token},
             cwd=REPO,

@@ -24,7 +24,7 @@ if __name__ == "__main__":
     parser = argparse.ArgumentParser()
     parser.add_argument("--port", type=int, default=8104)
     args = parser.parse_args()
-    config = TritonConfig(http_address="127.0.0.1", http_port=args.port, grpc_port=args.port + 1, metrics_port=args.port + 2)
+    config = TritonConfig(http_address="127.0.0.1", http_port=args.port, grpc_port=args.port + 20, metrics_port=args.port + 30)
     with Triton(config=config) as triton:
         triton.bind(
             model_name="cxr",

@@ -62,9 +62,13 @@ def test_fhir_report_is_valid_linked_and_idempotent(fhir_server: str, predictor:
     assert report["subject"]["identifier"] == {"system": IDENTITY.patient_id_system, "value": result.patient_id}
     for ref in report["result"]:
         assert httpx.get(f"{fhir_server}/fhir/R4/{ref['reference']}").status_code == 200
-    # the server validates: a malformed resource is refused, and the sink calls that permanent
+    # the server validates: a malformed resource is refused, and the sink's transport calls that
+    # permanent (dead letter, no retry), not retryable
     bad = as_json(fhir_resources(result, IDENTITY)[0]) | {"unknownElement": 1}
-    assert httpx.put(f"{fhir_server}/fhir/R4/Device/{bad['id']}", json=bad).status_code == 400
+    refusing = FhirSink(f"{fhir_server}/fhir/R4", identity=IDENTITY)
+    with pytest.raises(DeliveryRejected, match="HTTP 400"):
+        refusing._request("PUT", f"/{bad['resourceType']}/{bad['id']}", json=bad)
+    refusing.close()
 
 
 def test_hl7_ack_handling_and_escaping(predictor: OnnxPredictor, tmp_path: Path) -> None:
