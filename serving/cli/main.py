@@ -418,12 +418,17 @@ def serve(
         return
     stop = threading.Event()
     tls = (cfg.api.tls_certfile, cfg.api.tls_keyfile) if cfg.api.tls_certfile and cfg.api.tls_keyfile else None
+    # a signal before Ray is up stops as usual; from ray.init on, local_serve routes it to ``stop``
+    signal.signal(signal.SIGTERM, lambda *_: stop.set())
+    signal.signal(signal.SIGINT, lambda *_: stop.set())
     with local_serve(
-        str(settings) if settings else None, host=bind, port=port or cfg.api.port, num_cpus=num_cpus, tls=tls
+        str(settings) if settings else None,
+        host=bind,
+        port=port or cfg.api.port,
+        num_cpus=num_cpus,
+        tls=tls,
+        on_stop=stop.set,
     ) as base:
-        # ray.init replaced this process's SIGTERM handler with an immediate exit: take it back
-        signal.signal(signal.SIGTERM, lambda *_: stop.set())
-        signal.signal(signal.SIGINT, lambda *_: stop.set())
         console.print(f"dxassist serving at {base} (OpenAPI document: {base}/openapi.json). Ctrl-C to stop.")
         while not stop.wait(0.5):
             pass

@@ -19,7 +19,7 @@ from sqlalchemy import Column, Integer, MetaData, Table, Text, delete, insert, s
 from models.errors import ResultsConflict
 from models.results import ScreeningResult
 from serving.persistence.database import Database
-from serving.persistence.migrate import ensure_schema
+from serving.persistence.migrate import open_migrated
 
 _meta = MetaData()
 
@@ -97,12 +97,7 @@ class LifecycleStore:
 
     def __init__(self, target: Path | str) -> None:
         self.target = target
-        self._db = Database(target)
-        try:
-            ensure_schema(self._db)
-        except BaseException:
-            self._db.close()
-            raise
+        self._db = open_migrated(target)
 
     # -- active versions -------------------------------------------------------------------
 

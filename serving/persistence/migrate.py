@@ -114,3 +114,15 @@ def ensure_schema(db: Database) -> None:
     """At start: nothing when at head, else upgrade (or ``ResultsSchemaError`` if newer than head)."""
     if not state(db).up_to_date:
         upgrade(db)
+
+
+def open_migrated(target: Path | str) -> Database:
+    """The results database at ``target``, its schema brought to head (every store opens it so);
+    the connection is closed again when that fails."""
+    db = Database(target)
+    try:
+        ensure_schema(db)
+    except BaseException:
+        db.close()
+        raise
+    return db

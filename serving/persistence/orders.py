@@ -25,8 +25,7 @@ from typing import Any
 
 from sqlalchemy import Connection, and_, case, func, insert, or_, select, update
 
-from serving.persistence.database import Database
-from serving.persistence.migrate import ensure_schema
+from serving.persistence.migrate import open_migrated
 from serving.persistence.schema import inbound_messages, orders
 
 
@@ -127,12 +126,7 @@ class OrderBook:
 
     def __init__(self, target: Path | str) -> None:
         self.target = target
-        self._db = Database(target)
-        try:
-            ensure_schema(self._db)
-        except BaseException:
-            self._db.close()
-            raise
+        self._db = open_migrated(target)
 
     # -- writes ----------------------------------------------------------------------------
 

@@ -25,8 +25,7 @@ from pathlib import Path
 
 from sqlalchemy import func, insert, select, update
 
-from serving.persistence.database import Database
-from serving.persistence.migrate import ensure_schema
+from serving.persistence.migrate import open_migrated
 from serving.persistence.schema import deliveries, delivery_audit
 
 logger = logging.getLogger(__name__)
@@ -69,12 +68,7 @@ class Outbox:
         max_backoff_s: float = 300.0,
         lease_s: float = 120.0,
     ) -> None:
-        self._db = Database(target)
-        try:
-            ensure_schema(self._db)
-        except BaseException:
-            self._db.close()
-            raise
+        self._db = open_migrated(target)
         self.base_backoff_s = base_backoff_s
         self.max_backoff_s = max_backoff_s
         self.lease_s = lease_s

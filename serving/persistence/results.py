@@ -33,9 +33,8 @@ from sqlalchemy import Connection, Text, and_, case, cast, func, insert, literal
 
 from models.errors import IdempotencyKeyReused, ResultsConflict
 from models.results import ScreeningResult
-from serving.persistence.database import Database
 from serving.persistence.ids import new_screening_uuid
-from serving.persistence.migrate import ensure_schema
+from serving.persistence.migrate import open_migrated
 from serving.persistence.schema import (
     STORE_SOURCES,
     SYSTEM_ACTOR,
@@ -187,12 +186,7 @@ class ResultsStore:
 
     def __init__(self, target: Path | str) -> None:
         self.target = target
-        self._db = Database(target)
-        try:
-            ensure_schema(self._db)
-        except BaseException:
-            self._db.close()
-            raise
+        self._db = open_migrated(target)
 
     # -- screenings ------------------------------------------------------------------------
 

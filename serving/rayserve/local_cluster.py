@@ -13,7 +13,8 @@ from __future__ import annotations
 
 import logging
 import os
-from collections.abc import Iterator
+import signal
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
@@ -67,9 +68,12 @@ def local_serve(
     env: dict[str, str] | None = None,
     topology: str = "auto",
     tls: tuple[Path, Path] | None = None,
+    on_stop: Callable[[], None] | None = None,
 ) -> Iterator[str]:
     """Run the app on a fresh local Ray; yields the base URL once ready; shuts everything down.
-    ``tls`` (certificate and key PEM files): the Serve proxy speaks HTTPS."""
+    ``tls`` (certificate and key PEM files): the Serve proxy speaks HTTPS. ``on_stop``: called on
+    SIGTERM/SIGINT from the moment Ray is up (``ray.init`` installs its own handler, which aborts
+    the process: a signal that came between Ray's start and readiness ended it with status -6)."""
     import ray
     from ray import serve
 
@@ -81,6 +85,9 @@ def local_serve(
     if topology != "auto":  # a settings override (the builder and every replica read the same)
         env_vars["DXASSIST_SERVE__TOPOLOGY"] = topology
     init_loopback_ray(num_cpus=num_cpus, runtime_env={"env_vars": env_vars})
+    if on_stop is not None:
+        signal.signal(signal.SIGTERM, lambda *_: on_stop())
+        signal.signal(signal.SIGINT, lambda *_: on_stop())
     try:
         ssl = {"ssl_certfile": str(tls[0]), "ssl_keyfile": str(tls[1])} if tls else {}
         serve.start(http_options={"host": host, "port": port, **ssl})
