@@ -90,7 +90,7 @@ class ContentStats:
 
 
 def measure(frame: PixelFrame) -> ContentStats:
-    """Statistics on a <= 256 x 256 subsample of the frame (about 0.1 ms)."""
+    """Statistics on a <= 256 x 256 subsample of the frame (a fraction of a millisecond: ADR 0015)."""
     px = frame.pixels
     step = max(1, max(px.shape[:2]) // _GRID)
     sub = px[::step, ::step]

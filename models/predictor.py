@@ -110,7 +110,7 @@ class OnnxPredictor:
         options.log_severity_level = 3
         if not allow_spinning:
             # idle ORT threads sleep instead of spinning: when decode, HTTP and other replicas
-            # share the cores, spinning burns the CPU they need (batch job: 14 -> 17 studies/s)
+            # share the cores, spinning burns the CPU they need (measured in ADR 0011)
             options.add_session_config_entry("session.intra_op.allow_spinning", "0")
         try:
             self.session = ort.InferenceSession(
