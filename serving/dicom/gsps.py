@@ -43,6 +43,17 @@ def _first(value: Any) -> float | None:
     return float(seq[0]) if seq else None
 
 
+def _presentation_lut(image: Dataset) -> hd.PresentationLUTTransformation:
+    """INVERSE for a MONOCHROME1 image (PS3.3 C.11.6: its lowest values are white): with IDENTITY a
+    viewer that applies the presentation state shows the radiograph inverted."""
+    inverse = str(image.get("PhotometricInterpretation", "")).strip().upper() == "MONOCHROME1"
+    return hd.PresentationLUTTransformation(
+        presentation_lut_shape=hd.PresentationLUTShapeValues.INVERSE
+        if inverse
+        else hd.PresentationLUTShapeValues.IDENTITY
+    )
+
+
 def _voi(image: Dataset) -> list[hd.pr.SoftcopyVOILUTTransformation] | None:
     center, width = _first(image.get("WindowCenter")), _first(image.get("WindowWidth"))
     if center is None or width is None or width <= 0:
@@ -128,6 +139,7 @@ def build_gsps(result: ScreeningResult, evidence: Sequence[Dataset]) -> Dataset 
         graphic_annotations=_annotation(result, image, chosen),
         graphic_layers=[_LAYER],
         voi_lut_transformations=_voi(image),
+        presentation_lut_transformation=_presentation_lut(image),
     )
     gsps.SeriesDescription = "dxassist AI regions (preliminary)"
     copy_laterality(image, gsps)

@@ -5,9 +5,11 @@ declared coding schemes), and keep their UIDs for the same result."""
 
 from __future__ import annotations
 
+import re
 import subprocess
 from pathlib import Path
 
+import numpy as np
 import pydicom
 import pytest
 from pydicom.dataset import Dataset
@@ -256,3 +258,31 @@ def test_dcmtk_presentation_state_engine_applies_the_gsps_to_the_image(chest: tu
         x0, y0, x1, y1 = p.box
         assert f"coordinates: {x0:g}\\{y0:g}, {x1:g}\\{y0:g}, {x1:g}\\{y1:g}" in text
         assert f'"{p.caption}"' in text
+
+
+def _pgm(path: Path) -> np.ndarray:
+    data = path.read_bytes()
+    header = re.match(rb"P5\s+(?:#[^\n]*\n\s*)*(\d+)\s+(\d+)\s+(\d+)\s", data)
+    assert header is not None
+    width, height, _ = (int(v) for v in header.groups())
+    return np.frombuffer(data[header.end() :], np.uint8)[: width * height].reshape(height, width).astype(float)
+
+
+@pytest.mark.parametrize("photometric", ["MONOCHROME1", "MONOCHROME2"])
+def test_gsps_keeps_the_radiograph_the_right_way_round(
+    screener: StudyScreener, tmp_path: Path, photometric: str
+) -> None:
+    """A viewer applying the GSPS shows the image as it shows it without one: a MONOCHROME1 source
+    needs the INVERSE presentation LUT (with IDENTITY, DCMTK's renderer drew the chest inverted)."""
+    path = write_synthetic_cxr(
+        tmp_path / "cxr.dcm", seed=82, findings={"pneumothorax": True}, size=(512, 512), photometric=photometric
+    )
+    result, _, header = _screen(screener, path)
+    gsps = build_gsps(result, [header])
+    assert gsps is not None
+    gsps.save_as(tmp_path / "pr.dcm", enforce_file_format=True)
+    for args, out in (([], "plain.pgm"), (["-p", str(tmp_path / "pr.dcm")], "pr.pgm")):
+        run = subprocess.run(["dcmp2pgm", *args, str(path), str(tmp_path / out)], capture_output=True, text=True)
+        assert run.returncode == 0, run.stderr
+    plain, with_pr = _pgm(tmp_path / "plain.pgm"), _pgm(tmp_path / "pr.pgm")
+    assert np.corrcoef(plain.ravel(), with_pr.ravel())[0, 1] > 0.9
