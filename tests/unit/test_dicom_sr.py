@@ -20,6 +20,8 @@ from models.pixels import decode_frames, read_dataset
 from models.predictor import OnnxPredictor
 from models.registry import resolve
 from models.results import OutcomeValues, ScreeningResult
+from models.synthetic.endoscopy import generate_endoscopy_demo
+from serving.cli.demo import DEMO_SEED
 from serving.core.screening import InstanceInput, StudyScreener
 from serving.dicom.common import placed_findings
 from serving.dicom.gsps import build_gsps
@@ -27,8 +29,6 @@ from serving.dicom.sc import build_scs
 from serving.dicom.seg import build_seg
 from serving.dicom.sr import build_sr
 from tests.conftest import write_synthetic_cxr
-
-SYNTHETIC_ENDOSCOPY = Path("var/store/demo/synthetic/endoscopy/frame_polyp.dcm")
 
 
 @pytest.fixture(scope="module")
@@ -176,9 +176,8 @@ def test_secondary_captures_are_registered_to_the_original(
 
 
 def test_polyp_mask_becomes_a_valid_seg(screener: StudyScreener, tmp_path: Path) -> None:
-    if not SYNTHETIC_ENDOSCOPY.exists():
-        pytest.fail("run `make demo` (or dxassist demo) to build the synthetic endoscopy frames")
-    result, paired, header = _screen(screener, SYNTHETIC_ENDOSCOPY)
+    generate_endoscopy_demo(tmp_path / "endoscopy", DEMO_SEED)  # the demo set's frames, made here
+    result, paired, header = _screen(screener, tmp_path / "endoscopy" / "frame_polyp.dcm")
     assert [f.key for f in result.positive_findings] == ["polyp"]
     segs = build_seg(result, paired, screener.loaded)
     assert len(segs) == 1 and dciodvfy(segs[0], tmp_path / "seg.dcm") == []
