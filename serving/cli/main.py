@@ -22,6 +22,7 @@ from rich.table import Table
 from models.errors import DxAssistError, ResultsDatabaseError
 from models.registry import list_versions, resolve, verify_all
 from models.results import OutcomeValues, ScreeningResult
+from serving.cli.common import SettingsOpt, load_settings
 from serving.cli.models import add_lifecycle_commands, register_from_validation
 from serving.core.screening import screen_paths
 from serving.dicom.sources.local import candidate_files
@@ -43,17 +44,9 @@ db_app = typer.Typer(no_args_is_help=True, help="The results database's schema (
 app.add_typer(db_app, name="db")
 console = Console(soft_wrap=False, width=120)
 
-SettingsOpt = Annotated[
-    Path | None, typer.Option("--settings", help="settings YAML (default configs/settings/dev.yaml)")
-]
-
 
 def _load_settings(path: Path | None) -> Settings:
-    try:
-        return Settings.load(path)
-    except (OSError, ValueError) as exc:
-        console.print(f"[red]settings error:[/red] {exc}")
-        raise typer.Exit(2) from exc
+    return load_settings(path, console)
 
 
 def _print_results(results: list[ScreeningResult]) -> None:

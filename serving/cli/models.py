@@ -28,21 +28,14 @@ from rich.table import Table
 
 from models.errors import DxAssistError, ManifestError
 from models.registry import REGISTRY_ROOT, resolve
+from serving.cli.common import SettingsOpt, load_settings
 from serving.settings import Settings
 
 console = Console(soft_wrap=False, width=140)
 
-SettingsOpt = Annotated[
-    Path | None, typer.Option("--settings", help="settings YAML (default configs/settings/dev.yaml)")
-]
-
 
 def _settings(path: Path | None) -> Settings:
-    try:
-        return Settings.load(path)
-    except (OSError, ValueError) as exc:
-        console.print(f"[red]settings error:[/red] {exc}")
-        raise typer.Exit(2) from exc
+    return load_settings(path, console)
 
 
 def _ref(ref: str) -> tuple[str, str]:
