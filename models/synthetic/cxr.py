@@ -277,21 +277,7 @@ def generate_cxr_dataset(
     with csv_path.open(mode, newline="") as fh:
         writer = csv.writer(fh)
         if mode == "w":
-            writer.writerow(
-                [
-                    "Image Index",
-                    "Finding Labels",
-                    "Follow-up #",
-                    "Patient ID",
-                    "Patient Age",
-                    "Patient Gender",
-                    "View Position",
-                    "OriginalImage[Width",
-                    "Height]",
-                    "OriginalImagePixelSpacing[x",
-                    "y]",
-                ]
-            )
+            writer.writerow(CHESTXRAY14_COLUMNS)
         writer.writerows(entries)
     with (out_dir / "BBox_List.csv").open(mode, newline="") as fh:
         writer = csv.writer(fh)
@@ -299,6 +285,22 @@ def generate_cxr_dataset(
             writer.writerow(["Image Index", "Finding Label", "Bbox [x", "y", "w", "h]"])
         writer.writerows(boxes)
     return csv_path
+
+
+#: The columns of NIH ChestX-ray14's ``Data_Entry.csv``, in its order (generator and export)
+CHESTXRAY14_COLUMNS = (
+    "Image Index",
+    "Finding Labels",
+    "Follow-up #",
+    "Patient ID",
+    "Patient Age",
+    "Patient Gender",
+    "View Position",
+    "OriginalImage[Width",
+    "Height]",
+    "OriginalImagePixelSpacing[x",
+    "y]",
+)
 
 
 def label_vector(finding_labels: str, keys: Sequence[str] = LABELS) -> NDArray[np.float32]:

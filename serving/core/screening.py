@@ -404,9 +404,11 @@ class StudyScreener:
 
     # -- all stages ------------------------------------------------------------------------
 
-    def screen(self, items: Iterable[InstanceInput], *, group_by_study: bool = True) -> list[ScreeningResult]:
-        """Screen instances, grouped into studies by Study Instance UID (or one per item)."""
-        start = time.perf_counter()
+    def screen_studies(
+        self, items: Iterable[InstanceInput], *, group_by_study: bool = True
+    ) -> list[tuple[ScreeningResult, list[tuple[PreparedImage, ModelOutputs | InferenceFailed]]]]:
+        """Screen instances, grouped into studies by Study Instance UID (or one per item); each
+        result with its images' model outputs (what the DICOM result objects are drawn from)."""
         studies: dict[str, _StudyWork] = {}
         for n, item in enumerate(items):
             outcome = self.prepare(item)
@@ -417,7 +419,7 @@ class StudyScreener:
                 work.prepared.append(outcome)
             else:
                 work.rejected.append(outcome)
-        results = []
+        done = []
         for work in studies.values():
             paired: list[tuple[PreparedImage, ModelOutputs | InferenceFailed]] = []
             for image in work.prepared:
@@ -426,7 +428,7 @@ class StudyScreener:
                 except InferenceFailed as exc:
                     paired.append((image, exc))
             result = self.assemble(work.study_instance_uid, paired, work.rejected)
-            results.append(result)
+            done.append((result, paired))
             logger.info(
                 "study screened",
                 extra={
@@ -436,6 +438,12 @@ class StudyScreener:
                     "stage": "screen",
                 },
             )
+        return done
+
+    def screen(self, items: Iterable[InstanceInput], *, group_by_study: bool = True) -> list[ScreeningResult]:
+        """Screen instances, grouped into studies by Study Instance UID (or one per item)."""
+        start = time.perf_counter()
+        results = [r for r, _ in self.screen_studies(items, group_by_study=group_by_study)]
         elapsed = (time.perf_counter() - start) * 1000.0
         share = elapsed / max(1, len(results))
         return [r.model_copy(update={"duration_ms": round(share, 1)}) for r in results]

@@ -9,7 +9,6 @@ UID or a name, in the path.
 from __future__ import annotations
 
 from collections.abc import Iterable, Sequence
-from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
@@ -19,19 +18,12 @@ from pydicom.dataset import Dataset
 from models.errors import DxAssistError, InferenceFailed
 from models.pixels import decode_frames, read_dataset
 from models.results import OutcomeValues, ScreeningResult
-from serving.core.screening import InstanceInput, ModelOutputs, PreparedImage, RejectedImage, StudyScreener
+from serving.core.screening import InstanceInput, ModelOutputs, PreparedImage, StudyScreener
 from serving.dicom.common import placed_findings
 from serving.dicom.gsps import build_gsps
 from serving.dicom.sc import build_scs
 from serving.dicom.seg import build_seg
 from serving.dicom.sr import build_sr
-
-
-@dataclass
-class _Study:
-    uid: str
-    prepared: list[PreparedImage] = field(default_factory=list)
-    rejected: list[RejectedImage] = field(default_factory=list)
 
 
 def _frames(
@@ -90,26 +82,11 @@ def screen_to_folder(
     """Screen ``files`` (one study per Study Instance UID, or one per file) and write each
     study's result objects under ``out_dir``; returns each result with the files written."""
     kinds = tuple(objects)
-    studies: dict[str, _Study] = {}
     paths: dict[str, Path] = {}
-    for n, path in enumerate(files):
-        outcome = screener.prepare(InstanceInput(path, str(path)))
-        key = outcome.study_instance_uid if (group_by_study and outcome.study_instance_uid) else f"#{n}"
-        study = studies.setdefault(key, _Study(outcome.study_instance_uid))
-        if isinstance(outcome, PreparedImage):
-            study.prepared.append(outcome)
-            paths[outcome.sop_instance_uid] = path
-        else:
-            study.rejected.append(outcome)
     done = []
-    for study in studies.values():
-        paired: list[tuple[PreparedImage, ModelOutputs | InferenceFailed]] = []
-        for image in study.prepared:
-            try:
-                paired.append((image, screener.infer(image.model_id, image.tensors)))
-            except InferenceFailed as exc:
-                paired.append((image, exc))
-        result = screener.assemble(study.uid, paired, study.rejected)
+    screened = screener.screen_studies((InstanceInput(p, str(p)) for p in files), group_by_study=group_by_study)
+    for result, paired in screened:
+        paths.update({image.sop_instance_uid: Path(image.label) for image, _ in paired})
         written = []
         folder = out_dir / (result.study_ref or "unknown")
         for name, ds in result_objects(result, paired, screener, paths, kinds):

@@ -37,7 +37,7 @@ from pydicom import dcmread
 from models.errors import DxAssistError, InputRejected, SourceError
 from models.pixels import load_frames
 from models.results import OutcomeValues, ScreeningResult
-from models.synthetic.cxr import CHESTXRAY14_NAMES
+from models.synthetic.cxr import CHESTXRAY14_COLUMNS, CHESTXRAY14_NAMES
 from serving.export.deid import Deidentifier
 from serving.online.factory import build_source
 from serving.persistence.results import ResultsStore
@@ -48,20 +48,7 @@ logger = logging.getLogger(__name__)
 
 #: ChestX-ray14 label names for the reference model's finding keys (``nodule_mass`` reads as Nodule)
 CHESTXRAY14 = CHESTXRAY14_NAMES | {"nodule_mass": "Nodule"}
-CHESTXRAY14_COLUMNS = [
-    "Image Index",
-    "Finding Labels",
-    "Follow-up #",
-    "Patient ID",
-    "Patient Age",
-    "Patient Gender",
-    "View Position",
-    "OriginalImage[Width",
-    "Height]",
-    "OriginalImagePixelSpacing[x",
-    "y]",
-    "Label Source",
-]
+EXPORT_COLUMNS = [*CHESTXRAY14_COLUMNS, "Label Source"]  # where each label came from (AI, reader)
 
 
 @dataclass
@@ -210,7 +197,7 @@ def run_export(settings: Settings, study_uids: list[str], out: Path) -> ExportSu
             close()
     if options.layout == "chestxray14":
         with (out / "Data_Entry.csv").open("w", newline="") as fh:
-            writer = csv.DictWriter(fh, fieldnames=CHESTXRAY14_COLUMNS)
+            writer = csv.DictWriter(fh, fieldnames=EXPORT_COLUMNS)
             writer.writeheader()
             writer.writerows(rows)
     else:
