@@ -14,54 +14,22 @@ from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
 
-from sqlalchemy import Column, Integer, MetaData, Table, Text, delete, insert, select, update
+from sqlalchemy import delete, insert, select, update
 
 from models.errors import ResultsConflict
 from models.results import ScreeningResult
 from serving.persistence.database import Database
 from serving.persistence.migrate import open_migrated
+from serving.persistence.schema import (
+    model_active_versions,
+    model_shadow_versions,
+    model_version_events,
+    shadow_results,
+)
 
-_meta = MetaData()
-
-active_versions = Table(
-    "model_active_versions",
-    _meta,
-    Column("model_id", Text, primary_key=True),
-    Column("version", Text, nullable=False),
-    Column("updated_at", Text, nullable=False),
-    Column("event_id", Integer, nullable=False),
-)
-version_events = Table(
-    "model_version_events",
-    _meta,
-    Column("id", Integer, primary_key=True, autoincrement=True),
-    Column("at", Text, nullable=False),
-    Column("model_id", Text, nullable=False),
-    Column("action", Text, nullable=False),
-    Column("from_version", Text, nullable=False),
-    Column("to_version", Text, nullable=False),
-    Column("actor", Text, nullable=False),
-    Column("reason", Text, nullable=False),
-)
-shadow_versions = Table(
-    "model_shadow_versions",
-    _meta,
-    Column("model_id", Text, primary_key=True),
-    Column("version", Text, primary_key=True),
-    Column("added_at", Text, nullable=False),
-)
-shadow_results = Table(
-    "shadow_results",
-    _meta,
-    Column("id", Integer, primary_key=True, autoincrement=True),
-    Column("created_at", Text, nullable=False),
-    Column("model_id", Text, nullable=False),
-    Column("shadow_version", Text, nullable=False),
-    Column("active_version", Text, nullable=False),
-    Column("study_instance_uid", Text, nullable=False),
-    Column("study_ref", Text, nullable=False),
-    Column("result_json", Text, nullable=False),
-)
+active_versions = model_active_versions
+version_events = model_version_events
+shadow_versions = model_shadow_versions
 
 
 def _now() -> str:

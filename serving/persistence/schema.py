@@ -255,6 +255,53 @@ inbound_messages = Table(
     PrimaryKeyConstraint("sender", "control_id", name="inbound_messages_pkey"),
 )
 
+# 0006: model lifecycle (serving.persistence.lifecycle): the active version per model, the
+# append-only audit of switches, shadow versions added at run time, shadow results
+model_active_versions = Table(
+    "model_active_versions",
+    metadata,
+    Column("model_id", Text, primary_key=True),
+    Column("version", Text, nullable=False),
+    Column("updated_at", Text, nullable=False),
+    Column("event_id", BigInteger, nullable=False),
+)
+model_version_events = Table(
+    "model_version_events",
+    metadata,
+    _id(),
+    Column("at", Text, nullable=False),
+    Column("model_id", Text, nullable=False),
+    Column("action", Text, nullable=False),
+    Column("from_version", Text, nullable=False, server_default=text("''")),
+    Column("to_version", Text, nullable=False),
+    Column("actor", Text, nullable=False),
+    Column("reason", Text, nullable=False),
+    Index("model_version_events_model", "model_id", "id"),
+    sqlite_autoincrement=True,
+)
+model_shadow_versions = Table(
+    "model_shadow_versions",
+    metadata,
+    Column("model_id", Text, nullable=False),
+    Column("version", Text, nullable=False),
+    Column("added_at", Text, nullable=False),
+    PrimaryKeyConstraint("model_id", "version", name="model_shadow_versions_pkey"),
+)
+shadow_results = Table(
+    "shadow_results",
+    metadata,
+    _id(),
+    Column("created_at", Text, nullable=False),
+    Column("model_id", Text, nullable=False),
+    Column("shadow_version", Text, nullable=False),
+    Column("active_version", Text, nullable=False),
+    Column("study_instance_uid", Text, nullable=False),
+    Column("study_ref", Text, nullable=False),
+    Column("result_json", Text, nullable=False),
+    Index("shadow_results_version", "model_id", "shadow_version", "id"),
+    sqlite_autoincrement=True,
+)
+
 # -- the batch job ledger (its own SQLite file in the job folder, not the results database) ---
 
 ledger_metadata = MetaData()

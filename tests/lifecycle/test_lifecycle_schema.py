@@ -20,17 +20,18 @@ def test_lifecycle_tables_come_from_the_migration(results_db: Path | str) -> Non
     from alembic.runtime.migration import MigrationContext
 
     from serving.persistence.database import Database
-    from serving.persistence.lifecycle import _meta
+    from serving.persistence.schema import metadata
 
     LifecycleStore(results_db).close()
     db = Database(results_db)
     with db.engine.connect() as conn:
         context = MigrationContext.configure(conn, opts={"compare_type": False})
-        drift = compare_metadata(context, _meta)
+        drift = compare_metadata(context, metadata)
     dialect = db.dialect
     db.close()
     flat = [d for group in drift for d in (group if isinstance(group, list) else [group])]
-    mine = set(_meta.tables)
+    mine = {"model_active_versions", "model_version_events", "model_shadow_versions", "shadow_results"}
+    assert mine <= set(metadata.tables)  # declared with the rest of the schema
     real = [
         d
         for d in flat
