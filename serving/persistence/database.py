@@ -19,6 +19,8 @@ exception type: SQLAlchemy's own messages quote statements, parameters (UIDs) an
 
 from __future__ import annotations
 
+import sqlite3
+import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -46,13 +48,32 @@ def database_url(target: str | Path) -> URL:
     return URL.create("sqlite+pysqlite", database=str(target))
 
 
+_BUSY_TIMEOUT_S = 10.0
+
+
+def _enter_wal(cursor: Any) -> None:
+    """Switch the file to WAL (persistent: once per file). Changing the journal mode needs the file
+    to itself and SQLite answers "database is locked" at once, without the busy handler, while
+    another connection (a replica starting at the same moment) holds a lock: retry, bounded."""
+    deadline = time.monotonic() + _BUSY_TIMEOUT_S
+    while True:
+        if cursor.execute("PRAGMA journal_mode").fetchone()[0].lower() == "wal":
+            return
+        try:
+            cursor.execute("PRAGMA journal_mode=WAL")
+        except sqlite3.OperationalError:
+            if time.monotonic() > deadline:
+                raise
+            time.sleep(0.02)
+
+
 def _sqlite_connect(dbapi_connection: Any, _record: Any) -> None:
     # the driver's own implicit transactions are off: ``_sqlite_begin`` says BEGIN itself
     dbapi_connection.isolation_level = None
     cursor = dbapi_connection.cursor()
-    cursor.execute("PRAGMA journal_mode=WAL")
+    cursor.execute(f"PRAGMA busy_timeout={int(_BUSY_TIMEOUT_S * 1000)}")
+    _enter_wal(cursor)
     cursor.execute("PRAGMA synchronous=FULL")
-    cursor.execute("PRAGMA busy_timeout=10000")
     cursor.close()
 
 
@@ -66,7 +87,7 @@ def make_engine(target: str | Path) -> Engine:
     url = database_url(target)
     if url.get_backend_name() == "sqlite":
         Path(str(url.database)).parent.mkdir(parents=True, exist_ok=True)
-        engine = create_engine(url, hide_parameters=True, connect_args={"check_same_thread": False, "timeout": 10.0})
+        engine = create_engine(url, hide_parameters=True, connect_args={"check_same_thread": False, "timeout": _BUSY_TIMEOUT_S})
         event.listen(engine, "connect", _sqlite_connect)
         event.listen(engine, "begin", _sqlite_begin)
         return engine
