@@ -10,6 +10,7 @@
     ├── SourceError
     │   ├── StudyNotFound
     │   └── SourceUnavailable    retriable
+    │       └── InputUnreadable  a batch job's input file could not be read (retried by the next run)
     ├── ModelError
     │   ├── ModelIntegrityError  checksum or signature mismatch: fatal before any session exists
     │   ├── ManifestError        manifest malformed or inconsistent with the artifact
@@ -114,6 +115,11 @@ class StudyNotFound(SourceError):
 
 class SourceUnavailable(SourceError):
     """The store is down or too slow; the caller may retry."""
+
+
+class InputUnreadable(SourceUnavailable):
+    """A batch job could not read an input file (gone, unreadable, I/O error): the study is
+    recorded as not read, never as a finished NOT_SCREENED result, and the next run retries it."""
 
 
 class ModelError(DxAssistError):

@@ -452,6 +452,9 @@ class BatchSettings(_Strict):
     topology: Literal["auto", "staged", "fused"] = "auto"
     #: fused actors (default: one per CPU of the cluster)
     workers: int | None = Field(default=None, ge=1)
+    #: the driver's node reads every input file and ships its bytes through Ray's object store
+    #: (ADR 0020); a larger file is NOT_SCREENED IMAGE_TOO_LARGE without being read
+    max_file_bytes: int = Field(default=512 * 1024 * 1024, ge=1024)
 
 
 class TokenScopeValues(StrEnum):

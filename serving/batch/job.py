@@ -21,9 +21,10 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 import pickle  # nosec: rows are this job's own objects passed between its own actors
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
@@ -31,13 +32,16 @@ from typing import Any, Literal
 import numpy as np
 
 from models.decode import study_uid_of
-from models.errors import InferenceFailed, SourceError
-from models.predictor import cuda_device_count
+from models.errors import InferenceFailed, InputUnreadable, ModelIntegrityError, ReasonCode, SourceError
+from models.predictor import OnnxPredictor, cuda_device_count
+from models.registry import resolve
 from models.results import ScreeningResult
 from serving.batch.deliver import deliver_pending, record_for_delivery
-from serving.core.screening import InstanceInput, PreparedImage, RejectedImage, run_model
+from serving.batch.shipping import ShippedModel, identity_of, pack, unpacked
+from serving.core.screening import InstanceInput, PreparedImage, RejectedImage, StudyScreener, run_model
 from serving.dicom.sources.local import candidate_files
-from serving.online.factory import build_screener, build_sinks
+from serving.online.factory import build_sinks
+from serving.online.pipeline import screener_options
 from serving.persistence.ledger import Ledger
 from serving.persistence.results import Provenance
 from serving.persistence.schema import SourceValues, TriggerValues
@@ -70,32 +74,94 @@ def plan_studies(inputs: list[Path]) -> list[PlannedStudy]:
     return list(studies.values())
 
 
+def _read_file(name: str, max_bytes: int) -> bytes | int:
+    """A file's bytes, or its size when it is over ``max_bytes`` (then not read).
+
+    Raises:
+        InputUnreadable: the file is gone or cannot be read here.
+    """
+    try:
+        with open(name, "rb") as fh:
+            data = fh.read(max_bytes + 1)
+            if len(data) > max_bytes:
+                fh.seek(0, os.SEEK_END)
+                return fh.tell()
+            return data
+    except OSError as exc:
+        raise InputUnreadable(
+            f"a file of the study could not be read on the driver's node ({type(exc).__name__})"
+        ) from exc
+
+
+def read_inputs(batch: dict[str, np.ndarray], *, max_file_bytes: int) -> dict[str, np.ndarray]:
+    """Ray Data function, scheduled on the driver's node only: each study's files as bytes
+    (pickled ``[(label, bytes | size)]``), which then travel through Ray's object store to the
+    actor that decodes them on any node (ADR 0020). A file that cannot be read makes the row's
+    ``error`` (``InputUnreadable``): the study is retried by the next run, not marked done."""
+    inputs, errors = [], []
+    for files in batch["files"]:
+        read: list[tuple[str, bytes | int]] = []
+        error = ""
+        try:
+            read = [(name, _read_file(name, max_file_bytes)) for name in json.loads(str(files))]
+        except SourceError as exc:
+            read, error = [], f"{type(exc).__name__}: {exc}"
+        inputs.append(pickle.dumps(read))
+        errors.append(error)
+    return {
+        "study": batch["study"],
+        "inputs": np.array(inputs, dtype=object),
+        "error": np.array(errors, dtype=object),
+    }
+
+
+def _receive(models: Sequence[Any]) -> list[ShippedModel]:
+    """The shipped versions, from object references (actors) or as they are (in-process)."""
+    import ray
+
+    return [m if isinstance(m, ShippedModel) else ray.get(m) for m in models]
+
+
 class PrepareStage:
     """Ray Data callable class: one row per study -> its prepared images (pickled list).
 
-    A row names files, or (no files) a study to fetch from the configured store. A store error
-    becomes the row's ``error`` (the study is retried by the next run, not marked done)."""
+    A row carries its files' bytes (``read_inputs``), or (no files) names a study to fetch from
+    the configured store. A read or store error becomes the row's ``error`` (the study is retried
+    by the next run, not marked done). The models are the driver's (``shipping``): this node's
+    registry is never read."""
 
-    def __init__(self, settings_path: str | None) -> None:
+    def __init__(self, settings: Settings, models: Sequence[Any]) -> None:
         from serving.online.factory import build_source
 
-        settings = Settings.load(settings_path)
-        self.screener = build_screener(settings, sessions=False)
+        with unpacked(_receive(models)) as loaded:
+            self.screener = StudyScreener([], manifests=loaded, **screener_options(settings))
         self.source = build_source(settings) if settings.store.kind != "local" else None
 
-    def _items(self, study: str, files: list[str]) -> list[InstanceInput]:
-        if files:
-            return [InstanceInput(f, f) for f in files]
-        if self.source is None:
-            raise SourceError("no study store configured for UID inputs")
-        return self.source.instances(study)
+    def _prepare(self, study: str, read: list[tuple[str, bytes | int]]) -> list[PreparedImage | RejectedImage]:
+        if not read:
+            if self.source is None:
+                raise SourceError("no study store configured for UID inputs")
+            return [self.screener.prepare(i) for i in self.source.instances(study)]
+        out: list[PreparedImage | RejectedImage] = []
+        for label, data in read:
+            if isinstance(data, int):
+                uid = "" if study.startswith("file:") else study
+                detail = f"the file is {data / 2**20:.0f} MiB, over batch.max_file_bytes"
+                out.append(RejectedImage(label, uid, "", ReasonCode.IMAGE_TOO_LARGE, detail))
+            else:
+                out.append(self.screener.prepare(InstanceInput(data, label)))
+        return out
 
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         prepared, errors = [], []
-        for study, files in zip(batch["study"], batch["files"], strict=True):
+        for study, blob, error in zip(batch["study"], batch["inputs"], batch["error"], strict=True):
+            if error:
+                prepared.append(pickle.dumps([]))
+                errors.append(str(error))
+                continue
             try:
-                items = self._items(str(study), json.loads(str(files)))
-                prepared.append(pickle.dumps([self.screener.prepare(i) for i in items]))
+                read = pickle.loads(blob)  # noqa: S301 - our own rows
+                prepared.append(pickle.dumps(self._prepare(str(study), read)))
                 errors.append("")
             except SourceError as exc:
                 prepared.append(pickle.dumps([]))
@@ -108,15 +174,25 @@ class PrepareStage:
 
 
 class InferStage:
-    """Ray Data callable class: one ORT call per model for all images of the batch's studies."""
+    """Ray Data callable class: one ORT call per model for all images of the batch's studies.
 
-    def __init__(self, settings_path: str | None, threads: int | None = None) -> None:
-        settings = Settings.load(settings_path)
-        if threads:
-            settings = settings.model_copy(
-                update={"models": [m.model_copy(update={"intra_op_threads": threads}) for m in settings.models]}
-            )
-        self.screener = build_screener(settings)
+    Its sessions are opened from the driver's shipped bytes (``shipping``); every row says which
+    versions ran it (``models``: id@version and artifact sha256), and the driver records a
+    result only when that is the version it resolved."""
+
+    def __init__(self, settings: Settings, models: Sequence[Any], threads: int | None = None) -> None:
+        with unpacked(_receive(models)) as loaded:
+            predictors = [
+                OnnxPredictor(
+                    one,
+                    providers=m.providers,
+                    intra_op_threads=threads or m.intra_op_threads,
+                    allow_spinning=m.allow_spinning,
+                )
+                for one, m in zip(loaded, settings.models, strict=True)
+            ]
+        self.screener = StudyScreener(predictors, **screener_options(settings))
+        self.identities = json.dumps(sorted(identity_of(p.loaded) for p in predictors))
 
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         studies = [pickle.loads(p) for p in batch["prepared"]]  # noqa: S301 - our own rows
@@ -151,15 +227,21 @@ class InferStage:
                     # kB, no pixel data) gives the result its patient id and accession number
                 pairs.append((item, outputs.get((si, ii))))
             paired.append(pickle.dumps(pairs))
-        return {"study": batch["study"], "paired": np.array(paired, dtype=object), "error": batch["error"]}
+        return {
+            "study": batch["study"],
+            "paired": np.array(paired, dtype=object),
+            "error": batch["error"],
+            "models": np.array([self.identities] * len(paired), dtype=object),
+        }
 
 
 class PrepareAndInferStage:
     """Ray Data callable class for the ``fused`` topology: both stages in one actor."""
 
-    def __init__(self, settings_path: str | None, threads: int | None = 1) -> None:
-        self.prepare = PrepareStage(settings_path)
-        self.infer = InferStage(settings_path, threads)
+    def __init__(self, settings: Settings, models: Sequence[Any], threads: int | None = 1) -> None:
+        shipped = _receive(models)
+        self.prepare = PrepareStage(settings, shipped)
+        self.infer = InferStage(settings, shipped, threads)
 
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         return self.infer(self.prepare(batch))
@@ -219,6 +301,10 @@ def run_batch_job(
     import ray
 
     settings = Settings.load(settings_path)
+    # one exact version per model, resolved once here: the actors load these bytes (ADR 0020)
+    resolved = [resolve(m.id, m.version) for m in settings.models]
+    shipped = [pack(one) for one in resolved]
+    expected_models = json.dumps(sorted(identity_of(one) for one in resolved))
     topology, workers, batch_size = settings.batch.topology, settings.batch.workers, settings.screening.batch_size
     ledger = Ledger(out_dir / "ledger.sqlite3")
     planned = plan_studies(inputs) + plan_from_store(study_uids or [])
@@ -232,7 +318,9 @@ def run_batch_job(
     ctx = ray.data.DataContext.get_current()
     ctx.enable_progress_bars = False
     ctx.verbose_stats_logs = False
-    screener = build_screener(settings, sessions=False)
+    models = [ray.put(one) for one in shipped]
+    del shipped
+    screener = StudyScreener([], manifests=resolved, **screener_options(settings))
     store = None
     if save_to_results_store:
         from serving.persistence.results import ResultsStore
@@ -246,13 +334,14 @@ def run_batch_job(
             rows = [{"study": s.key, "files": json.dumps([str(p) for p in s.files])} for s in todo]
             blocks = max(1, -(-len(rows) // batch_size))
             ds = ray.data.from_items(rows, override_num_blocks=blocks)
+            ds = _read_on_this_node(ds, settings.batch.max_file_bytes)
             chosen = choose_topology(topology)
             if chosen == "fused":
                 cpus = float(ray.cluster_resources().get("CPU", 1.0))
                 size = min(workers or max(1, int(cpus)), blocks)  # no idle actors on a small job
                 ds = ds.map_batches(
                     PrepareAndInferStage,
-                    fn_constructor_args=(settings_path, infer_threads or 1),
+                    fn_constructor_args=(settings, models, infer_threads or 1),
                     batch_size=batch_size,
                     compute=ray.data.ActorPoolStrategy(size=size),
                     num_cpus=min(1.0, cpus / size),
@@ -260,22 +349,27 @@ def run_batch_job(
             else:
                 ds = ds.map_batches(
                     PrepareStage,
-                    fn_constructor_args=(settings_path,),
+                    fn_constructor_args=(settings, models),
                     batch_size=batch_size,
                     compute=ray.data.ActorPoolStrategy(size=prepare_actors),
                     num_cpus=0.5,
                 )
                 ds = ds.map_batches(
                     InferStage,
-                    fn_constructor_args=(settings_path, infer_threads),
+                    fn_constructor_args=(settings, models, infer_threads),
                     batch_size=batch_size,
                     compute=ray.data.ActorPoolStrategy(size=infer_actors),
                     num_cpus=1,
                     num_gpus=1 if cuda_device_count() > 0 else 0,
                 )
             for batch in _iter(ds):
-                for study, paired_blob, error in zip(batch["study"], batch["paired"], batch["error"], strict=True):
+                rows_out = zip(batch["study"], batch["paired"], batch["error"], batch["models"], strict=True)
+                for study, paired_blob, error, ran in rows_out:
                     study = str(study)
+                    if not error and str(ran) != expected_models:  # cannot happen with shipped bytes; checked
+                        error = (
+                            f"{ModelIntegrityError.__name__}: screened by other model versions than the job resolved"
+                        )
                     if error:
                         ledger.record_error(study, str(error))
                         continue
@@ -327,6 +421,23 @@ def run_batch_job(
 
 class _Stop(Exception):
     pass
+
+
+def _read_on_this_node(ds: Any, max_file_bytes: int) -> Any:
+    """The input files are read where the driver runs (its node sees the folders it was given),
+    one planned block of studies at a time; Ray Data's streaming executor reads ahead only as far as
+    the object store budget of the next stage allows, so the bytes in flight stay bounded."""
+    import ray
+
+    here = ray.get_runtime_context().get_node_id()
+    return ds.map_batches(
+        read_inputs,
+        fn_kwargs={"max_file_bytes": max_file_bytes},
+        batch_size=None,  # one block of studies per task, as planned
+        num_cpus=0,  # reading is I/O: it takes no core from the screening actors
+        concurrency=2,
+        label_selector={"ray.io/node-id": here},  # this node only (a hard constraint)
+    )
 
 
 def _iter(ds: Any) -> Iterator[dict[str, np.ndarray]]:
