@@ -572,11 +572,16 @@ def strong_secret(secret: str) -> bool:
 class DriftSettings(_Strict):
     """Drift monitoring (serving.observability.drift): today's inputs and scores against the
     validation baseline of the active version. PSI above ``psi_alert`` (or a KS statistic above
-    ``ks_alert`` for continuous values) is a drift; below ``min_studies`` a day is not judged."""
+    ``ks_alert`` for continuous values) is a drift; below ``min_studies`` a day (the service: a
+    window) is not judged. The running service checks every ``interval_s`` seconds over the last
+    ``window_h`` hours (``serving.online.drift_watch``; 0 turns that off); ``dxassist models
+    drift`` reports per day."""
 
     psi_alert: float = Field(default=0.25, gt=0)
     ks_alert: float = Field(default=0.2, gt=0, le=1)
     min_studies: int = Field(default=30, ge=1)
+    interval_s: float = Field(default=900.0, ge=0)
+    window_h: float = Field(default=24.0, gt=0)
 
 
 class Settings(BaseSettings):

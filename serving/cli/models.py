@@ -407,8 +407,8 @@ def drift_and_feedback(
 ) -> tuple[list[Any], dict[str, dict[str, int]]]:
     """Drift checks, and the radiologists' feedback on this version's findings in the same days
     (``finding -> verdict -> count``, each reader's latest verdict per finding and screening)."""
-    from serving.observability.drift import drift_checks, load_observations, observation_of
-    from serving.persistence.lifecycle import screenings_since
+    from serving.observability.drift import drift_checks, load_observations
+    from serving.online.drift_watch import observations
     from serving.persistence.results import ResultsStore
 
     model_id, _, version = ref.partition("@")
@@ -421,12 +421,7 @@ def drift_and_feedback(
     current = []
     feedback: dict[str, dict[str, int]] = {}
     try:
-        for screening_id, public_id, created_at, result in screenings_since(cfg.results.target, since):
-            delivery = results.for_delivery(screening_id)
-            header = delivery[1][0] if delivery is not None and delivery[1] else None
-            observation = observation_of(result, ref, created_at[:10], header)
-            if observation is None:
-                continue
+        for _row, public_id, _created, observation in observations(results, ref, since):
             current.append(observation)
             latest: dict[tuple[str, str], str] = {}
             for record in results.feedback_for(public_id) if public_id else []:

@@ -11,8 +11,10 @@ baseline (the site validation's, kept beside the version as ``baseline.json``):
 - a check crosses when PSI > ``psi_alert`` or KS > ``ks_alert`` (``drift`` settings), and is
   judged only on days with at least ``min_studies`` studies.
 
-``DriftMonitor`` exports the latest values as Prometheus gauges (``dxassist models drift
---prom-file`` writes them for node_exporter's textfile collector) and writes one log line per
+``DriftMonitor`` exports the latest values as Prometheus gauges (the running service on its
+``/metrics``, every ``drift.interval_s`` over the last ``drift.window_h`` hours:
+``serving.online.drift_watch``; ``dxassist models drift --prom-file`` writes them for
+node_exporter's textfile collector) and writes one log line per
 crossed check that names the model, the quantity and the numbers: never a study, a UID or a
 header value (a manufacturer's name is a header value; the quantity is named, not the value).
 """
@@ -180,8 +182,12 @@ class DriftMonitor:
             registry=self.registry,
         )
 
-    def publish(self, model_ref: str, checks: Sequence[DriftCheck]) -> list[DriftCheck]:
-        """Set the gauges from the latest day and log every crossed check; returns those."""
+    def publish(
+        self, model_ref: str, checks: Sequence[DriftCheck], *, log: set[tuple[str, str]] | None = None
+    ) -> list[DriftCheck]:
+        """Set the gauges from the latest day and log every crossed check (only those whose
+        ``(quantity, statistic)`` is in ``log`` when given: the service logs a crossing once);
+        returns the crossed checks."""
         if not checks:
             return []
         latest = max(c.day for c in checks)
@@ -193,6 +199,7 @@ class DriftMonitor:
             self.crossed.labels(model_ref, c.quantity, c.statistic).set(1.0 if c.crossed else 0.0)
             if c.crossed:
                 crossed.append(c)
+            if c.crossed and (log is None or (c.quantity, c.statistic) in log):
                 logger.warning(
                     "drift threshold crossed: %s %s %s %.3f > %.3f over %d studies on %s",
                     model_ref,
@@ -206,8 +213,8 @@ class DriftMonitor:
         return crossed
 
     def write_textfile(self, path: Path) -> None:
-        """The gauges in Prometheus text format, for node_exporter's textfile collector (the
-        drift report runs as a scheduled command, not inside the service)."""
+        """The gauges in Prometheus text format, for node_exporter's textfile collector (``dxassist
+        models drift``; the service exports the same gauges on its own ``/metrics``)."""
         write_to_textfile(str(path), self.registry)
 
 

@@ -13,9 +13,10 @@ from serving.dicom.sources.local import LocalFolderSource
 from serving.dicom.store_back import DicomSrSink
 from serving.emr.fhir import FhirSink, FhirTriageSink
 from serving.emr.hl7 import Hl7MllpSink, Hl7PriorityUpdateSink
+from serving.online.drift_watch import DriftWatch
 from serving.online.pipeline import Pipeline, screener_options
 from serving.online.service import ScreeningService
-from serving.online.versions import VersionedPipeline, VersionRouter
+from serving.online.versions import VersionedPipeline, VersionRouter, split_ref
 from serving.persistence.lifecycle import LifecycleStore
 from serving.persistence.results import ResultsStore
 from serving.settings import ModelSettings, ScpSettings, Settings
@@ -118,4 +119,28 @@ def build_service(settings: Settings, pipeline: Pipeline) -> ScreeningService:
     )
     if isinstance(pipeline, VersionedPipeline):
         pipeline.bind_metrics(service.metrics.registry)
+    if settings.drift.interval_s > 0:
+        service.periodic.append(drift_watch(settings, service, pipeline).run)
     return service
+
+
+def drift_watch(settings: Settings, service: ScreeningService, pipeline: Pipeline) -> DriftWatch:
+    """The service's drift monitor: the active version of each model (per job with versions,
+    else the configured one), its baseline beside its manifest, gauges on the service's registry."""
+    if isinstance(pipeline, VersionedPipeline):
+        router = pipeline.router
+        return DriftWatch(
+            settings.drift,
+            service.store,
+            router.active,
+            lambda ref: router.manifest(ref).directory / "baseline.json",
+            service.metrics.registry,
+        )
+    configured = {m.id: resolve(m.id, m.version).manifest.version for m in settings.models}
+    return DriftWatch(
+        settings.drift,
+        service.store,
+        lambda: dict(configured),
+        lambda ref: resolve(*split_ref(ref)).directory / "baseline.json",
+        service.metrics.registry,
+    )

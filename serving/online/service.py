@@ -19,7 +19,7 @@ import shutil
 import threading
 import time
 import uuid
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Coroutine, Mapping, Sequence
 from dataclasses import dataclass, field, replace
 from datetime import UTC, datetime, timedelta
 from enum import StrEnum
@@ -145,6 +145,9 @@ class ScreeningService:
         self._db_error: str | None = None
         self._models_ready = False
         self.ready = False
+        #: background loops started with the service and cancelled by ``drain`` (drift watch)
+        self.periodic: list[Callable[[], Coroutine[Any, Any, None]]] = []
+        self._periodic_tasks: list[asyncio.Task[None]] = []
 
     # -- lifecycle -------------------------------------------------------------------------
 
@@ -191,6 +194,7 @@ class ScreeningService:
             self._order_poller = asyncio.create_task(self._poll_orders_forever(poller))
         if self.outbox is not None:  # also delivers what a previous process left pending
             self._delivery = asyncio.create_task(self._deliver_forever())
+        self._periodic_tasks = [asyncio.create_task(loop()) for loop in self.periodic]
         self._models_ready = all(bool(m["ready"]) for m in info)
         self.ready = self._models_ready
 
@@ -215,6 +219,8 @@ class ScreeningService:
             await asyncio.to_thread(self._scp.stop)
         if self._poller is not None:
             self._poller.cancel()
+        for task in self._periodic_tasks:
+            task.cancel()
         if self._dispatcher:
             self._dispatcher.cancel()
         for queue in self._queues.values():  # queued jobs run at the next start: answer their waiters now
