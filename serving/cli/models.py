@@ -10,12 +10,16 @@ compare    agreement of a shadow version with the active one, per finding
 promote    make a version active for the running service (audited; no restart)
 rollback   switch back to the version active before the last switch (audited)
 drift      inputs and scores per day against the validation baseline
+feedback-export  readers' verdicts as a labelled CSV that ``validate --source store`` reads
 """
 
 from __future__ import annotations
 
+import csv
 import getpass
+import io
 import json
+import os
 import subprocess
 import sys
 from datetime import UTC, datetime, timedelta
@@ -472,6 +476,55 @@ def write_drift_report(
     (out / "drift.html").write_text("\n".join(parts))
 
 
+#: the one identifier a feedback export carries: what ``validate --source store`` fetches by
+FEEDBACK_UID_COLUMN = "Study Instance UID"
+
+
+def feedback_export(
+    out: Annotated[Path, typer.Option(help="CSV to write (created 0600: it names studies by Study UID)")],
+    model: Annotated[str | None, typer.Option(help="only findings of this model id (columns: its labels)")] = None,
+    settings: SettingsOpt = None,
+) -> None:
+    """Readers' feedback as a labelled dataset: one row per study a reader judged, one column per
+    finding (1 / 0 as the verdicts decide it, empty where no reader decided), in the CheXpert-style
+    layout ``dxassist models validate --labels FILE --source store`` reads.
+
+    Only what a site's own labels file for ``--source store`` holds: the Study Instance UID (to
+    fetch the images from the store), the labels, the number of readers and the model versions
+    judged; no patient, accession, reader id, comment or date."""
+    from serving.persistence.feedback import feedback_labels
+
+    cfg = _settings(settings)
+    try:
+        studies = feedback_labels(cfg.results.target, model_id=model)
+        if model is not None:
+            configured = next((m for m in cfg.models if m.id == model), None)
+            version = configured.version if configured is not None else "latest"
+            keys = [lab.key for lab in resolve(model, version).manifest.labels]
+        else:
+            keys = sorted({k for s in studies for k in s.labels})
+    except DxAssistError as exc:
+        raise _refuse(exc) from exc
+    out.parent.mkdir(parents=True, exist_ok=True)
+    lines = [[FEEDBACK_UID_COLUMN, *keys, "Readers", "Models"]]
+    for study in studies:
+        values = [str(study.labels[k]) if k in study.labels else "" for k in keys]
+        lines.append([study.study_instance_uid, *values, str(study.readers), " ".join(study.models)])
+    buffer = io.StringIO()
+    csv.writer(buffer, lineterminator="\n").writerows(lines)
+    fd = os.open(out, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    with os.fdopen(fd, "w") as fh:
+        fh.write(buffer.getvalue())
+    os.chmod(out, 0o600)  # an existing file keeps its mode on open
+    conflicts = sum(len(s.conflicts) for s in studies)
+    labelled = sum(len(s.labels) for s in studies)
+    console.print(
+        f"{len(studies)} studies, {labelled} labels decided by readers ({conflicts} left out: screenings disagree) -> {out}"
+    )
+    if not studies:
+        raise typer.Exit(1)
+
+
 def add_lifecycle_commands(app: typer.Typer) -> None:
     """Add the lifecycle verbs to the ``dxassist models`` group."""
     app.command("import")(import_model)
@@ -482,3 +535,4 @@ def add_lifecycle_commands(app: typer.Typer) -> None:
     app.command("rollback")(rollback)
     app.command("versions")(versions)
     app.command("drift")(drift)
+    app.command("feedback-export")(feedback_export)

@@ -1,8 +1,8 @@
 """``dxassist export``: studies from the store, de-identified, with labels, for retraining.
 
 Studies are named by Study UID (a list, or a store query); each needs a screening in the
-results database, whose findings are the labels, corrected by readers' feedback where a reader
-disagreed (``Label Source`` says ``reader`` then, ``ai`` otherwise). Every instance goes through
+results database, whose findings are the labels, decided by readers' feedback where readers
+gave it (``Label Source`` says ``reader`` then, ``ai`` otherwise). Every instance goes through
 ``serving.export.deid`` before anything is written; the images stay DICOM (de-identified, pseudonymous UIDs),
 which is what ``training/datasets.py`` reads. Output, in ``out``:
 
@@ -40,8 +40,9 @@ from models.results import OutcomeValues, ScreeningResult
 from models.synthetic.cxr import CHESTXRAY14_COLUMNS, CHESTXRAY14_NAMES
 from serving.export.deid import Deidentifier
 from serving.online.factory import build_source
+from serving.persistence.feedback import Verdict, reader_labels
 from serving.persistence.results import ResultsStore
-from serving.persistence.schema import STORE_SOURCES, VerdictValues
+from serving.persistence.schema import STORE_SOURCES
 from serving.settings import Settings
 
 logger = logging.getLogger(__name__)
@@ -60,9 +61,11 @@ class ExportSummary:
 
 
 def labels_for(store: ResultsStore, study_instance_uid: str) -> tuple[list[str], str, ScreeningResult] | None:
-    """Positive finding keys of the study's reference screening, with readers' disagreements
-    applied, where they came from (``reader``/``ai``) and the result; None when it was never
-    screened or not SCREENED."""
+    """Positive finding keys of the study's reference screening, with what readers' feedback
+    decided applied (``serving.persistence.feedback.reader_labels``: each reader's latest verdict,
+    contradicting readers decide nothing), where they came from (``reader`` when a reader decided
+    at least one finding, else ``ai``) and the result; None when it was never screened or not
+    SCREENED."""
     records = store.screenings_for(study_instance_uid)
     if not records:
         return None
@@ -73,10 +76,9 @@ def labels_for(store: ResultsStore, study_instance_uid: str) -> tuple[list[str],
         return None  # the AI declined: nothing to learn from, and "No Finding" would be a false label
     positive = {f.key for f in result.findings if f.positive}
     verdicts = store.feedback_for(record.screening_uuid)
-    for verdict in verdicts:
-        if verdict.verdict == VerdictValues.DISAGREE:
-            positive ^= {verdict.finding_key}
-    return sorted(positive), "reader" if verdicts else "ai", result
+    decided = reader_labels(result, (Verdict(v.reader_id, v.finding_key, v.verdict) for v in verdicts))
+    positive = (positive - decided.keys()) | {key for key, value in decided.items() if value}
+    return sorted(positive), "reader" if decided else "ai", result
 
 
 def _private_write(path: Path, data: bytes) -> None:
