@@ -29,3 +29,16 @@ if [ ! -f "$here/tests/viewer/.ohif/package/dist/index.html" ]; then
   (cd "$here/tests/viewer/.ohif" && npm pack "@ohif/app@$OHIF_VERSION" --loglevel=error >/dev/null \
     && tar xzf "ohif-app-$OHIF_VERSION.tgz" && rm "ohif-app-$OHIF_VERSION.tgz")
 fi
+
+# The pinned Larvitar (npm `larvitar`, MIT): its GSPS tool is the presentation-state renderer of
+# tests/viewer/test_gsps_render.py (OHIF 3.13 has none). Its prebuilt single-file dist, checked
+# against the registry's published sha512 before unpacking.
+LARVITAR_VERSION=3.8.7
+LARVITAR_SHA512=IF8NaUCJJMsYDlxrKaSVGze7YULJuAgKOFnU5//ivADCO/qbssAVTl7V3QPzEtUcwUoPVt5IW0V539M4tebDoQ==
+if [ ! -f "$here/tests/viewer/.larvitar/package/dist/larvitar.js" ]; then
+  mkdir -p "$here/tests/viewer/.larvitar"
+  (cd "$here/tests/viewer/.larvitar" && npm pack "larvitar@$LARVITAR_VERSION" --loglevel=error >/dev/null \
+    && [ "$(openssl dgst -sha512 -binary "larvitar-$LARVITAR_VERSION.tgz" | base64 -w0)" = "$LARVITAR_SHA512" ] \
+    && tar xzf "larvitar-$LARVITAR_VERSION.tgz" package/dist/larvitar.js package/dist/larvitar.js.LICENSE.txt package/package.json \
+    && rm "larvitar-$LARVITAR_VERSION.tgz")
+fi

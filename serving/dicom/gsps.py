@@ -61,6 +61,21 @@ def _voi(image: Dataset) -> list[hd.pr.SoftcopyVOILUTTransformation] | None:
     return [hd.pr.SoftcopyVOILUTTransformation(window_center=center, window_width=width)]
 
 
+def _caption_box(p: PlacedFinding, rows: int, cols: int) -> tuple[float, float, float, float]:
+    """Where a region's caption goes: a text line just above the region's top edge (inside it
+    when the region touches the top of the image), from its left edge.
+
+    A bounding box as well as the anchor point: both are valid (PS3.3 C.10.5), but viewers that
+    place text by its box only (Larvitar's GSPS tool draws an anchor-only text at the image origin)
+    would otherwise stack every caption in the top-left corner."""
+    height = max(12.0, 0.03 * rows)
+    left = min(max(p.box[0], 1.0), cols - 2.0)
+    right = min(cols - 1.0, left + max(height, 0.55 * height * len(p.caption)))
+    top = p.box[1] - height if p.box[1] - height >= 1.0 else max(p.box[1], 1.0)
+    bottom = min(rows - 1.0, top + height)
+    return (left, top, right, bottom)
+
+
 def _annotation(
     result: ScreeningResult, image: Dataset, placed: Sequence[PlacedFinding]
 ) -> list[hd.pr.GraphicAnnotation]:
@@ -84,6 +99,7 @@ def _annotation(
             hd.pr.TextObject(
                 text_value=p.caption,
                 units=_PIXEL,
+                bounding_box=_caption_box(p, rows, cols),
                 anchor_point=(max(p.box[0], 1.0), max(p.box[1], 1.0)),
                 anchor_point_visible=False,
                 text_justification=hd.pr.TextJustificationValues.LEFT,
