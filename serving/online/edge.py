@@ -80,7 +80,7 @@ def required_scope(method: str, path: str) -> frozenset[TokenScopeValues]:
         return frozenset({TokenScopeValues.INTEGRATION, admin})
     if method in ("GET", "HEAD") and path.startswith("/v1/screenings/"):
         return frozenset({TokenScopeValues.READER, TokenScopeValues.INTEGRATION, admin})
-    if method in ("GET", "HEAD") and path in ("/v1/worklist", "/v1/ui/worklist"):
+    if method in ("GET", "HEAD") and path in ("/v1/worklist", "/v1/ui/worklist", "/v1/ui/events"):
         return frozenset({TokenScopeValues.READER, admin})
     if method == "POST" and path.startswith("/v1/screenings/") and path.endswith("/feedback"):
         return frozenset({TokenScopeValues.READER, admin})

@@ -14,10 +14,20 @@ the tab's session storage), and checked by the edge like every other ``/v1`` cal
   ready, long side at most 2048 px): the page draws the AI regions on it.
 * ``POST /v1/screenings/{id}/feedback`` / ``GET`` the same: a reader's verdict on a finding
   (agree, disagree, uncertain, comment), stored in the results database (``feedback`` table).
+* ``GET /v1/ui/events``: Server-Sent Events telling the page when the worklist changed (a new
+  screening, a delivery done, retried or given up, a STAT order), so it refreshes at once instead
+  of every few seconds. The events carry only an opaque digest, never a row. The stamp is read
+  from the results database (any replica may have written the change, ADR 0021) at most once per
+  ``_EVENTS_CHECK_S`` for all open streams together; a stream ends after ``_EVENTS_LIFETIME_S``
+  (the page reconnects), and the page falls back to polling when the stream cannot be had.
 """
 
 import asyncio
-from collections.abc import Awaitable, Callable
+import hashlib
+import json
+import threading
+import time
+from collections.abc import AsyncIterator, Awaitable, Callable
 from datetime import UTC, datetime
 from importlib.resources import files
 from typing import Annotated, Any
@@ -26,9 +36,9 @@ from urllib.parse import quote
 import cv2
 import numpy as np
 from fastapi import APIRouter, Depends, HTTPException, Query, Request, Response
-from fastapi.responses import HTMLResponse
+from fastapi.responses import HTMLResponse, StreamingResponse
 from pydantic import BaseModel, Field
-from sqlalchemy import select
+from sqlalchemy import func, select
 
 from models.errors import DxAssistError
 from models.pixels import decode_frames, read_dataset
@@ -39,6 +49,12 @@ from serving.persistence.schema import deliveries, jobs, screenings
 _STATIC = files("serving.online") / "static"
 _TYPES = {".html": "text/html; charset=utf-8", ".js": "text/javascript", ".css": "text/css"}
 _MAX_SIDE = 2048
+#: how often the worklist's change stamp is read (once for every open stream together)
+_EVENTS_CHECK_S = 1.0
+#: a comment line this often keeps proxies from closing a quiet stream
+_EVENTS_HEARTBEAT_S = 15.0
+#: a stream ends after this long; the page reconnects (no connection outlives a deploy for long)
+_EVENTS_LIFETIME_S = 300.0
 
 
 class Delivery(BaseModel):
@@ -182,6 +198,59 @@ def worklist_rows(svc: ScreeningService, limit: int) -> list[UiWorklistRow]:
     return out
 
 
+def worklist_stamp(svc: ScreeningService) -> str:
+    """A digest that changes when the worklist's rows may have: a new screening, a delivery
+    added, done, retried or given up, a STAT order. Index-backed counts only (no row is read)."""
+    pending, dead = deliveries.c.status == "PENDING", deliveries.c.status == "DEAD"
+    with _database(svc).read() as conn:
+        newest = conn.execute(select(func.max(screenings.c.id))).scalar()
+        sent = conn.execute(select(func.max(deliveries.c.id))).scalar()
+        waiting = conn.execute(
+            select(func.count(), func.coalesce(func.sum(deliveries.c.attempts), 0)).where(pending)
+        ).one()
+        failed = conn.execute(select(func.count()).where(dead)).scalar()
+    stat_uids, stat_accessions = svc.stat_orders()
+    parts = [newest, sent, *waiting, failed, *sorted(stat_uids), "|", *sorted(stat_accessions)]
+    return hashlib.sha256(json.dumps(parts, default=str).encode()).hexdigest()[:16]
+
+
+class _StampCache:
+    """One read of the stamp per ``_EVENTS_CHECK_S`` whatever the number of open streams."""
+
+    def __init__(self, svc: ScreeningService) -> None:
+        self._svc, self._lock = svc, threading.Lock()
+        self._value, self._at = "", float("-inf")
+
+    def get(self) -> str:
+        with self._lock:
+            if time.monotonic() - self._at >= _EVENTS_CHECK_S:
+                self._value, self._at = worklist_stamp(self._svc), time.monotonic()
+            return self._value
+
+
+async def worklist_events(
+    stamp: Callable[[], str], disconnected: Callable[[], Awaitable[bool]], closing: Callable[[], bool]
+) -> AsyncIterator[bytes]:
+    """The event stream: ``worklist`` at once (the page loads) and on every change of the stamp,
+    a comment line when quiet; it ends after ``_EVENTS_LIFETIME_S``, when the client goes or when
+    the service drains (an open stream must not hold a shutdown for its graceful timeout)."""
+    yield b"retry: 3000\n\n"
+    started = quiet_since = time.monotonic()
+    last = None
+    while time.monotonic() - started < _EVENTS_LIFETIME_S:
+        if closing() or await disconnected():
+            return
+        current = await asyncio.to_thread(stamp)
+        now = time.monotonic()
+        if current != last:
+            last, quiet_since = current, now
+            yield f"event: worklist\ndata: {json.dumps({'stamp': current})}\n\n".encode()
+        elif now - quiet_since >= _EVENTS_HEARTBEAT_S:
+            quiet_since = now
+            yield b": keep-alive\n\n"
+        await asyncio.sleep(_EVENTS_CHECK_S)
+
+
 def _screening_row(svc: ScreeningService, public_id: str) -> tuple[int, str] | None:
     """(internal id, created_at) of a screening named by its job id or screening uuid."""
     with _database(svc).read() as conn:
@@ -301,6 +370,24 @@ def ui_router(get_service: Callable[[], Awaitable[ScreeningService]], auth: Any)
         subjects = [(r.screening_id, r.study_ref) for r in rows]
         await asyncio.to_thread(svc.store.audit_many, actor(request), "read-worklist", subjects)
         return rows
+
+    stamps: dict[int, _StampCache] = {}
+
+    @router.get("/v1/ui/events", dependencies=[auth], response_class=StreamingResponse)
+    async def ui_events(svc: Service, request: Request) -> StreamingResponse:
+        """Server-Sent Events: ``worklist`` whenever the worklist changed (data: an opaque stamp)."""
+
+        def closing() -> bool:
+            return bool(getattr(svc, "_draining", False))
+
+        if closing():
+            raise HTTPException(status_code=503, detail="service draining", headers={"Retry-After": "30"})
+        cache = stamps.setdefault(id(svc), _StampCache(svc))
+        return StreamingResponse(
+            worklist_events(cache.get, request.is_disconnected, closing),
+            media_type="text/event-stream",
+            headers={"X-Accel-Buffering": "no"},  # a buffering reverse proxy would hold the events
+        )
 
     @router.get("/v1/screenings/{screening_id}/view", response_model=ScreeningView, dependencies=[auth])
     async def screening_view(screening_id: str, svc: Service, request: Request) -> ScreeningView:

@@ -149,6 +149,8 @@ def test_worklist_page_shows_every_outcome_draws_regions_and_saves_feedback(brow
                 row.wait_for(timeout=20_000)
                 assert row.get_attribute("data-outcome") == kind
                 assert row.get_attribute("data-delivery-failed") == "false"
+            # live updates come from the event stream (Server-Sent Events), not from polling
+            _wait_until(page, "() => document.getElementById('live').dataset.mode === 'stream'")
             first = page.locator("#worklist tbody tr").first
             assert first.get_attribute("data-screening-id") == ids["findings"]  # URGENT reads first
             assert "URGENT" in first.inner_text() and "Pneumothorax" in first.inner_text()
@@ -186,6 +188,7 @@ def test_worklist_page_shows_every_outcome_draws_regions_and_saves_feedback(brow
             proc.terminate()
             proc.wait(10)
             page.keyboard.press("Escape")
+            events = int(page.locator("#live").get_attribute("data-events") or 0)
             with late.open("rb") as fh:
                 answer = httpx.post(
                     f"{base}/v1/screenings/upload?wait=60",
@@ -198,11 +201,25 @@ def test_worklist_page_shows_every_outcome_draws_regions_and_saves_feedback(brow
             late_row = page.locator(f'tr[data-screening-id="{late_id}"][data-delivery-failed="true"]')
             late_row.wait_for(timeout=30_000)
             assert "FAILED" in late_row.inner_text()
+            assert page.locator("#live").get_attribute("data-mode") == "stream"
+            assert int(page.locator("#live").get_attribute("data-events") or 0) > events  # the stream told it
             if DOC_SCREENSHOTS:  # every outcome class on one page
                 page.screenshot(path=str(REPO / "docs/img/worklist.png"))
             page.select_option("#f-status", "delivery-failed")
             shown = page.locator("#worklist tbody tr")
             assert [shown.nth(i).get_attribute("data-screening-id") for i in range(shown.count())] == [late_id]
+            page.close()
+
+            # where the stream cannot be had (a draining service, a proxy that refuses it) the
+            # page polls instead
+            page = browser.new_page(viewport={"width": 1600, "height": 1000})
+            page.route("**/v1/ui/events", lambda route: route.fulfill(status=503, body="draining"))
+            page.goto(f"{base}/ui/")
+            page.fill("#token", READER)
+            page.press("#token", "Enter")
+            page.locator(f'tr[data-screening-id="{late_id}"]').wait_for(timeout=20_000)
+            _wait_until(page, "() => document.getElementById('live').dataset.cause === 'poll'")  # a timed re-read
+            assert page.locator("#live").get_attribute("data-mode") == "polling"
             page.close()
     finally:
         if proc.poll() is None:

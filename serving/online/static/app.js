@@ -2,9 +2,13 @@
 // Every data call carries the reader's bearer token; nothing identifying is logged.
 "use strict";
 
-const POLL_MS = 5000;
+const POLL_MS = 5000;          // without the event stream: poll the worklist
+const KEEP_FRESH_MS = 60000;   // with it: still re-read now and then (ranks age with time)
+const STREAM_RETRY_MS = 30000; // a stream refused or cut short: poll, try it again after this
+const STREAM_SILENT_MS = 40000; // nothing from the stream this long (it writes every 15 s): give it up
 const TOKEN_KEY = "dxassist-token";
-const state = { rows: [], selected: 0, view: null, base: null, zoom: 1, ww: 256, wl: 128, overlay: true, timer: null };
+const state = { rows: [], selected: 0, view: null, base: null, zoom: 1, ww: 256, wl: 128, overlay: true, timer: null,
+  stream: null, retry: null, events: 0 };
 const $ = (id) => document.getElementById(id);
 
 function el(tag, attrs = {}, ...children) {
@@ -27,7 +31,7 @@ async function api(path, options = {}) {
 
 function showLogin(message) {
   $("app").hidden = true; $("login").hidden = false; $("login-error").textContent = message || "";
-  if (state.timer) clearInterval(state.timer);
+  stopLive();
   $("token").focus();
 }
 
@@ -99,7 +103,8 @@ function renderList() {
   state.selected = Math.min(state.selected, Math.max(0, shown.length - 1));
 }
 
-async function refresh() {
+async function refresh(cause = "poll") {
+  $("live").dataset.cause = cause;
   try {
     const response = await api("/v1/ui/worklist");
     if (!response.ok) { $("live").textContent = `worklist unavailable (${response.status})`; return; }
@@ -266,10 +271,67 @@ function setWindow(ww, wl) {
 }
 function reset() { state.zoom = 1; setWindow(256, 128); }
 
+// -- live updates: Server-Sent Events read with fetch (EventSource cannot send the bearer token),
+// polling while the stream is unavailable ---------------------------------------------------
+
+function setMode(mode) {
+  $("live").dataset.mode = mode;
+  if (state.timer) clearInterval(state.timer);
+  state.timer = setInterval(() => refresh(mode === "stream" ? "keep-fresh" : "poll"), mode === "stream" ? KEEP_FRESH_MS : POLL_MS);
+}
+
+function stopLive() {
+  if (state.timer) clearInterval(state.timer);
+  if (state.retry) clearTimeout(state.retry);
+  if (state.stream) state.stream.abort();
+  state.timer = state.retry = state.stream = null;
+}
+
+async function listen() {
+  const controller = new AbortController();
+  state.stream = controller;
+  const opened = Date.now();
+  let heard = opened, silent = false;
+  // the server writes at least every 15 s: silence means a dead or buffered stream
+  const watchdog = setInterval(() => { if (Date.now() - heard > STREAM_SILENT_MS) { silent = true; controller.abort(); } }, 5000);
+  try {
+    const response = await api("/v1/ui/events", { signal: controller.signal, headers: { Accept: "text/event-stream" } });
+    if (!response.ok || !response.body) throw new Error(`stream ${response.status}`);
+    const reader = response.body.pipeThrough(new TextDecoderStream()).getReader();
+    let buffer = "";
+    for (;;) {
+      const { value, done } = await reader.read();
+      if (done) break;
+      heard = Date.now();
+      buffer += value.replace(/\r\n?/g, "\n");
+      for (let cut = buffer.indexOf("\n\n"); cut >= 0; cut = buffer.indexOf("\n\n")) {
+        const block = buffer.slice(0, cut);
+        buffer = buffer.slice(cut + 2);
+        if (!/^event: worklist$/m.test(block)) continue;
+        if ($("live").dataset.mode !== "stream") setMode("stream"); // events arrive: polling stops
+        state.events += 1; $("live").dataset.events = String(state.events);
+        refresh("event");
+      }
+    }
+  } catch (e) {
+    if (e.message === "auth" || (controller.signal.aborted && !silent)) return;
+  } finally {
+    clearInterval(watchdog);
+  }
+  if (state.stream !== controller) return;
+  // the server ends a stream after a few minutes: reconnect at once; one that failed, went
+  // silent or ended soon (a draining service, a proxy) means polling for a while
+  if (!silent && Date.now() - opened > STREAM_RETRY_MS) { listen(); return; }
+  setMode("polling");
+  state.retry = setTimeout(listen, STREAM_RETRY_MS);
+}
+
 function start() {
   $("login").hidden = true; $("app").hidden = false;
-  refresh();
-  state.timer = setInterval(refresh, POLL_MS);
+  stopLive();
+  setMode("polling");
+  refresh("start");
+  listen();
 }
 
 document.addEventListener("DOMContentLoaded", () => {
