@@ -177,7 +177,13 @@ def test_worklist_page_shows_every_outcome_draws_regions_and_saves_feedback(brow
             finding = page.locator('#findings tr[data-finding="pneumothorax"]')
             finding.locator("input").fill("clear pleural line")
             finding.locator('button[data-verdict="agree"]').click()
-            _wait_until(page, "() => document.getElementById('live').textContent.includes('feedback saved')")
+            # the pressed state, not the status line: a refresh arriving meanwhile rewrites that line,
+            # while the button stays pressed (set on save, then from the stored verdict)
+            _wait_until(
+                page,
+                "() => document.querySelector('#findings tr[data-finding=\"pneumothorax\"] "
+                "button[data-verdict=\"agree\"]')?.getAttribute('aria-pressed') === 'true'",
+            )
             saved = store.feedback_for(ids["findings"])
             assert [(f.finding_key, str(f.verdict), f.comment, f.reader_id) for f in saved] == [
                 ("pneumothorax", "agree", "clear pleural line", "reader-1")
