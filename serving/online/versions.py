@@ -16,6 +16,10 @@ promoted is usually already warm as a shadow). ``VersionedPipeline`` is the in-p
   (``serving.persistence.lifecycle``) only. Shadow work never blocks, fails or slows the job
   beyond sharing the CPU, and a full shadow backlog drops (and counts) shadow work, never jobs.
 
+Where the work runs is three methods (``_prepare``, ``_run``, ``_info``): in this process's
+threads here; on the fetcher and model deployments in the staged Serve topology
+(``serving.rayserve.versions``), with everything else, shadows included, the same.
+
 ``VersionedScreener`` is the screener the service assembles with: it looks versions up by ref.
 A shadow version must use the active version's preprocessing and acceptance rules (it sees the
 same tensors); ``check_shadow`` refuses anything else with a ``ManifestError``.
@@ -178,9 +182,9 @@ class VersionedScreener(StudyScreener):
 class VersionedPipeline:
     """The in-process pipeline with versions: active per job, shadows in the background."""
 
-    def __init__(self, router: VersionRouter, source: StudySource) -> None:
+    def __init__(self, router: VersionRouter, source: StudySource | None) -> None:
         self.router = router
-        self.source = source
+        self.source = source  # None where ``_prepare`` runs elsewhere (the staged Serve topology)
         self.screener = VersionedScreener(router)
         self._shadow_gate = asyncio.Semaphore(1)
         self._shadow_tasks: set[asyncio.Task[None]] = set()
@@ -202,11 +206,25 @@ class VersionedPipeline:
         if self._shadow_metric is not None:
             self._shadow_metric.labels(model, outcome).inc()
 
-    async def prepare_study(self, request: StudyRequest) -> PreparedStudy:
-        active = await asyncio.to_thread(self.router.active)
+    # -- where the work runs: in this process here; ``serving.rayserve.versions`` overrides these
+    async def _prepare(self, active: dict[str, str], request: StudyRequest) -> PreparedStudy:
+        """The study prepared with the QA and preprocessing of the ``active`` versions."""
+        assert self.source is not None
         # a version promoted since the last job opens its session here, off the event loop
         screener = await asyncio.to_thread(self.router.screener, active)
-        prepared = await asyncio.to_thread(prepare_request, screener, self.source, request)
+        return await asyncio.to_thread(prepare_request, screener, self.source, request)
+
+    async def _run(self, ref: str, tensors: NDArray[np.float32]) -> ModelOutputs:
+        """One image's frames through version ``ref`` (``InferenceFailed`` when it fails)."""
+        predictor = await asyncio.to_thread(self.router.predictor, ref)
+        return await asyncio.to_thread(run_model, predictor, tensors, self.router.settings.screening.batch_size)
+
+    async def _info(self, ref: str) -> dict[str, object]:
+        return await asyncio.to_thread(model_status, self.router.predictor(ref))
+
+    async def prepare_study(self, request: StudyRequest) -> PreparedStudy:
+        active = await asyncio.to_thread(self.router.active)
+        prepared = await self._prepare(active, request)
         for image in prepared.prepared:
             image.model_id = f"{image.model_id}@{active[image.model_id]}"
         shadows = await asyncio.to_thread(self.router.shadows, active)
@@ -220,12 +238,12 @@ class VersionedPipeline:
         return prepared
 
     async def infer(self, model_id: str, tensors: NDArray[np.float32]) -> ModelOutputs:
-        predictor = await asyncio.to_thread(self.router.predictor, model_id)
-        return await asyncio.to_thread(run_model, predictor, tensors, self.router.settings.screening.batch_size)
+        """``model_id`` is the image's ``id@version``, fixed when its job was prepared."""
+        return await self._run(model_id, tensors)
 
     async def model_info(self) -> list[dict[str, object]]:
         active = await asyncio.to_thread(self.router.active)
-        return [await asyncio.to_thread(model_status, self.router.predictor(f"{k}@{v}")) for k, v in active.items()]
+        return [await self._info(f"{k}@{v}") for k, v in active.items()]
 
     async def shadow_idle(self) -> None:
         """Wait until every scheduled shadow screening has finished (tests, drain)."""
@@ -242,13 +260,13 @@ class VersionedPipeline:
                     continue
                 for version in versions:
                     try:
-                        await asyncio.to_thread(self._shadow_one, images, prepared, model_id, version, active, request)
+                        await self._shadow_one(images, prepared, model_id, version, active, request)
                         self._count("stored", f"{model_id}@{version}")
                     except (DxAssistError, OSError, ValueError) as exc:
                         self._count("failed", f"{model_id}@{version}")
                         logger.warning("shadow screening failed (%s)", type(exc).__name__, extra={"stage": "shadow"})
 
-    def _shadow_one(
+    async def _shadow_one(
         self,
         images: list[PreparedImage],
         prepared: PreparedStudy,
@@ -259,21 +277,19 @@ class VersionedPipeline:
     ) -> None:
         ref = f"{model_id}@{version}"
         active_ref = f"{model_id}@{active[model_id]}"
-        check_shadow(self.router.manifest(active_ref), self.router.manifest(ref))
-        predictor = self.router.predictor(ref)
-        screener = self.router.screener({model_id: version})
+        await asyncio.to_thread(lambda: check_shadow(self.router.manifest(active_ref), self.router.manifest(ref)))
         paired: list[tuple[PreparedImage, ModelOutputs | InferenceFailed]] = []
         for image in images:
-            plain = dataclasses.replace(image, model_id=model_id)
+            named = dataclasses.replace(image, model_id=ref)  # assembled with the shadow's thresholds and gate
             try:
-                paired.append((plain, run_model(predictor, image.tensors, self.router.settings.screening.batch_size)))
+                paired.append((named, await self._run(ref, image.tensors)))
             except InferenceFailed as exc:
-                paired.append((plain, exc))
+                paired.append((named, exc))
         uids = [i.study_instance_uid for i in images]
         uid = next((u for u in uids if is_dicom_uid(u)), request.study_instance_uid or "")
-        result = screener.assemble(uid, paired, prepared.rejected)
+        result = await asyncio.to_thread(self.screener.assemble, uid, paired, prepared.rejected)
         assert self.router.lifecycle is not None  # ``shadows`` names none without a store
-        self.router.lifecycle.add_shadow_result(model_id, version, active[model_id], result)
+        await asyncio.to_thread(self.router.lifecycle.add_shadow_result, model_id, version, active[model_id], result)
 
 
 @dataclass(frozen=True)
