@@ -212,6 +212,16 @@ class DriftMonitor:
                 )
         return crossed
 
+    def forget(self, model_ref: str, labels: Iterable[tuple[str, str]]) -> None:
+        """Drop the gauges of these ``(quantity, statistic)`` of a version (no longer active, or
+        a quantity no longer observed): a stale 1 would keep an alert firing."""
+        for quantity, statistic in labels:
+            for gauge in (self.value, self.crossed):
+                try:
+                    gauge.remove(model_ref, quantity, statistic)
+                except KeyError:
+                    pass
+
     def write_textfile(self, path: Path) -> None:
         """The gauges in Prometheus text format, for node_exporter's textfile collector (``dxassist
         models drift``; the service exports the same gauges on its own ``/metrics``)."""

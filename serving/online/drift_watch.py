@@ -8,7 +8,8 @@ One implementation: the observations are read from the results database by ``obs
 (``dxassist_drift_statistic``, ``dxassist_drift_crossed``) and logs one line per threshold
 crossed, naming the model version, the quantity, the statistic, the value and the threshold,
 never a study or a header value. A check that stays crossed is logged once, when it crosses,
-not at every pass (the gauge stays at 1 meanwhile).
+not at every pass (the gauge stays at 1 meanwhile). The gauges of a version no longer active
+(promoted or rolled back away from) are dropped, so a stale 1 keeps no alert firing.
 
 The window is judged as one group: with fewer than ``drift.min_studies`` screenings of the
 version in it nothing is crossed (the gauges still show the figures). A version without a
@@ -87,6 +88,8 @@ class DriftWatch:
         self._baselines: dict[str, list[Observation] | None] = {}
         self._windows: dict[str, _Window] = {}
         self._alerting: set[tuple[str, str, str]] = set()
+        #: the gauges' (quantity, statistic) set per version, to drop those no longer current
+        self._published: dict[str, set[tuple[str, str]]] = {}
 
     @property
     def label(self) -> str:
@@ -112,8 +115,12 @@ class DriftWatch:
             timespec="milliseconds"  # as the results database writes created_at
         )
         out: dict[str, list[DriftCheck]] = {}
-        for model_id, version in sorted(self.active().items()):
-            ref = f"{model_id}@{version}"
+        active = {f"{model_id}@{version}" for model_id, version in self.active().items()}
+        for ref in sorted(set(self._published) - active):  # promoted or rolled back away from
+            self.monitor.forget(ref, self._published.pop(ref))
+            self._windows.pop(ref, None)
+            self._alerting = {k for k in self._alerting if k[0] != ref}
+        for ref in sorted(active):
             baseline = self._baseline(ref)
             if baseline is None:
                 continue
@@ -133,6 +140,9 @@ class DriftWatch:
                 min_studies=d.min_studies,
             )
             self.monitor.publish(ref, checks, log=self._newly_crossed(ref, checks))
+            published = {(c.quantity, c.statistic) for c in checks}
+            self.monitor.forget(ref, self._published.get(ref, set()) - published)
+            self._published[ref] = published
             out[ref] = checks
         return out
 

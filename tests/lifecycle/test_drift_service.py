@@ -3,7 +3,7 @@ with its periodic drift watch. An in-distribution mix keeps the gauges at 0; a s
 (another manufacturer, DX instead of CR, far more positive studies) screened through the API
 moves ``dxassist_drift_crossed`` to 1 on ``/metrics`` and logs one line per crossed check, once
 (not at every pass), naming the version, quantity, statistic, value and threshold: no UID, no
-patient, accession or header value."""
+patient, accession or header value. A promotion drops the old version's gauges."""
 
 from __future__ import annotations
 
@@ -18,6 +18,7 @@ from fastapi.testclient import TestClient
 from pydantic import SecretStr
 from pydicom import dcmread
 
+from models.importing import derive_version
 from models.predictor import OnnxPredictor
 from models.registry import REGISTRY_ROOT, resolve
 from models.synthetic.cxr import generate_cxr_dataset
@@ -129,6 +130,18 @@ def test_the_service_watches_drift_and_reports_a_shifted_mix(tmp_path: Path, cap
             time.sleep(settings.drift.interval_s * 2)
             passes += 1
             assert before == _gauge(client.get("/metrics").text, "dxassist_drift_statistic", "manufacturer", "psi")
+
+        # a promotion moves the watch to the new version: the old version's gauges go (a stale 1
+        # would keep an alert firing)
+        keys = ["cardiomegaly", "pleural_effusion", "pneumothorax", "nodule_mass", "consolidation"]
+        derive_version("cxr-triage", "1.0.0", "1.0.1", dict.fromkeys(keys, (0.5, "test: drift follows")), root=registry)
+        lifecycle.switch(
+            "cxr-triage", "1.0.1", action="promote", actor="test", reason="gauges follow the version", current="1.0.0"
+        )
+        deadline = time.monotonic() + 60
+        while _gauge(client.get("/metrics").text, "dxassist_drift_crossed", "manufacturer", "psi") is not None:
+            assert time.monotonic() < deadline
+            time.sleep(0.2)
         client.portal.call(lazy.started.drain, 5.0)  # type: ignore[union-attr]
     service.close()
     lifecycle.close()
