@@ -78,6 +78,8 @@ class JobFailureValues(StrEnum):
     STUDY_NOT_FOUND = "STUDY_NOT_FOUND"
     SOURCE_UNAVAILABLE = "SOURCE_UNAVAILABLE"
     INTERNAL_ERROR = "INTERNAL_ERROR"
+    #: the uploaded instances could not be read on any attempt (never a NOT_SCREENED result)
+    UPLOAD_UNAVAILABLE = "UPLOAD_UNAVAILABLE"
 
 
 class DxAssistError(Exception):
@@ -120,6 +122,12 @@ class SourceUnavailable(SourceError):
 class InputUnreadable(SourceUnavailable):
     """A batch job could not read an input file (gone, unreadable, I/O error): the study is
     recorded as not read, never as a finished NOT_SCREENED result, and the next run retries it."""
+
+
+class UploadUnavailable(SourceError):
+    """The instances of an upload (or of a pushed study) cannot be read here now: their rows are
+    gone from the results database, or an older job's spool folder is not on this node. The job
+    is retried (by this or another ingress), never finished as NOT_SCREENED."""
 
 
 class ModelError(DxAssistError):

@@ -150,8 +150,10 @@ class ScreeningResult(_Frozen):
     outcome: OutcomeValues
     #: unique per screening (never per study): messages derive their ids from it (HL7 MSH-10),
     #: so a re-screen or a fresh results database never repeats one. The screening core sets a
-    #: random one (``new_result_id``); a result stored before this field existed gets one derived
-    #: from its content, the same on every load (its pending deliveries keep their ids)
+    #: random one (``new_result_id``); the online service replaces it with one derived from its
+    #: job, so a second screening of one job re-sends the same ids (ADR 0021); a result stored
+    #: before this field existed gets one derived from its content, the same on every load (its
+    #: pending deliveries keep their ids)
     result_id: str = ""
     #: identifiers for the EMR (PHI: delivered and stored, never logged); see ``StudyIdentity``
     patient_id: str = ""

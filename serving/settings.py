@@ -527,7 +527,22 @@ class ApiSettings(_Strict):
     max_inflight: int = Field(default_factory=lambda: max(4, 4 * (os.cpu_count() or 1) + 1), ge=1)
     request_timeout_s: float = Field(default=120.0, gt=0)
     max_upload_bytes: int = Field(default=256 * 1024 * 1024, ge=1024)
+    #: where an upload streams in before its admission moves it into the results database (and
+    #: where the C-STORE SCP receives a study until it is stable): local to this process's node
     spool_dir: Path = Path("var/spool")
+    #: several ingresses on one results database: a job is claimed by one ingress for this long,
+    #: renewed every third of it while queued or running there; another ingress takes it over
+    #: only once a lease has run out (the first one died or lost the database)
+    job_lease_s: float = Field(default=60.0, ge=1.0)
+    #: how often an ingress looks for jobs nobody holds (left by a stopped ingress, or released
+    #: by a draining one) and claims what its queue has room for
+    claim_interval_s: float = Field(default=1.0, gt=0)
+    #: the C-STORE SCP and the pollers run in one process per results database, elected through
+    #: it: the holder renews every third of this lease; another process takes over once it ends
+    leader_lease_s: float = Field(default=30.0, ge=1.0)
+    #: an upload whose instances cannot be read (UploadUnavailable) is retried this many times
+    #: (claims), then its job ends FAILED with UPLOAD_UNAVAILABLE (never a result)
+    max_job_claims: int = Field(default=5, ge=1)
     #: worklist ageing: a study moves up one level per this many minutes of waiting
     ageing_minutes: float = Field(default=60.0, gt=0)
     #: OHIF viewer base URL (e.g. ``https://pacs.example/ohif``): the worklist page links each study to it

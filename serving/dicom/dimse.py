@@ -9,7 +9,9 @@ association survives; nothing is logged but counts and study refs.
 The spool is durable: each study folder holds its Study UID (``study-uid``) and instances are
 written under a temporary name and renamed when complete, so a restart finds every study that
 was not handed on yet, with every instance received whole, and resumes its stability timing
-(``handed`` marks a folder whose study became a job: the job owns it from then on).
+(``handed`` marks a folder whose study became a job; the online service keeps the instances in
+the results database with the job and removes the folder, ADR 0021). In a cluster the SCP runs
+in the one process that holds its lease in the results database.
 
 Who may talk to it: ``allowed_ae_titles`` (calling AE titles that may push; None: any) and
 ``move_ae_titles`` (PACS whose C-MOVE deliveries are awaited: accepted only for a study a

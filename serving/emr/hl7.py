@@ -1,8 +1,9 @@
 """HL7 v2.5.1 result sinks over MLLP: the ORU^R01 report (every screening, NOT_SCREENED included)
 and the OMG^O19 priority-change request, built by ``serving.emr.hl7_messages``.
 
-MSH-10 derives from the result's random id and the sink name: the same on every retry of one
-delivery, never the same for another screening, also after the results database is reset;
+MSH-10 derives from the result's id and the sink name: the same on every retry of one delivery
+and for any re-screening of one service job (the service derives the id from the job, ADR 0021),
+never the same for another screening, also after the results database is reset;
 receivers may de-duplicate on it. ACK AA/CA: done; AE, no ACK or an ACK for another message:
 retry; AR/CR: dead letter. Bodies are never logged.
 """

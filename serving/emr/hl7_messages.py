@@ -25,8 +25,9 @@ numbers, TQ1-9 ``A^ASAP^HL70485`` (timing lives in TQ1, which this structure has
 ORM^O01 in 2.5/2.5.1), OBR-4 with OBR-13 left empty (an empty field means "no change" in v2: the
 ordering clinician's relevant clinical information is never overwritten), the reason in an NTE.
 
-MSH-10 (ST, at most 20 characters) is a hash of the result's random id and the sink name:
-the same on every retry of one delivery, different for every screening, sink and database -
+MSH-10 (ST, at most 20 characters) is a hash of the result's id and the sink name (the service
+derives that id from its job, ADR 0021): the same on every retry of one delivery and every
+screening of one job, different for every other screening, sink and database -
 a receiver that de-duplicates on it never drops a new result.
 
 Messages are built at hl7apy's tolerant level (its strict level refuses to type OBX-5, which it

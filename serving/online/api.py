@@ -315,7 +315,8 @@ def create_api(
     ) -> Any:
         """Screen uploaded DICOM instances of one study (multipart field ``files``, at most
         ``api.max_upload_bytes`` in all); ``wait`` as for ``POST /v1/screenings``. The upload
-        streams into a private spool folder: never whole in memory, never in a shared /tmp."""
+        streams into a private spool folder (never a shared /tmp), then is kept in the results
+        database with its job until screened, readable by every replica (ADR 0021)."""
         await remember(svc)
         svc.check_admission(priority)  # a full queue refuses before the body is read
         folder, _count = await spool_multipart(

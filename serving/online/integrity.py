@@ -72,5 +72,5 @@ def spool_hash(folder: Path, priority: str) -> str:
 
 def default_provenance(request: StudyRequest, requested_by: str) -> Provenance:
     """An API request: a PACS fetch when it names a study and spooled nothing, else an upload."""
-    source = SourceValues.UPLOAD if request.spool_dir else SourceValues.PACS_FETCH
+    source = SourceValues.UPLOAD if request.spool_dir or request.files else SourceValues.PACS_FETCH
     return Provenance(source, TriggerValues.API, requested_by)

@@ -16,6 +16,7 @@ import numpy as np
 from numpy.typing import NDArray
 
 from models.decode_pool import shared_decoder
+from models.errors import UploadUnavailable
 from models.predictor import OnnxPredictor
 from serving.core.screening import InstanceInput, ModelOutputs, PreparedImage, RejectedImage, StudyScreener
 from serving.dicom.sources import StudySource
@@ -24,10 +25,14 @@ from serving.settings import Settings
 
 @dataclass(frozen=True)
 class StudyRequest:
-    """What to screen: a study in the configured store, or files spooled from an upload."""
+    """What to screen: a study in the configured store, or the instances of an upload or of a
+    pushed study as bytes (``files``: read from the results database by the ingress and carried
+    with the request to whichever node prepares it). ``spool_dir`` is a local folder: only jobs
+    admitted before uploads moved into the database name one."""
 
     study_instance_uid: str | None = None
     spool_dir: str | None = None
+    files: tuple[bytes, ...] = ()
 
 
 @dataclass
@@ -53,12 +58,22 @@ def model_status(predictor: OnnxPredictor) -> dict[str, object]:
 
 
 def spooled_instances(spool_dir: Path) -> list[InstanceInput]:
+    """The instances of a local spool folder; ``UploadUnavailable`` when the folder is not here
+    (another node's disk, or removed): a retryable error, never an empty study."""
+    if not spool_dir.is_dir():
+        raise UploadUnavailable("the upload's spool folder is not on this node")
     return [InstanceInput(p, f"upload/{p.name}") for p in sorted(spool_dir.glob("*.dcm"))]
+
+
+def request_instances(files: tuple[bytes, ...]) -> list[InstanceInput]:
+    return [InstanceInput(data, f"upload/{i:05d}.dcm") for i, data in enumerate(files)]
 
 
 def prepare_request(screener: StudyScreener, source: StudySource, request: StudyRequest) -> PreparedStudy:
     """Stage 1 for one study request (blocking; run it in a thread or a fetcher replica)."""
-    if request.spool_dir:
+    if request.files:
+        items = request_instances(request.files)
+    elif request.spool_dir:
         items = spooled_instances(Path(request.spool_dir))
     else:
         items = source.instances(request.study_instance_uid or "")

@@ -7,6 +7,20 @@ results in the results store in the same transaction that marks the job done. On
 resumes jobs a previous process left unfinished; ``drain`` stops admission and waits for the
 work in flight.
 
+Any number of instances (ingresses, on any nodes) may share one results database (ADR 0021):
+
+* each job is *claimed* with a lease (``jobs.claimed_by``/``lease_until``): the admitting
+  instance holds it, renews the lease while it is queued or running there, and gives it back on
+  drain; an instance claims only jobs nobody holds (left by an older version, released, or whose
+  lease ran out), so a job is screened by one instance, and a job finished by one is never
+  screened by another. Should two ever screen it (a stalled instance whose lease was taken over),
+  the store records the first result only, and both derive the same delivery ids from the job.
+* uploads and pushed studies are kept in the results database (``uploads``) from admission to
+  result, and travel with the request as bytes: no node reads another node's disk. Instances
+  that cannot be read are ``UploadUnavailable``: the job is retried, never finished NOT_SCREENED.
+* the C-STORE SCP, the QIDO-RS poller and the FHIR order poller run in one instance per
+  database, the holder of a lease in ``leases`` (``serving.persistence.leases``).
+
 The heavy work goes through a ``Pipeline``: ``LocalPipeline`` runs ``StudyScreener`` stages in
 threads in this process; ``serving.rayserve.app`` provides one that calls Ray Serve deployments.
 """
@@ -14,6 +28,7 @@ threads in this process; ``serving.rayserve.app`` provides one that calls Ray Se
 from __future__ import annotations
 
 import asyncio
+import hashlib
 import logging
 import shutil
 import threading
@@ -37,6 +52,7 @@ from models.errors import (
     ServiceDraining,
     SourceError,
     StudyNotFound,
+    UploadUnavailable,
 )
 from models.results import OutcomeValues, ScreeningResult
 from serving.core.screening import ModelOutputs, PreparedImage, StudyScreener
@@ -51,9 +67,10 @@ from serving.online.orders import FhirOrderPoller, OrderListener
 from serving.online.pipeline import Pipeline, PreparedStudy, StudyRequest
 from serving.online.spool import private_dir, sweep_partials, write_private
 from serving.persistence.ids import new_screening_uuid
+from serving.persistence.leases import Leases, holder_is_dead, new_holder, retire_holder
 from serving.persistence.orders import Order, OrderBook, OrderPriorityValues, OrderRecord, OrderStatusValues
 from serving.persistence.outbox import Outbox
-from serving.persistence.results import Idempotency, JobRecord, Provenance, ResultsStore
+from serving.persistence.results import Claim, Idempotency, JobRecord, Provenance, ResultsStore
 from serving.persistence.schema import STORE_SOURCES, SYSTEM_ACTOR, SourceValues, TriggerValues
 from serving.settings import ApiSettings, OrdersSettings, PollerSettings, ScpSettings
 
@@ -83,6 +100,23 @@ class _Job:
     idempotency: Idempotency | None = None
     unless_screened: bool = False  # automatic triggers: no job when the store's copy was screened
     audit_action: str | None = None  # the API request that admitted it, audited in the same commit
+    upload: tuple[bytes, ...] = ()  # instances to keep in the database at admission (then dropped here)
+    kept: bool = False  # its instances are in the results database (``uploads``), read when it runs
+    attempts: int = 1  # claims so far, this one included
+
+
+#: roles that run in one instance per results database (``serving.persistence.leases``)
+ROLE_SCP = "scp"
+ROLE_POLLER = "poller"
+ROLE_FHIR_ORDERS = "fhir-orders"
+
+
+def job_result_id(job_id: str) -> str:
+    """The ``result_id`` of a job's result: derived from the job, so a second screening of the
+    same job (at-least-once inside) carries the same delivery ids (HL7 MSH-10, the SR's UIDs)
+    and a receiver drops the duplicate; job ids are time-ordered random UUIDs, so no other
+    screening, also in another database, shares it."""
+    return hashlib.sha256(f"dxassist-job|{job_id}".encode()).hexdigest()[:32]
 
 
 class ScreeningService:
@@ -145,6 +179,15 @@ class ScreeningService:
         self._db_error: str | None = None
         self._models_ready = False
         self.ready = False
+        #: this instance among the ingresses sharing the database: the holder of its job claims
+        self.instance_id = new_holder()  # host:pid:random
+        self._claim = Claim(self.instance_id, settings.job_lease_s)
+        self._held: set[str] = set()  # jobs this instance claimed and has not finished
+        self._lost: set[str] = set()  # claimed jobs whose lease another instance took over
+        self._claims_task: asyncio.Task[None] | None = None
+        self._leases: Leases | None = None
+        self._leading: set[str] = set()  # the once-per-cluster roles this instance runs now
+        self._leader_task: asyncio.Task[None] | None = None
         #: background loops started with the service and cancelled by ``drain`` (drift watch)
         self.periodic: list[Callable[[], Coroutine[Any, Any, None]]] = []
         self._periodic_tasks: list[asyncio.Task[None]] = []
@@ -164,34 +207,21 @@ class ScreeningService:
         info = await self.pipeline.model_info()
         for m in info:
             self.metrics.model_info.labels(str(m["model"]), str(m["version"]), str(m["provider"])).set(1)
-        resumed = 0
-        for record in self.store.pending_jobs():  # accepted before: all of them run, whatever the capacity
-            self._enqueue(_Job(record.id, PriorityValues(record.priority), _request_of(record)), persist=False)
-            resumed += 1
+        # unfinished jobs nobody holds (a previous process's, released, or whose lease ran out):
+        # claimed a window at a time, so that ingresses starting together share them
+        resumed = await self._claim_more(look_for_dead=True)
         if resumed:
             logger.info("resumed %d unfinished screening jobs", resumed)
         self._dispatcher = asyncio.create_task(self._dispatch())
-        if self.scp_settings is not None and self.scp_settings.enabled:
-            self._scp = StoreScp(
-                self.scp_settings.ae_title,
-                self.scp_settings.port,
-                self.settings.spool_dir,
-                self._on_scp_stable,
-                stable_age_s=self.scp_settings.stable_age_s,
-                host=self.scp_settings.host,
-                allowed_ae_titles=self.scp_settings.allowed_ae_titles,
-                move_ae_titles=self.scp_settings.move_ae_titles,
-                ssl_context=scp_tls_context(self.scp_settings),
-            )
-            await asyncio.to_thread(self._scp.start)  # resumes the durable spool first
-        if self.poller_settings is not None and self.poller_settings.enabled and self.poll_source is not None:
-            self._poller = asyncio.create_task(self._poll_forever())
+        self._claims_task = asyncio.create_task(self._claims_forever())
+        roles = self._roles()
+        if roles:  # the SCP and the pollers: in the one instance that holds their lease
+            self._leases = Leases(self.store.target)
+            await self._lead_once(roles, at_start=True)
+            self._leader_task = asyncio.create_task(self._lead_forever(roles))
         if self.orders is not None and self.orders_settings is not None and self.orders_settings.hl7.enabled:
             self._order_listener = OrderListener(self.orders, self.orders_settings, self.on_orders)
             await self._order_listener.start()
-        if self.orders is not None and self.orders_settings is not None and self.orders_settings.fhir.poll:
-            poller = FhirOrderPoller(self.orders, self.orders_settings, self.on_orders)
-            self._order_poller = asyncio.create_task(self._poll_orders_forever(poller))
         if self.outbox is not None:  # also delivers what a previous process left pending
             self._delivery = asyncio.create_task(self._deliver_forever())
         self._periodic_tasks = [asyncio.create_task(loop()) for loop in self.periodic]
@@ -213,23 +243,34 @@ class ScreeningService:
     async def _drain(self, timeout_s: float) -> bool:
         if self._order_listener is not None:  # stored orders stay; senders retry what was not ACKed
             await self._order_listener.stop()
-        if self._order_poller is not None:
-            self._order_poller.cancel()
-        if self._scp is not None:
-            await asyncio.to_thread(self._scp.stop)
-        if self._poller is not None:
-            self._poller.cancel()
+        if self._leader_task is not None:
+            self._leader_task.cancel()
+        for role in sorted(self._leading):  # stopped, then handed on: another instance takes them now
+            await self._stop_role(role)
+        if self._leases is not None:
+            try:
+                for role in self._roles():
+                    await asyncio.to_thread(self._leases.release, role, self.instance_id)
+            except ResultsDatabaseError as exc:  # the lease runs out on its own
+                logger.warning("role leases not released (%s)", type(exc).__name__)
+        if self._claims_task is not None:
+            self._claims_task.cancel()
         for task in self._periodic_tasks:
             task.cancel()
         if self._dispatcher:
             self._dispatcher.cancel()
-        for queue in self._queues.values():  # queued jobs run at the next start: answer their waiters now
+        queued: list[str] = []
+        for queue in self._queues.values():  # queued jobs run later, here or elsewhere: answer their waiters now
             while not queue.empty():
-                self._signal_done(queue.get_nowait().id)
+                job_id = queue.get_nowait().id
+                queued.append(job_id)
+                self._signal_done(job_id)
+        await self._release(queued)  # another ingress may take them at once
         finished = True
         if self._inflight:
             _done, pending = await asyncio.wait(self._inflight, timeout=timeout_s)
             finished = not pending
+        await self._release(sorted(self._held))  # still running at the deadline: its lease would end anyway
         if self._delivery is not None:
             # the delivery loop sees ``_draining`` after its current pass; sinks close only then,
             # never under a send (a row left mid-send stays claimed and falls due after its lease)
@@ -244,8 +285,20 @@ class ScreeningService:
             self.outbox.close()
         return finished
 
+    async def _release(self, job_ids: list[str]) -> None:
+        if not job_ids:
+            return
+        try:
+            await asyncio.to_thread(self.store.release_jobs, self.instance_id, job_ids)
+        except ResultsDatabaseError as exc:  # their leases run out on their own
+            logger.warning("job claims not released (%s)", type(exc).__name__)
+        self._held.difference_update(job_ids)
+
     def close(self) -> None:
         """Release the database connections (after ``drain``, or for a service never started)."""
+        retire_holder(self.instance_id)
+        if self._leases is not None:
+            self._leases.close()
         if self.outbox is not None:
             self.outbox.close()
         if self.orders is not None:
@@ -303,6 +356,150 @@ class ScreeningService:
             self._db_error = None
             return True
 
+    # -- claims: several ingresses on one database ----------------------------------------
+
+    async def _claim_more(self, *, look_for_dead: bool = False) -> int:
+        """Claim unfinished jobs nobody holds, as many as this instance's window has room for
+        (twice ``max_inflight``, less what it has queued and running); returns how many. With
+        ``look_for_dead`` also those of holders known dead (a process of this host that is gone:
+        a replica restarted after a crash resumes its predecessor's jobs without waiting for
+        their leases)."""
+        queued = sum(q.qsize() for q in self._queues.values())
+        room = 2 * self.settings.max_inflight - queued - len(self._inflight)
+        if room <= 0 or self._draining:
+            return 0
+        dead: list[str] = []
+        if look_for_dead:
+            holders = await asyncio.to_thread(self.store.job_holders)
+            dead = sorted(h for h in holders if h != self.instance_id and holder_is_dead(h))
+        records = await asyncio.to_thread(self.store.claim_jobs, self._claim, room, dead=dead)
+        claimed = 0
+        for record in records:
+            if record.id in self._held:  # ours already (our lease had run out): queued here once
+                continue
+            self._held.add(record.id)
+            self._lost.discard(record.id)
+            self._enqueue(_job_of(record), persist=False)
+            claimed += 1
+        return claimed
+
+    async def _renew(self) -> None:
+        """Extend the lease of every job held here; a job another instance took over (this one
+        stalled past its lease) is dropped here if it has not started."""
+        mine = set(self._held)
+        if not mine:
+            return
+        held = await asyncio.to_thread(self.store.renew_jobs, self._claim, mine)
+        gone = mine - held
+        for job_id in gone:  # finished meanwhile (already discarded), or taken over
+            if job_id in self._held and job_id not in self._running:
+                self._lost.add(job_id)
+            self._held.discard(job_id)
+
+    async def _claims_forever(self) -> None:
+        renew_every = self.settings.job_lease_s / 3
+        renewed = time.monotonic()
+        failing = False
+        while not self._draining:
+            await asyncio.sleep(self.settings.claim_interval_s)
+            try:
+                tick = time.monotonic() - renewed >= renew_every
+                if tick:
+                    await self._renew()
+                    renewed = time.monotonic()
+                await self._claim_more(look_for_dead=tick)
+            except ResultsDatabaseError as exc:  # leases run out while this lasts; work moves on elsewhere
+                if not failing:
+                    logger.warning("job claims failing (%s)", type(exc).__name__)
+                failing = True
+                continue
+            failing = False
+
+    # -- roles that run once per cluster ------------------------------------------------------
+
+    def _roles(self) -> list[str]:
+        roles = []
+        if self.scp_settings is not None and self.scp_settings.enabled:
+            roles.append(ROLE_SCP)
+        if self.poller_settings is not None and self.poller_settings.enabled and self.poll_source is not None:
+            roles.append(ROLE_POLLER)
+        if self.orders is not None and self.orders_settings is not None and self.orders_settings.fhir.poll:
+            roles.append(ROLE_FHIR_ORDERS)
+        return roles
+
+    def leads(self, role: str) -> bool:
+        """Whether this instance runs ``role`` now (``scp``, ``poller``, ``fhir-orders``)."""
+        return role in self._leading
+
+    async def _lead_once(self, roles: list[str], *, at_start: bool = False) -> None:
+        """Take or renew each role's lease; start what was won, stop what was lost. A role that
+        fails to start gives its lease back (another instance tries); at start it raises."""
+        assert self._leases is not None
+        for role in roles:
+            try:
+                held = await asyncio.to_thread(
+                    self._leases.acquire, role, self.instance_id, self.settings.leader_lease_s
+                )
+            except ResultsDatabaseError as exc:  # cannot renew: stop before the lease can run out
+                logger.warning("role lease not renewed (%s)", type(exc).__name__)
+                held = False
+            if held and role not in self._leading:
+                try:
+                    await self._start_role(role)
+                except Exception as exc:
+                    await asyncio.to_thread(self._leases.release, role, self.instance_id)
+                    if at_start:
+                        raise
+                    logger.error("role %s did not start (%s)", role, type(exc).__name__)
+                    continue
+                self._leading.add(role)
+                logger.info("this instance now runs the %s", role)
+            elif not held and role in self._leading:
+                await self._stop_role(role)
+                logger.info("this instance no longer runs the %s", role)
+
+    async def _lead_forever(self, roles: list[str]) -> None:
+        while not self._draining:
+            await asyncio.sleep(self.settings.leader_lease_s / 3)
+            if self._draining:
+                return
+            await self._lead_once(roles)
+
+    async def _start_role(self, role: str) -> None:
+        if role == ROLE_SCP:
+            assert self.scp_settings is not None
+            scp = StoreScp(
+                self.scp_settings.ae_title,
+                self.scp_settings.port,
+                self.settings.spool_dir,
+                self._on_scp_stable,
+                stable_age_s=self.scp_settings.stable_age_s,
+                host=self.scp_settings.host,
+                allowed_ae_titles=self.scp_settings.allowed_ae_titles,
+                move_ae_titles=self.scp_settings.move_ae_titles,
+                ssl_context=scp_tls_context(self.scp_settings),
+            )
+            await asyncio.to_thread(scp.start)  # resumes the durable spool first
+            self._scp = scp
+        elif role == ROLE_POLLER:
+            self._poller = asyncio.create_task(self._poll_forever())
+        elif role == ROLE_FHIR_ORDERS:
+            assert self.orders is not None and self.orders_settings is not None
+            poller = FhirOrderPoller(self.orders, self.orders_settings, self.on_orders)
+            self._order_poller = asyncio.create_task(self._poll_orders_forever(poller))
+
+    async def _stop_role(self, role: str) -> None:
+        self._leading.discard(role)
+        if role == ROLE_SCP and self._scp is not None:
+            scp, self._scp = self._scp, None
+            await asyncio.to_thread(scp.stop)
+        elif role == ROLE_POLLER and self._poller is not None:
+            self._poller.cancel()
+            self._poller = None
+        elif role == ROLE_FHIR_ORDERS and self._order_poller is not None:
+            self._order_poller.cancel()
+            self._order_poller = None
+
     # -- admission -------------------------------------------------------------------------
 
     def check_admission(self, priority: PriorityValues) -> None:
@@ -345,12 +542,17 @@ class ScreeningService:
                         idempotency=job.idempotency,
                         unless_screened=job.unless_screened,
                         audit_action=job.audit_action,
+                        claim=self._claim,
+                        files=job.upload,
                     )
                 except ResultsDatabaseError as exc:  # nothing accepted: the caller gets 503 + Retry-After
                     self._db_error = type(exc).__name__
                     raise
                 if not admission.created:
                     return admission.job_id
+                if job.upload:  # kept in the database now: read again when it runs, on any node
+                    job.upload, job.kept = (), True
+            self._held.add(job.id)
             if self._loop is not None and threading.get_ident() != self._loop_thread:
                 self._loop.call_soon_threadsafe(self._put, job)
             else:
@@ -405,12 +607,13 @@ class ScreeningService:
         job = _Job(
             new_screening_uuid(),
             priority,
-            request,
+            replace(request, files=()),  # the instances go to the database, not into the queue
             provenance=provenance,
             dedupe_key=request.study_instance_uid if store_copy else None,
             idempotency=idempotency,
             unless_screened=unless_screened,
             audit_action=audit_action,
+            upload=request.files,
         )
         job_id = self._enqueue(job)
         return job_id, job_id == job.id
@@ -451,6 +654,7 @@ class ScreeningService:
         if loop is None:
             return False
         priority = self.order_priority(study_instance_uid, spooled_accession(folder))  # this thread: no loop stall
+        files = read_spooled(folder)  # this thread too: the database keeps them for every node
 
         def submit() -> bool:
             if not is_dicom_uid(study_instance_uid):
@@ -458,7 +662,7 @@ class ScreeningService:
                 return True
             try:  # saved WITH its Study UID: the poller and the webhook see it queued
                 _job_id, created = self._submit(
-                    StudyRequest(study_instance_uid=study_instance_uid, spool_dir=str(folder)),
+                    StudyRequest(study_instance_uid=study_instance_uid, files=files),
                     priority,
                     Provenance(SourceValues.SCP_PUSH, TriggerValues.SCP),
                     unless_screened=True,
@@ -467,8 +671,9 @@ class ScreeningService:
                 self.metrics.triggers.labels("c-store", "refused").inc()  # offered again later
                 return False
             self.metrics.triggers.labels("c-store", "submitted" if created else "duplicate").inc()
-            if not created:
-                shutil.rmtree(folder, ignore_errors=True)
+            # the instances are in the results database with the job (or the study was known):
+            # the node-local spool folder is not needed any more
+            shutil.rmtree(folder, ignore_errors=True)
             return True
 
         async def on_loop() -> bool:
@@ -632,8 +837,9 @@ class ScreeningService:
     def submit_upload(
         self, files: Sequence[bytes], priority: PriorityValues, *, requested_by: str = SYSTEM_ACTOR
     ) -> str:
-        """Spool uploaded instances to disk first (they must survive a restart), then submit
-        them as ``submit_spooled`` does (their Study UID checked, recorded as an upload)."""
+        """Spool uploaded instances to disk first (the Study UID check reads them there), then
+        submit them as ``submit_spooled`` does (kept in the results database, recorded as an
+        upload)."""
         self.check_admission(priority)
         spool = private_dir(private_dir(self.settings.spool_dir) / uuid.uuid4().hex)
         try:
@@ -656,21 +862,24 @@ class ScreeningService:
         """Submit instances already streamed into a private spool folder (the HTTP upload).
 
         The files' Study UID is checked (``InvalidIdentifier``) and recorded; the screening is an
-        ``upload``: it never replaces or silences the result of the store's copy. With an
+        ``upload``: it never replaces or silences the result of the store's copy. The instances
+        are kept in the results database with the job (one transaction), so that any ingress on
+        any node can screen it; the folder is removed once that commits (or fails). With an
         ``idempotency_key`` a retried upload (same files, same priority) answers with the first
-        job and its spool folder is removed."""
-        uid = upload_study_uid(folder)
-        idempotency = (
-            Idempotency(requested_by, idempotency_key, spool_hash(folder, priority.value))
-            if idempotency_key is not None
-            else None
-        )
-        request = StudyRequest(study_instance_uid=uid, spool_dir=str(folder))
-        provenance = Provenance(SourceValues.UPLOAD, TriggerValues.API, requested_by)
-        job_id, created = self._submit(request, priority, provenance, idempotency, audit_action=audit_action)
-        assert job_id is not None
-        if not created:
+        job."""
+        try:
+            uid = upload_study_uid(folder)
+            idempotency = (
+                Idempotency(requested_by, idempotency_key, spool_hash(folder, priority.value))
+                if idempotency_key is not None
+                else None
+            )
+            request = StudyRequest(study_instance_uid=uid, files=read_spooled(folder))
+            provenance = Provenance(SourceValues.UPLOAD, TriggerValues.API, requested_by)
+            job_id, _created = self._submit(request, priority, provenance, idempotency, audit_action=audit_action)
+        finally:
             shutil.rmtree(folder, ignore_errors=True)
+        assert job_id is not None
         return job_id
 
     # -- dispatch --------------------------------------------------------------------------
@@ -703,15 +912,25 @@ class ScreeningService:
         self._wakeup.set()
 
     async def wait_for(self, job_id: str, timeout_s: float) -> None:
-        """Return when the job is DONE/FAILED (this process) or after ``timeout_s``."""
-        record = self.store.job(job_id)
-        if record is None or record.status in (JobStatusValues.DONE, JobStatusValues.FAILED):
+        """Return when the job is DONE/FAILED or after ``timeout_s``: signalled when this instance
+        runs it, else read from the database every 0.2 s (another ingress screens it)."""
+        deadline = time.monotonic() + timeout_s
+        while True:
+            record = await asyncio.to_thread(self.store.job, job_id)
+            if record is None or record.status in (JobStatusValues.DONE, JobStatusValues.FAILED):
+                return
+            left = deadline - time.monotonic()
+            if left <= 0:
+                return
+            event = self._done_events.setdefault(job_id, asyncio.Event())
+            local = job_id in self._held
+            try:
+                await asyncio.wait_for(event.wait(), timeout=left if local else min(left, 0.2))
+            except TimeoutError:
+                if local:
+                    return
+                continue
             return
-        event = self._done_events.setdefault(job_id, asyncio.Event())
-        try:
-            await asyncio.wait_for(event.wait(), timeout=timeout_s)
-        except TimeoutError:
-            pass
 
     def _signal_done(self, job_id: str) -> None:
         event = self._done_events.pop(job_id, None)
@@ -720,9 +939,13 @@ class ScreeningService:
 
     async def _run(self, job: _Job) -> None:
         try:
+            if job.id in self._lost:  # another instance took it over while it waited here
+                self._lost.discard(job.id)
+                return
             await self._run_job(job)
         finally:
             self._running.discard(job.id)
+            self._held.discard(job.id)
             self._signal_done(job.id)
 
     async def _run_job(self, job: _Job) -> None:
@@ -735,6 +958,9 @@ class ScreeningService:
         start = time.monotonic()
         try:
             result, evidence = await asyncio.wait_for(self._screen(job), timeout=self.settings.request_timeout_s)
+        except UploadUnavailable:
+            await self._upload_unavailable(job)
+            return
         except TimeoutError:
             await self._fail(
                 job, JobFailureValues.TIMEOUT, f"not finished within {self.settings.request_timeout_s:.0f} s"
@@ -755,7 +981,11 @@ class ScreeningService:
             return
         elapsed = time.monotonic() - start
         result = result.model_copy(
-            update={"duration_ms": round(elapsed * 1000.0, 1), "requested_priority": job.priority.value}
+            update={
+                "duration_ms": round(elapsed * 1000.0, 1),
+                "requested_priority": job.priority.value,
+                "result_id": job_result_id(job.id),  # a re-screening of this job: the same delivery ids
+            }
         )
         if self.orders is not None:
             result = await asyncio.to_thread(self._with_order, result, job.priority)
@@ -784,6 +1014,20 @@ class ScreeningService:
             },
         )
 
+    async def _upload_unavailable(self, job: _Job) -> None:
+        """The job's instances cannot be read here now: give the job back for a later attempt
+        (here or on another node), or end it FAILED after ``max_job_claims`` attempts; never a
+        NOT_SCREENED result for a study nobody could read."""
+        if job.attempts >= self.settings.max_job_claims:
+            await self._fail(job, JobFailureValues.UPLOAD_UNAVAILABLE, "the uploaded instances could not be read")
+            return
+        logger.warning("upload not readable here; job given back for a retry", extra={"request_id": job.id})
+        retry = Claim(self.instance_id, min(self.settings.job_lease_s, 5.0 * job.attempts))
+        try:  # held a little longer by nobody in particular: any instance claims it once that passes
+            await asyncio.to_thread(self.store.renew_jobs, retry, [job.id])
+        except ResultsDatabaseError as exc:  # its lease runs out on its own
+            logger.warning("job not given back (%s)", type(exc).__name__)
+
     async def _fail(self, job: _Job, reason: JobFailureValues, detail: str) -> None:
         await self._persist(
             "failed",
@@ -797,6 +1041,11 @@ class ScreeningService:
         logger.warning("screening failed", extra={"request_id": job.id, "reason": reason.value})
 
     async def _screen(self, job: _Job) -> tuple[ScreeningResult, list[Dataset]]:
+        if job.kept:  # read now (not held in the queue): they travel to the preparing node as bytes
+            files = await asyncio.to_thread(self.store.upload_files, job.id)
+            if not files:
+                raise UploadUnavailable("the upload's instances are not in the results database")
+            job = replace(job, request=replace(job.request, files=tuple(files)))
         prepared, pairs = await self._screen_in_stages(self.pipeline, job)
         for image, out in pairs:
             if isinstance(out, ModelOutputs) and out.batch_size:
@@ -866,5 +1115,19 @@ def spooled_accession(folder: Path) -> str:
     return ""
 
 
-def _request_of(record: JobRecord) -> StudyRequest:
-    return StudyRequest(study_instance_uid=record.study_instance_uid, spool_dir=record.spool_dir)
+def read_spooled(folder: Path) -> tuple[bytes, ...]:
+    """The instances of a spool folder, in order (an upload streamed in, a pushed study)."""
+    return tuple(path.read_bytes() for path in sorted(folder.glob("*.dcm")))
+
+
+def _job_of(record: JobRecord) -> _Job:
+    """A job claimed from the database: its instances are in ``uploads`` unless it names a local
+    spool folder (admitted before they moved into the database) or the store (a PACS fetch)."""
+    kept = record.source in (SourceValues.UPLOAD.value, SourceValues.SCP_PUSH.value) and not record.spool_dir
+    return _Job(
+        record.id,
+        PriorityValues(record.priority),
+        StudyRequest(study_instance_uid=record.study_instance_uid, spool_dir=record.spool_dir),
+        kept=kept,
+        attempts=record.attempts,
+    )

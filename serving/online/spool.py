@@ -1,5 +1,11 @@
-"""The upload spool: private folders (0700) of private files (0600) that hold uploaded and
-pushed instances until their screening is recorded.
+"""The upload spool: private folders (0700) of private files (0600), local to one node, that hold
+an upload while it streams in and a pushed study while the C-STORE SCP receives it.
+
+Neither stays here once admitted: ``ScreeningService`` moves the instances into the results
+database with their job (``uploads``; ADR 0021), where every replica on every node reads them,
+and removes the folder. The spool is only the streaming buffer of one request (an upload is
+parsed as it arrives, never held whole while it is read off the socket) and the SCP's durable
+receiving area until a study is stable.
 
 An upload is written under a ``.partial-`` name and renamed when complete, so a crash mid-upload
 leaves only partial folders, which ``sweep_partials`` removes at the next start.

@@ -87,7 +87,9 @@ def make_engine(target: str | Path) -> Engine:
     url = database_url(target)
     if url.get_backend_name() == "sqlite":
         Path(str(url.database)).parent.mkdir(parents=True, exist_ok=True)
-        engine = create_engine(url, hide_parameters=True, connect_args={"check_same_thread": False, "timeout": _BUSY_TIMEOUT_S})
+        engine = create_engine(
+            url, hide_parameters=True, connect_args={"check_same_thread": False, "timeout": _BUSY_TIMEOUT_S}
+        )
         event.listen(engine, "connect", _sqlite_connect)
         event.listen(engine, "begin", _sqlite_begin)
         return engine

@@ -22,14 +22,14 @@ from __future__ import annotations
 
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
-from datetime import UTC, datetime
+from datetime import UTC, datetime, timedelta
 from io import BytesIO
 from pathlib import Path
 from typing import Any
 
 from pydicom import dcmread
 from pydicom.dataset import Dataset
-from sqlalchemy import Connection, Text, and_, case, cast, func, insert, literal, select, update
+from sqlalchemy import Connection, Text, and_, case, cast, delete, func, insert, literal, or_, select, update
 
 from models.errors import IdempotencyKeyReused, ResultsConflict
 from models.results import ScreeningResult
@@ -47,6 +47,7 @@ from serving.persistence.schema import (
     idempotency_keys,
     jobs,
     screenings,
+    uploads,
 )
 from serving.persistence.schema import evidence as evidence_table
 
@@ -71,6 +72,21 @@ class JobRecord:
     triggered_by: str = TriggerValues.UNKNOWN.value
     requested_by: str = "unknown"
     dedupe_key: str | None = None
+    #: the ingress screening it and until when its claim holds (``claim_jobs``); claims so far
+    claimed_by: str | None = None
+    lease_until: str | None = None
+    attempts: int = 0
+
+
+@dataclass(frozen=True)
+class Claim:
+    """Who claims a job at admission (``add_job``) or later (``claim_jobs``), for how long."""
+
+    holder: str
+    lease_s: float
+
+    def until(self) -> str:
+        return _iso(datetime.now(UTC) + timedelta(seconds=self.lease_s))
 
 
 @dataclass(frozen=True)
@@ -160,11 +176,18 @@ _JOB_COLUMNS = (
     jobs.c.triggered_by,
     jobs.c.requested_by,
     jobs.c.dedupe_key,
+    jobs.c.claimed_by,
+    jobs.c.lease_until,
+    jobs.c.attempts,
 )
 
 
+def _iso(moment: datetime) -> str:
+    return moment.isoformat(timespec="milliseconds")
+
+
 def _now() -> str:
-    return datetime.now(UTC).isoformat(timespec="milliseconds")
+    return _iso(datetime.now(UTC))
 
 
 def _header_bytes(ds: Dataset) -> bytes:
@@ -328,6 +351,8 @@ class ResultsStore:
         idempotency: Idempotency | None = None,
         unless_screened: bool = False,
         audit_action: str | None = None,
+        claim: Claim | None = None,
+        files: Sequence[bytes] = (),
     ) -> Admission:
         """Persist a QUEUED job, unless an equivalent one answers the request:
 
@@ -339,7 +364,8 @@ class ResultsStore:
 
         One transaction (with the audit row of the request, when ``audit_action`` names it: one
         durable commit per admission); a concurrent writer that wins a race is found on the
-        second pass."""
+        second pass. A new job is claimed by ``claim`` (the admitting ingress screens it) and
+        keeps ``files`` (an upload's instances, in order) in ``uploads`` until its result."""
         provenance = provenance or Provenance(SourceValues.UNKNOWN, TriggerValues.UNKNOWN)
         for attempt in range(2):
             try:
@@ -354,7 +380,10 @@ class ResultsStore:
                         dedupe_key,
                         idempotency,
                         unless_screened,
+                        claim,
                     )
+                    if admission.created:
+                        self._keep_files(conn, job_id, files)
                     if audit_action is not None:
                         conn.execute(
                             insert(audit_log).values(
@@ -382,6 +411,7 @@ class ResultsStore:
         dedupe_key: str | None,
         idempotency: Idempotency | None,
         unless_screened: bool,
+        claim: Claim | None = None,
     ) -> Admission:
         if idempotency is not None:
             seen = conn.execute(
@@ -418,6 +448,9 @@ class ResultsStore:
                     triggered_by=provenance.triggered_by.value,
                     requested_by=provenance.requested_by,
                     dedupe_key=dedupe_key,
+                    claimed_by=claim.holder if claim else None,
+                    lease_until=claim.until() if claim else None,
+                    attempts=1 if claim else 0,
                 )
             )
             answer = job_id
@@ -443,9 +476,12 @@ class ResultsStore:
         error_detail: str | None = None,
     ) -> None:
         with self._db.write() as conn:
+            finished = status in ("DONE", "FAILED")
+            if finished:
+                conn.execute(delete(uploads).where(uploads.c.job_id == job_id))
             conn.execute(
                 update(jobs)
-                .where(jobs.c.id == job_id)
+                .where(jobs.c.id == job_id, jobs.c.status.in_(_ACTIVE))  # a finished job stays as it ended
                 .values(
                     status=status,
                     updated_at=_now(),
@@ -469,14 +505,17 @@ class ResultsStore:
         No result exists without its pending deliveries, and no delivery without its result. A
         screening that is not the study's reference (an upload after the store's copy was
         screened) is recorded but not delivered: the EMR keeps the PACS result."""
+        query = select(
+            jobs.c.source, jobs.c.triggered_by, jobs.c.requested_by, jobs.c.status, jobs.c.screening_id
+        ).where(jobs.c.id == job_id)
+        if self._db.dialect == "postgresql":  # a second finisher waits here, then finds it DONE
+            query = query.with_for_update()
         with self._db.write() as conn:
-            job = conn.execute(
-                select(
-                    jobs.c.source, jobs.c.triggered_by, jobs.c.requested_by, jobs.c.status, jobs.c.screening_id
-                ).where(jobs.c.id == job_id)
-            ).first()
+            job = conn.execute(query).first()
             if job is not None and job[3] == "DONE" and job[4] is not None:
-                return int(job[4])  # a retry after a commit whose answer was lost: already recorded
+                # a retry after a commit whose answer was lost, or a second screening of the same job
+                # (an ingress whose lease ran out while another took the job over): recorded once
+                return int(job[4])
             provenance = (
                 Provenance(SourceValues(job[0]), TriggerValues(job[1]), str(job[2]))
                 if job is not None
@@ -506,6 +545,7 @@ class ResultsStore:
             conn.execute(
                 update(jobs).where(jobs.c.id == job_id).values(status="DONE", updated_at=now, screening_id=screening_id)
             )
+            conn.execute(delete(uploads).where(uploads.c.job_id == job_id))
         return screening_id
 
     def for_delivery(self, screening_id: int) -> tuple[ScreeningResult, list[Dataset]] | None:
@@ -533,6 +573,104 @@ class ResultsStore:
                 .order_by(jobs.c.created_at, jobs.c.id)
             ).all()
         return [JobRecord(*r) for r in rows]
+
+    # -- claims and uploads ----------------------------------------------------------------
+
+    def job_holders(self) -> set[str]:
+        """Who holds unfinished jobs now (to find holders that died: ``claim_jobs(dead=...)``)."""
+        with self._db.read() as conn:
+            rows = conn.execute(
+                select(jobs.c.claimed_by).where(jobs.c.status.in_(_ACTIVE), jobs.c.claimed_by.is_not(None)).distinct()
+            ).all()
+        return {str(r[0]) for r in rows}
+
+    def claim_jobs(self, claim: Claim, limit: int, *, dead: Sequence[str] = ()) -> list[JobRecord]:
+        """Claim up to ``limit`` unfinished jobs that nobody holds (never claimed, released, their
+        lease ran out, or their holder is in ``dead``), stat first, oldest first, in one
+        transaction (``FOR UPDATE SKIP LOCKED`` on PostgreSQL, ``BEGIN IMMEDIATE`` on SQLite): two
+        ingresses never claim one job at once. A job stays QUEUED until its result commits; its
+        lease says who screens it."""
+        if limit <= 0:
+            return []
+        now = _now()
+        free = or_(jobs.c.claimed_by.is_(None), jobs.c.lease_until.is_(None), jobs.c.lease_until < now)
+        if dead:
+            free = or_(free, jobs.c.claimed_by.in_(list(dead)))
+        due = (
+            select(*_JOB_COLUMNS)
+            .where(jobs.c.status.in_(_ACTIVE), free)
+            .order_by(case((jobs.c.priority == "stat", 0), else_=1), jobs.c.created_at, jobs.c.id)
+            .limit(limit)
+        )
+        with self._db.read() as conn:  # most passes find nothing: no write lock for them
+            if conn.execute(select(jobs.c.id).where(jobs.c.status.in_(_ACTIVE), free).limit(1)).first() is None:
+                return []
+        if self._db.dialect == "postgresql":
+            due = due.with_for_update(skip_locked=True)
+        until = claim.until()
+        with self._db.write() as conn:
+            rows = [JobRecord(*r) for r in conn.execute(due).all()]
+            if rows:
+                conn.execute(
+                    update(jobs)
+                    .where(jobs.c.id.in_([r.id for r in rows]))
+                    .values(claimed_by=claim.holder, lease_until=until, attempts=jobs.c.attempts + 1)
+                )
+        return [
+            JobRecord(**{**r.__dict__, "claimed_by": claim.holder, "lease_until": until, "attempts": r.attempts + 1})
+            for r in rows
+        ]
+
+    def renew_jobs(self, claim: Claim, job_ids: Iterable[str]) -> set[str]:
+        """Extend this holder's lease on ``job_ids``; returns those it still holds (a job finished
+        meanwhile, or taken over after a lease ran out, is not among them)."""
+        ids = list(job_ids)
+        if not ids:
+            return set()
+        held: set[str] = set()
+        with self._db.write() as conn:
+            for start in range(0, len(ids), 500):
+                rows = conn.execute(
+                    update(jobs)
+                    .where(
+                        jobs.c.id.in_(ids[start : start + 500]),
+                        jobs.c.claimed_by == claim.holder,
+                        jobs.c.status.in_(_ACTIVE),
+                    )
+                    .values(lease_until=claim.until())
+                    .returning(jobs.c.id)
+                ).all()
+                held.update(str(r[0]) for r in rows)
+        return held
+
+    def release_jobs(self, holder: str, job_ids: Iterable[str]) -> int:
+        """Give unfinished jobs back (drain): another ingress claims them at its next pass."""
+        ids = list(job_ids)
+        if not ids:
+            return 0
+        with self._db.write() as conn:
+            return int(
+                conn.execute(
+                    update(jobs)
+                    .where(jobs.c.id.in_(ids), jobs.c.claimed_by == holder, jobs.c.status.in_(_ACTIVE))
+                    .values(claimed_by=None, lease_until=None)
+                ).rowcount
+            )
+
+    def _keep_files(self, conn: Connection, job_id: str, files: Sequence[bytes]) -> None:
+        if files:
+            now = _now()
+            conn.execute(
+                insert(uploads),
+                [{"job_id": job_id, "seq": i, "data": data, "created_at": now} for i, data in enumerate(files)],
+            )
+
+    def upload_files(self, job_id: str) -> list[bytes]:
+        """The instances kept for a job (upload or SCP push), in their order; empty once its result
+        is stored, or for a job that kept none."""
+        with self._db.read() as conn:
+            rows = conn.execute(select(uploads.c.data).where(uploads.c.job_id == job_id).order_by(uploads.c.seq)).all()
+        return [bytes(r[0]) for r in rows]
 
     def pending_jobs(self) -> list[JobRecord]:
         """Jobs not finished (QUEUED or RUNNING when the service stopped), oldest first."""

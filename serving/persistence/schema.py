@@ -122,7 +122,13 @@ jobs = Table(
     Column("triggered_by", Text, nullable=False, server_default=text("'unknown'")),
     Column("requested_by", Text, nullable=False, server_default=text("'unknown'")),
     Column("dedupe_key", Text),
+    # 0007: the ingress screening the job and until when its claim holds (renewed while it runs);
+    # how many times an ingress claimed it (serving.persistence.results, ``claim_jobs``)
+    Column("claimed_by", Text),
+    Column("lease_until", Text),
+    Column("attempts", Integer, nullable=False, server_default=text("0")),
     Index("jobs_status", "status"),
+    Index("jobs_claimable", "status", "lease_until"),
     Index("jobs_study", "study_instance_uid"),
     Index(
         "jobs_active_dedupe",
@@ -300,6 +306,30 @@ shadow_results = Table(
     Column("result_json", Text, nullable=False),
     Index("shadow_results_version", "model_id", "shadow_version", "id"),
     sqlite_autoincrement=True,
+)
+
+# 0007: the instances of an upload or of a study pushed to the SCP, from admission until the
+# job's result (or failure) is stored: readable by every replica on every node
+uploads = Table(
+    "uploads",
+    metadata,
+    Column("job_id", Text, nullable=False),
+    Column("seq", Integer, nullable=False),
+    Column("data", LargeBinary, nullable=False),
+    Column("created_at", Text, nullable=False),
+    PrimaryKeyConstraint("job_id", "seq", name="uploads_pkey"),
+)
+
+# 0007: roles that run once per cluster (the C-STORE SCP, the QIDO-RS poller): who holds each and
+# until when (serving.persistence.leases); ``term`` counts hand-overs
+leases = Table(
+    "leases",
+    metadata,
+    Column("name", Text, primary_key=True),
+    Column("holder", Text, nullable=False),
+    Column("expires_at", Text, nullable=False),
+    Column("acquired_at", Text, nullable=False),
+    Column("term", BigInteger, nullable=False, server_default=text("1")),
 )
 
 # -- the batch job ledger (its own SQLite file in the job folder, not the results database) ---

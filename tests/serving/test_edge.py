@@ -244,20 +244,41 @@ def test_dev_study_ref_key_is_generated_per_install(tmp_path: Path) -> None:
 
 
 def test_spool_is_private_and_partials_are_swept(tmp_path: Path, predictor: OnnxPredictor, store_dir: Path) -> None:
-    """Findings: upload spool files were world-readable; partial uploads were never cleaned."""
+    """Findings: upload spool files were world-readable; partial uploads were never cleaned.
+    Since uploads are kept in the results database from admission (ADR 0021), the spool is only
+    the buffer an upload streams into: private while it is there, gone once the job is admitted."""
+    import asyncio
+
+    import httpx
+
+    from serving.online.edge import spool_multipart
+
     partial = tmp_path / "spool" / ".partial-left-by-a-crash"
     partial.mkdir(parents=True)
     (partial / "00000.dcm").write_bytes(b"half")
+    data = (store_dir / "s43.dcm").read_bytes()
     with running(tmp_path, predictor, store_dir, gate=True) as (client, pipe):
         assert not partial.exists()
         assert stat.S_IMODE(os.stat(tmp_path / "spool").st_mode) == 0o700
-        files = [("files", ("a.dcm", (store_dir / "s43.dcm").read_bytes(), "application/dicom"))]
+        files = [("files", ("a.dcm", data, "application/dicom"))]
         job = client.post("/v1/screenings/upload", files=files).json()["screening_id"]
-        folders = list((tmp_path / "spool").iterdir())
-        assert len(folders) == 1 and stat.S_IMODE(os.stat(folders[0]).st_mode) == 0o700
-        assert [stat.S_IMODE(os.stat(f).st_mode) for f in folders[0].iterdir()] == [0o600]
+        assert list((tmp_path / "spool").iterdir()) == []  # admitted: the bytes are in the database
+        svc = _service_of(client)
+        assert svc.store.upload_files(job) == [data]
         client.portal.call(pipe().gate.set)  # type: ignore[union-attr]
         assert wait_for(client, job)["result"]["outcome"] == "SCREENED"
+        assert svc.store.upload_files(job) == []  # deleted with the result's commit
+
+    body = httpx.Request("POST", "http://x/", files=files)
+
+    async def chunks() -> Any:
+        yield body.read()
+
+    folder, count = asyncio.run(
+        spool_multipart(body.headers["content-type"], chunks(), tmp_path / "buffer", "files", 10)
+    )
+    assert count == 1 and stat.S_IMODE(os.stat(folder).st_mode) == 0o700
+    assert [stat.S_IMODE(os.stat(f).st_mode) for f in folder.iterdir()] == [0o600]
 
 
 def test_draining_refuses_new_work_with_retry_after_and_finishes_running_work(
