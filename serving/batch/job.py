@@ -115,6 +115,13 @@ def read_inputs(batch: dict[str, np.ndarray], *, max_file_bytes: int) -> dict[st
     }
 
 
+def _node_id() -> str:
+    """The Ray node this process runs on ("" outside Ray)."""
+    import ray
+
+    return str(ray.get_runtime_context().get_node_id()) if ray.is_initialized() else ""
+
+
 def _receive(models: Sequence[Any]) -> list[ShippedModel]:
     """The shipped versions, from object references (actors) or as they are (in-process)."""
     import ray
@@ -136,6 +143,7 @@ class PrepareStage:
         with unpacked(_receive(models)) as loaded:
             self.screener = StudyScreener([], manifests=loaded, **screener_options(settings))
         self.source = build_source(settings) if settings.store.kind != "local" else None
+        self.max_file_bytes = settings.batch.max_file_bytes
 
     def _prepare(self, study: str, read: list[tuple[str, bytes | int]]) -> list[PreparedImage | RejectedImage]:
         if not read:
@@ -153,6 +161,8 @@ class PrepareStage:
         return out
 
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        if "inputs" not in batch:  # a single-node job: the actor reads its rows' files itself
+            batch = read_inputs(batch, max_file_bytes=self.max_file_bytes)
         prepared, errors = [], []
         for study, blob, error in zip(batch["study"], batch["inputs"], batch["error"], strict=True):
             if error:
@@ -193,6 +203,7 @@ class InferStage:
             ]
         self.screener = StudyScreener(predictors, **screener_options(settings))
         self.identities = json.dumps(sorted(identity_of(p.loaded) for p in predictors))
+        self.node = _node_id()
 
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         studies = [pickle.loads(p) for p in batch["prepared"]]  # noqa: S301 - our own rows
@@ -232,6 +243,7 @@ class InferStage:
             "paired": np.array(paired, dtype=object),
             "error": batch["error"],
             "models": np.array([self.identities] * len(paired), dtype=object),
+            "node": np.array([self.node] * len(paired), dtype=object),
         }
 
 
@@ -265,7 +277,9 @@ class JobSummary:
     studies_per_s: float
     out_dir: Path
     results: list[ScreeningResult] = field(default_factory=list)
-    errors: dict[str, str] = field(default_factory=dict)  # study key -> why it could not be fetched
+    errors: dict[str, str] = field(default_factory=dict)  # study key -> why it could not be read or fetched
+    #: Ray node id -> studies this run's inference ran there
+    nodes: dict[str, int] = field(default_factory=dict)
 
 
 def run_batch_job(
@@ -329,12 +343,17 @@ def run_batch_job(
     sinks = build_sinks(settings) if deliver and store is not None else {}
     start = time.perf_counter()
     finished = 0
+    nodes: dict[str, int] = {}
     try:
         if todo:
             rows = [{"study": s.key, "files": json.dumps([str(p) for p in s.files])} for s in todo]
             blocks = max(1, -(-len(rows) // batch_size))
             ds = ray.data.from_items(rows, override_num_blocks=blocks)
-            ds = _read_on_this_node(ds, settings.batch.max_file_bytes)
+            if not (started_ray and address is None):
+                ds = _read_on_this_node(ds, settings.batch.max_file_bytes, blocks)
+            # else this process's own one-node cluster: the actors read the files (same node,
+            # same disk), saving the read tasks' worker processes and a copy of every file
+            # through the object store (scripts/bench_batch_peers.py measured it)
             chosen = choose_topology(topology)
             if chosen == "fused":
                 cpus = float(ray.cluster_resources().get("CPU", 1.0))
@@ -363,9 +382,12 @@ def run_batch_job(
                     num_gpus=1 if cuda_device_count() > 0 else 0,
                 )
             for batch in _iter(ds):
-                rows_out = zip(batch["study"], batch["paired"], batch["error"], batch["models"], strict=True)
-                for study, paired_blob, error, ran in rows_out:
+                rows_out = zip(
+                    batch["study"], batch["paired"], batch["error"], batch["models"], batch["node"], strict=True
+                )
+                for study, paired_blob, error, ran, node in rows_out:
                     study = str(study)
+                    nodes[str(node)] = nodes.get(str(node), 0) + 1
                     if not error and str(ran) != expected_models:  # cannot happen with shipped bytes; checked
                         error = (
                             f"{ModelIntegrityError.__name__}: screened by other model versions than the job resolved"
@@ -416,6 +438,7 @@ def run_batch_job(
         out_dir=out_dir,
         results=results,
         errors=errors,
+        nodes=nodes,
     )
 
 
@@ -423,7 +446,7 @@ class _Stop(Exception):
     pass
 
 
-def _read_on_this_node(ds: Any, max_file_bytes: int) -> Any:
+def _read_on_this_node(ds: Any, max_file_bytes: int, blocks: int) -> Any:
     """The input files are read where the driver runs (its node sees the folders it was given),
     one planned block of studies at a time; Ray Data's streaming executor reads ahead only as far as
     the object store budget of the next stage allows, so the bytes in flight stay bounded."""
@@ -435,7 +458,7 @@ def _read_on_this_node(ds: Any, max_file_bytes: int) -> Any:
         fn_kwargs={"max_file_bytes": max_file_bytes},
         batch_size=None,  # one block of studies per task, as planned
         num_cpus=0,  # reading is I/O: it takes no core from the screening actors
-        concurrency=2,
+        concurrency=min(2, blocks),
         label_selector={"ray.io/node-id": here},  # this node only (a hard constraint)
     )
 

@@ -104,3 +104,98 @@ def test_tables_and_report_with_labelled_auroc(ray_local: None, archive: tuple[P
     for r in summary.results:  # no UID in the report (it names studies by file and study_ref)
         if r.study_instance_uid:
             assert r.study_instance_uid not in text
+
+
+def test_unreadable_input_is_retried_never_a_finished_not_screened(
+    ray_local: None, archive: tuple[Path, Path], tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A file that vanishes between planning and reading (an archive purged, a mount gone) is
+    InputUnreadable: no result, exit 1 with the count, and the next run screens it."""
+    from typer.testing import CliRunner
+
+    import serving.batch.job as job
+    from serving.cli.main import app
+
+    folder, settings = archive
+    victim = sorted(folder.glob("cxr_*.dcm"))[2]
+    saved = victim.read_bytes()
+    planned = job.plan_studies
+
+    def plan_then_lose_one(inputs: list[Path]) -> list[job.PlannedStudy]:
+        studies = planned(inputs)
+        victim.unlink()
+        return studies
+
+    monkeypatch.setattr(job, "plan_studies", plan_then_lose_one)
+    out = tmp_path / "job"
+    args = ["screen", str(folder), "--out", str(out), "--no-save", "--settings", str(settings)]
+    first = CliRunner().invoke(app, args)
+    assert first.exit_code == 1, first.output
+    assert "1 studies could not be read or fetched (1 InputUnreadable)" in " ".join(first.output.split())
+    ledger = Ledger(out / "ledger.sqlite3")
+    errors, done = ledger.errors(), [r for _, r in ledger.results()]
+    ledger.close()
+    assert len(done) == 8 and len(errors) == 1  # 9 planned: the lost one is not a result
+    assert all(r.reason != "CORRUPT_FILE" for r in done)
+    ((key, why),) = errors.items()
+    assert why.startswith("InputUnreadable:") and str(folder) not in why
+    monkeypatch.setattr(job, "plan_studies", planned)
+    victim.write_bytes(saved)
+    second = CliRunner().invoke(app, args)
+    assert second.exit_code == 1, second.output  # the archive's broken.dcm stays NOT_SCREENED
+    assert "1 screened now" in second.output and "could not be read" not in second.output
+    ledger = Ledger(out / "ledger.sqlite3")
+    assert key in ledger.done() and ledger.errors() == {}
+    ledger.close()
+
+
+def test_read_inputs_ships_bytes_and_types_read_failures(tmp_path: Path) -> None:
+    import json
+    import pickle
+
+    import numpy as np
+
+    from serving.batch.job import read_inputs
+
+    small, big = tmp_path / "a.dcm", tmp_path / "b.dcm"
+    small.write_bytes(b"x" * 2000)
+    big.write_bytes(b"y" * 5000)
+    batch = {
+        "study": np.array(["s1", "s2"], dtype=object),
+        "files": np.array([json.dumps([str(small), str(big)]), json.dumps([str(tmp_path / "gone.dcm")])], dtype=object),
+    }
+    out = read_inputs(batch, max_file_bytes=4096)
+    assert pickle.loads(out["inputs"][0]) == [(str(small), b"x" * 2000), (str(big), 5000)]  # too big: its size
+    assert out["error"][0] == ""
+    assert pickle.loads(out["inputs"][1]) == []
+    assert out["error"][1].startswith("InputUnreadable:") and "gone" not in out["error"][1]
+
+
+def test_single_node_prepare_actor_reads_its_rows_files(archive: tuple[Path, Path], tmp_path: Path) -> None:
+    """In the job's own one-node cluster there is no read stage: the prepare actor is handed rows
+    that name files, reads them itself and prepares them; a file gone by then is the row's
+    InputUnreadable error, as from the read stage (the study stays to do)."""
+    import json
+    import pickle
+
+    import numpy as np
+
+    from serving.batch.job import PrepareStage
+    from serving.batch.shipping import pack
+    from serving.core.screening import PreparedImage
+    from serving.settings import Settings
+
+    folder, settings_path = archive
+    settings = Settings.load(str(settings_path))
+    stage = PrepareStage(settings, [pack(resolve("cxr-triage"))])
+    present = sorted(folder.glob("cxr_*.dcm"))[0]
+    batch = {
+        "study": np.array(["s1", "s2"], dtype=object),
+        "files": np.array([json.dumps([str(present)]), json.dumps([str(tmp_path / "gone.dcm")])], dtype=object),
+    }
+    out = stage(batch)
+    (image,) = pickle.loads(out["prepared"][0])
+    assert isinstance(image, PreparedImage) and image.tensors.shape[1:] == (1, 224, 224)
+    assert out["error"][0] == ""
+    assert pickle.loads(out["prepared"][1]) == []
+    assert out["error"][1].startswith("InputUnreadable:") and "gone" not in out["error"][1]
