@@ -73,6 +73,18 @@ def monai_eager_baseline(files: list[Path], limit: int) -> float:
     return limit / (time.perf_counter() - start)
 
 
+def build_archive(work: Path, studies: int, size: int) -> Path:
+    """The benchmark archive: ``studies`` synthetic CR studies of ``size`` px, cycling through
+    the five encodings (shared with ``bench_batch_peers.py``)."""
+    archive = work / "archive"
+    t = time.perf_counter()
+    generate_cxr_dataset(archive, studies, seed=909, size=(size, size), encodings=ENCODINGS)
+    print(
+        f"archive: {studies} studies, {size}px, encodings {', '.join(ENCODINGS)} ({time.perf_counter() - t:.0f} s to generate)"
+    )
+    return archive
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--studies", type=int, default=500)
@@ -85,12 +97,7 @@ def main() -> None:
     from serving.batch.job import run_batch_job
 
     work = Path(tempfile.mkdtemp(prefix="dxassist-batch-bench-"))
-    archive = work / "archive"
-    t = time.perf_counter()
-    generate_cxr_dataset(archive, args.studies, seed=909, size=(args.size, args.size), encodings=ENCODINGS)
-    print(
-        f"archive: {args.studies} studies, {args.size}px, encodings {', '.join(ENCODINGS)} ({time.perf_counter() - t:.0f} s to generate)"
-    )
+    archive = build_archive(work, args.studies, args.size)
     settings = work / "settings.yaml"
     settings.write_text(
         yaml.safe_dump(

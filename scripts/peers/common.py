@@ -27,10 +27,11 @@ from models.registry import resolve  # noqa: E402
 class PeerModel:
     """Decode + preprocess + infer, thread-safe (ONNX Runtime sessions are)."""
 
-    def __init__(self, model_id: str = "cxr-triage", *, session: bool = True) -> None:
-        """``session=False``: decode and preprocess only (a process that does not infer)."""
+    def __init__(self, model_id: str = "cxr-triage", *, session: bool = True, threads: int | None = None) -> None:
+        """``session=False``: decode and preprocess only (a process that does not infer);
+        ``threads``: ORT intra-op threads (default: one per core)."""
         loaded = resolve(model_id)
-        self.predictor = OnnxPredictor(loaded, providers="auto") if session else None
+        self.predictor = OnnxPredictor(loaded, providers="auto", intra_op_threads=threads) if session else None
         self.pipeline = get_pipeline(loaded.manifest.input.preprocessing)
         self.labels = [label.key for label in loaded.manifest.labels]
 
