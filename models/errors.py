@@ -13,11 +13,13 @@
     │       └── InputUnreadable  a batch job's input file could not be read (retried by the next run)
     ├── ModelError
     │   ├── ModelIntegrityError  checksum or signature mismatch: fatal before any session exists
+    │   │   └── PinnedVersionMismatch this node lacks the version a deployment pinned, or its digests differ
     │   ├── ManifestError        manifest malformed or inconsistent with the artifact
     │   │   └── SignatureMismatch an imported graph's inputs/outputs disagree with its import spec
     │   ├── VersionExists        a registered version is immutable: register a new one
     │   ├── ParityError          exported ONNX disagrees with the PyTorch model: nothing written
     │   └── InferenceFailed      runtime failure or non-finite output (never read as "negative")
+    ├── ReplicaUnavailable       a Serve replica stayed unreachable through every retry
     ├── SinkError
     │   └── DeliveryFailed       retriable; the outbox keeps the result
     │       └── DeliveryRejected the receiver refused it for good: dead letter, no retry
@@ -136,6 +138,17 @@ class ModelError(DxAssistError):
 
 class ModelIntegrityError(ModelError):
     """The artifact's checksum does not match its manifest."""
+
+
+class PinnedVersionMismatch(ModelIntegrityError):
+    """A Serve replica was deployed with a model version pinned by the driver (exact version,
+    manifest and artifact sha256) that this node's registry does not hold as pinned: missing,
+    or with other digests. The replica refuses to start; it never screens with another version."""
+
+
+class ReplicaUnavailable(DxAssistError):
+    """The Serve replicas of one stage (fetcher, model) stayed unreachable (died, node lost)
+    through every bounded retry of a call; the study was not screened."""
 
 
 class ManifestError(ModelError):

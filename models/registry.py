@@ -12,7 +12,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Final
 
-from models.errors import DxAssistError, ManifestError, VersionExists
+from models.errors import DxAssistError, ManifestError, ModelIntegrityError, PinnedVersionMismatch, VersionExists
 from models.manifest import LoadedManifest, load_manifest, verify_artifact
 
 #: ``models/registry`` of this checkout, unless ``DXASSIST_REGISTRY`` names another folder.
@@ -108,3 +108,53 @@ def register_version(staged_dir: Path, root: Path = REGISTRY_ROOT) -> Path:
     verify_artifact(load_manifest(tmp))
     tmp.rename(target)
     return target
+
+
+@dataclass(frozen=True)
+class Pin:
+    """One model version exactly: what a deployment resolved ``latest`` to, and its digests."""
+
+    model_id: str
+    version: str
+    manifest_sha256: str
+    artifact_sha256: str
+
+
+def pin(model_id: str, version: str = "latest", root: Path = REGISTRY_ROOT) -> Pin:
+    """Resolve ``version`` (``latest`` included) here, verify the artifact, and name it exactly.
+
+    Raises:
+        ManifestError / ModelIntegrityError: as ``resolve`` and ``verify_artifact``.
+    """
+    loaded = resolve(model_id, version, root)
+    verify_artifact(loaded)
+    return Pin(model_id, loaded.manifest.version, loaded.manifest_sha256, loaded.manifest.artifact.sha256)
+
+
+def resolve_pinned(wanted: Pin, root: Path = REGISTRY_ROOT) -> LoadedManifest:
+    """This registry's copy of exactly ``wanted``: same version, same manifest, same artifact.
+
+    Raises:
+        PinnedVersionMismatch: the version is not registered here, or its manifest or artifact
+            differs from what was pinned (never another version in its place).
+    """
+    ref = f"{wanted.model_id}@{wanted.version}"
+    try:
+        loaded = resolve(wanted.model_id, wanted.version, root)
+    except ManifestError as exc:
+        raise PinnedVersionMismatch(
+            f"{ref} was pinned by the deployment but this node's registry cannot provide it ({exc}); "
+            "register that exact version here, or deploy from a registry this node shares"
+        ) from None
+    if loaded.manifest_sha256 != wanted.manifest_sha256:
+        raise PinnedVersionMismatch(
+            f"{ref}: this node's manifest (sha256 {loaded.manifest_sha256[:12]}...) is not the one the "
+            f"deployment pinned ({wanted.manifest_sha256[:12]}...)"
+        )
+    if loaded.manifest.artifact.sha256 != wanted.artifact_sha256:
+        raise PinnedVersionMismatch(f"{ref}: this node's manifest names another artifact than the pinned one")
+    try:
+        verify_artifact(loaded)
+    except ModelIntegrityError as exc:
+        raise PinnedVersionMismatch(f"{ref}: this node's copy does not verify ({exc})") from None
+    return loaded

@@ -16,6 +16,7 @@ import ipaddress
 import os
 import secrets
 import time
+from collections.abc import Mapping
 from enum import StrEnum
 from pathlib import Path
 from typing import Annotated, Any, Literal
@@ -50,6 +51,11 @@ class ModelSettings(_Strict):
     #: versions run in shadow beside the active one (results stored marked shadow, never
     #: delivered); ``dxassist models shadow`` adds to them at run time (serving.online.versions)
     shadow: list[str] = Field(default_factory=list)
+    #: digests of ``version`` pinned at deploy time by the Serve driver (``serving.rayserve.app``):
+    #: a replica whose registry holds that version with another manifest or artifact refuses to
+    #: start (``PinnedVersionMismatch``). Unset: whatever this node's registry holds
+    manifest_sha256: str | None = Field(default=None, pattern=r"^[0-9a-f]{64}$")
+    artifact_sha256: str | None = Field(default=None, pattern=r"^[0-9a-f]{64}$")
 
 
 class DicomWebSettings(_Strict):
@@ -444,6 +450,18 @@ class ServeSettings(_Strict):
 
     runtime: Literal["asgi", "ray"] = "asgi"
     topology: Literal["auto", "staged", "inline"] = "auto"
+    #: staged topology: a call to a fetcher or model replica that died (node lost, actor killed)
+    #: is sent again, to another replica, up to this many times (backoff ``retry_backoff_s``
+    #: doubling, at most 10 s); after that the study fails with ``ReplicaUnavailable``
+    replica_retries: int = Field(default=5, ge=0)
+    retry_backoff_s: float = Field(default=0.5, gt=0)
+    #: how often the ingress reads the Serve application's state (its downstream deployments'
+    #: health for ``/readyz``, their running replicas for its in-flight limit)
+    status_interval_s: float = Field(default=5.0, gt=0)
+    #: staged topology: the ingress's in-flight limit follows its running fetcher replicas
+    #: (replicas x their ``max_ongoing_requests``, plus the stat slot), re-read every
+    #: ``status_interval_s``; off: ``api.max_inflight`` stays the limit
+    follow_replicas: bool = True
 
 
 class BatchSettings(_Strict):
@@ -523,7 +541,9 @@ class ApiSettings(_Strict):
     max_queued_routine: int = Field(default=200, ge=1)
     max_queued_stat: int = Field(default=50, ge=1)
     #: studies screened at once (one slot is kept for stat); enough to keep every core busy while
-    #: other studies wait on I/O or a decode worker
+    #: other studies wait on I/O or a decode worker. The default counts this machine's cores; a
+    #: Ray Serve ingress in the staged topology starts with it, then follows its fetcher replicas
+    #: (``serve.follow_replicas``)
     max_inflight: int = Field(default_factory=lambda: max(4, 4 * (os.cpu_count() or 1) + 1), ge=1)
     request_timeout_s: float = Field(default=120.0, gt=0)
     max_upload_bytes: int = Field(default=256 * 1024 * 1024, ge=1024)
@@ -660,15 +680,27 @@ class Settings(BaseSettings):
         return env_settings, init_settings
 
     @classmethod
-    def load(cls, path: str | Path | None = None) -> Settings:
+    def load(cls, path: str | Path | None = None, *, resolve_paths: bool = True) -> Settings:
         """Read the YAML file, apply ``DXASSIST_<SECTION>__<FIELD>`` overrides, resolve relative paths
-        against the repository."""
+        against the repository (``resolve_paths=False``: keep them relative, for settings that
+        travel to other nodes, each resolving them against its own install)."""
         p = Path(path or os.environ.get("DXASSIST_SETTINGS") or DEFAULT_SETTINGS)
         data: dict[str, Any] = yaml.safe_load(p.read_text()) or {}
         try:
-            return cls(**data).resolved()
+            settings = cls(**data)
         except ValidationError as exc:
             # pydantic's own message quotes the input (secrets included): locations and reasons only
+            raise ValueError(describe_errors(exc)) from None
+        return settings.resolved() if resolve_paths else settings
+
+    @classmethod
+    def from_mapping(cls, data: Mapping[str, Any]) -> Settings:
+        """Settings exactly as ``data`` says, validated, with no environment override: the form in
+        which a deploying driver hands its resolved settings to Serve replicas on any node
+        (``serving.rayserve.app``), whose own environment must not change them."""
+        try:
+            return _AsGiven(**data)
+        except ValidationError as exc:
             raise ValueError(describe_errors(exc)) from None
 
     def resolved(self) -> Settings:
@@ -688,3 +720,18 @@ class Settings(BaseSettings):
                 ),
             }
         )
+
+
+class _AsGiven(Settings):
+    """``Settings.from_mapping``: the mapping alone, never this process's environment."""
+
+    @classmethod
+    def settings_customise_sources(
+        cls,
+        settings_cls: type[BaseSettings],
+        init_settings: PydanticBaseSettingsSource,
+        env_settings: PydanticBaseSettingsSource,
+        dotenv_settings: PydanticBaseSettingsSource,
+        file_secret_settings: PydanticBaseSettingsSource,
+    ) -> tuple[PydanticBaseSettingsSource, ...]:
+        return (init_settings,)

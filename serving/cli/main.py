@@ -12,6 +12,7 @@ from __future__ import annotations
 import json
 import logging
 import sys
+from collections import Counter
 from pathlib import Path
 from typing import TYPE_CHECKING, Annotated
 
@@ -326,7 +327,12 @@ def _run_batch(
         f"({summary.studies_per_s:.2f} studies/s). Job total: {n_ok} screened, {len(summary.results) - n_ok} not screened."
     )
     if summary.errors:
-        console.print(f"[yellow]{len(summary.errors)} studies could not be fetched; run again to retry them[/yellow]")
+        kinds = Counter(error.partition(":")[0] for error in summary.errors.values())
+        why = ", ".join(f"{n} {kind}" for kind, n in sorted(kinds.items()))
+        console.print(
+            f"[yellow]{len(summary.errors)} studies could not be read or fetched ({why}): no result is recorded "
+            "for them; run the same command again to retry them[/yellow]"
+        )
     console.print(f"Results: {csv_path}, {parquet_path}\nReport:  {report}")
     if summary.errors or n_ok < len(summary.results):
         raise typer.Exit(1)
@@ -373,9 +379,24 @@ def serve(
     ] = None,
     port: Annotated[int | None, typer.Option(help="port (default api.port)")] = None,
     num_cpus: Annotated[int | None, typer.Option(help="CPUs for the local Ray instance")] = None,
+    address: Annotated[
+        str | None,
+        typer.Option(
+            help="join this running Ray cluster (ray://HEAD:10001, or the GCS HEAD:6379), deploy the Ray "
+            "Serve application there and return; it runs until `serve delete`"
+        ),
+    ] = None,
+    serve_config: Annotated[
+        Path | None,
+        typer.Option(
+            help="with --address: a Serve config file (configs/serve/cluster.yaml) for the HTTP options and "
+            "the deployments' replicas and resources; its args.settings_path is used unless --settings is given"
+        ),
+    ] = None,
 ) -> None:
     """Run the service until SIGTERM or Ctrl-C: one process on uvicorn (``serve.runtime: asgi``, the
     default) or the Ray Serve application on a local, loopback-bound Ray (``serve.runtime: ray``).
+    With ``--address``, deploy the Ray Serve application onto that cluster instead and return.
 
     Stopping is graceful: admission closes at once (503 with Retry-After), running screenings
     finish (up to ``api.drain_timeout_s``), queued ones stay persisted and resume at the next
@@ -388,6 +409,12 @@ def serve(
     from serving.settings import is_loopback
 
     install_logging(logging.INFO)
+    if address is not None:
+        _deploy_to_cluster(address, settings, serve_config)
+        return
+    if serve_config is not None:
+        console.print("[red]--serve-config goes with --address (locally: `serve run CONFIG`)[/red]")
+        raise typer.Exit(2)
     cfg = _load_settings(settings)
     bind = host or cfg.api.host
     if not cfg.api.tokens:
@@ -429,6 +456,54 @@ def serve(
         finished = drain_app(cfg.api.drain_timeout_s)
         console.print("drained" if finished else "drain timed out: unfinished screenings resume at the next start")
     console.print("stopped")
+
+
+def _deploy_to_cluster(address: str, settings: Path | None, serve_config: Path | None) -> None:
+    """``dxassist serve --address``: settings resolved and models pinned here, deployed there."""
+    from models.errors import DxAssistError
+    from serving.rayserve.local_cluster import deploy_to_cluster, driver_settings, read_serve_config
+    from serving.settings import REPO_ROOT, is_loopback
+
+    config = None
+    if serve_config is not None:
+        try:
+            config = read_serve_config(serve_config)
+        except (OSError, ValueError) as exc:  # pydantic's ValidationError is a ValueError
+            console.print(f"[red]Serve config error:[/red] {type(exc).__name__}: {str(exc)[:500]}")
+            raise typer.Exit(2) from exc
+    path: Path | None = settings
+    if path is None and config is not None and config.settings_path:
+        path = Path(config.settings_path)
+        path = path if path.is_absolute() else REPO_ROOT / path  # a config's paths are the install's
+    try:
+        cfg = driver_settings(path)
+    except (OSError, ValueError, DxAssistError) as exc:  # settings messages never quote values
+        console.print(f"[red]cannot deploy:[/red] {exc}")
+        raise typer.Exit(2) from exc
+    if cfg.results.url is None:
+        console.print(
+            "[red]refusing to deploy to a cluster with SQLite results: each ingress would write to a file on its "
+            "own node. Set DXASSIST_RESULTS__URL=postgresql://... here (it travels with the application).[/red]"
+        )
+        raise typer.Exit(2)
+    host = str((config.http_options if config else {}).get("host", "127.0.0.1"))
+    if not cfg.api.tokens and not is_loopback(host):
+        console.print(
+            f"[red]refusing to serve on {host}: no API tokens are configured, so the API would be open to "
+            "anyone who can reach it. Set DXASSIST_API__TOKENS here (it travels with the application).[/red]"
+        )
+        raise typer.Exit(2)
+    pinned = ", ".join(f"{m.id}@{m.version} (sha256 {(m.artifact_sha256 or '')[:12]}...)" for m in cfg.models)
+    console.print(
+        f"deploying to {address}: topology {cfg.serve.topology}, results in {cfg.results.where}; models {pinned}"
+    )
+    try:
+        deploy_to_cluster(address, cfg, config)
+    except (ConnectionError, RuntimeError, DxAssistError) as exc:
+        console.print(f"[red]deployment failed:[/red] {type(exc).__name__}: {str(exc)[:500]}")
+        raise typer.Exit(1) from exc
+    name = config.name if config else "dxassist"
+    console.print(f"application {name!r} is running on the cluster; stop it with `serve delete {name}`")
 
 
 @app.command()

@@ -331,7 +331,18 @@ class ScreeningService:
                 checks["outbox"] = "ok" if alive or self._draining else "delivery loop stopped"
             except ResultsDatabaseError as exc:
                 checks["outbox"] = f"unavailable ({type(exc).__name__})"
+        pipeline_checks = getattr(self.pipeline, "readiness", None)
+        if pipeline_checks is not None:  # Serve deployments behind the pipeline (serving.rayserve.app)
+            checks.update(await pipeline_checks())
         return checks
+
+    def set_max_inflight(self, limit: int) -> None:
+        """Screen up to ``limit`` studies at once from now on (a Serve ingress follows the
+        replicas of its downstream deployments: ``serving.rayserve.app``)."""
+        limit = max(1, limit)
+        if limit != self.settings.max_inflight:
+            self.settings = self.settings.model_copy(update={"max_inflight": limit})
+            self._wakeup.set()
 
     async def _persist(self, what: str, fn: Callable[..., object], *args: Any, **kwargs: Any) -> bool:
         """Run a database write off the loop; while the database fails (full, locked, gone),

@@ -86,6 +86,79 @@ def test_application_on_local_ray_over_http(tmp_path: Path, topology: str) -> No
     store_after.close()
 
 
+@pytest.mark.integration
+def test_staged_app_survives_a_killed_fetcher_and_reports_its_deployments(tmp_path: Path) -> None:
+    """Issue #19 on a real local Ray Serve (one node; the cluster case is the same handle
+    calls): a study in flight on a fetcher replica that is killed is sent to another replica and
+    screened, not FAILED; /readyz carries every downstream deployment's state; the ingress's
+    in-flight limit follows the fetcher replicas (2 replicas x 3 slots + the stat slot)."""
+    import pydicom
+    import ray
+
+    from serving.rayserve.local_cluster import local_serve
+
+    store = tmp_path / "store"
+    uid = "1.2.826.0.1.3680043.8.498.4243"
+    for i in range(96):  # one study of 96 instances: several seconds on a fetcher
+        path = write_synthetic_cxr(store / f"i{i}.dcm", seed=200 + i)
+        instance = pydicom.dcmread(path)
+        instance.StudyInstanceUID = uid
+        instance.save_as(path)
+    settings = tmp_path / "settings.yaml"
+    settings.write_text(
+        yaml.safe_dump(
+            {
+                "environment": "test",
+                "models": [{"id": "cxr-triage", "providers": "cpu"}, {"id": "endoscopy-polyp", "providers": "cpu"}],
+                "store": {"path": str(store)},
+                "results": {"sqlite_path": str(tmp_path / "results.sqlite3")},
+                "api": {"spool_dir": str(tmp_path / "spool")},
+                # a replacement fetcher may take tens of seconds to start on a loaded 2-core machine
+                "serve": {"status_interval_s": 0.5, "replica_retries": 10, "retry_backoff_s": 0.5},
+            }
+        )
+    )
+    fetchers = {"num_replicas": 2, "max_ongoing_requests": 3, "ray_actor_options": {"num_cpus": 0.25}}
+    with local_serve(
+        str(settings), port=18933, num_cpus=2, api_token="tok", topology="staged", deployments={"fetcher": fetchers}
+    ) as base:
+        with httpx.Client(base_url=base, headers={"Authorization": "Bearer tok"}, timeout=30) as client:
+            ready = client.get("/readyz").json()
+            for name in ("fetcher", "model-cxr-triage", "model-endoscopy-polyp"):
+                assert ready["checks"][f"deployment:{name}"] == "ok", ready
+            deadline = time.monotonic() + 60
+            while "dxassist_inflight_limit 7.0" not in client.get("/metrics").text:
+                assert time.monotonic() < deadline, "the in-flight limit did not follow the fetcher replicas"
+                time.sleep(0.2)
+
+            job = client.post("/v1/screenings", json={"study_instance_uid": uid, "priority": "stat"}).json()
+            job_id = job["screening_id"]
+            while client.get(f"/v1/screenings/{job_id}").json()["status"] == "QUEUED":
+                assert time.monotonic() < deadline
+                time.sleep(0.01)
+            time.sleep(0.5)  # the fetcher is preparing the study now
+            replicas = [
+                a["name"]
+                for a in ray.util.list_named_actors(all_namespaces=True)
+                if a["name"].startswith("SERVE_REPLICA::dxassist#fetcher#")
+            ]
+            assert len(replicas) == 2
+            for name in replicas:  # whichever holds the study dies; Serve starts replacements
+                ray.kill(ray.get_actor(name, namespace="serve"), no_restart=True)
+            deadline = time.monotonic() + 240
+            while (body := client.get(f"/v1/screenings/{job_id}").json())["status"] not in ("DONE", "FAILED"):
+                assert time.monotonic() < deadline
+                time.sleep(0.2)
+            assert body["status"] == "DONE", body
+            assert body["result"]["outcome"] == "SCREENED" and len(body["result"]["images"]) == 96
+            metrics = client.get("/metrics").text
+            retried = [line for line in metrics.splitlines() if line.startswith("dxassist_replica_retries_total")]
+            assert retried and float(retried[0].rsplit(" ", 1)[1]) >= 1, retried
+            while client.get("/readyz").status_code != 200:  # the replacements are up again
+                assert time.monotonic() < deadline
+                time.sleep(0.5)
+
+
 _LOCAL_MODE_CHECK = """
 import asyncio
 import numpy as np
