@@ -1,6 +1,7 @@
 """Batch screening jobs: thousands of archived studies at full machine speed, on Ray Data.
 
     plan (headers only, grouped by study) -> skip what the ledger says is done
+    -> read: the driver's node reads the files; their bytes travel in Ray's object store (ADR 0020)
     -> Ray Data, one of two topologies over the same two stages:
          staged: Prepare actors (read, QA/route, decode incl. reduced J2K, preprocess)
                  -> Infer actor(s) (the same OnnxPredictor + run_model as the online path)
@@ -14,7 +15,9 @@ others infer. ``auto`` picks
 ``staged`` when a CUDA device is present, else ``fused``. The same code runs on a laptop or on
 a cluster (``address``). The ledger (``serving.persistence.ledger``: SQLite in the job folder)
 makes a job resumable: an interrupted job restarted with the same output folder skips finished
-studies.
+studies. Nothing is assumed shared between nodes: the actors get the settings object, the input
+bytes and the model versions the driver resolved (``shipping``), and a study whose files cannot
+be read is an error to retry (``InputUnreadable``), never a finished result.
 """
 
 from __future__ import annotations
