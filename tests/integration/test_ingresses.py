@@ -443,3 +443,26 @@ def test_a_holder_of_this_host_whose_process_is_gone_is_taken_over_at_once(resul
     retire_holder(alive)
     leases.close()
     store.close()
+
+
+def test_delivery_ids_derive_from_the_job_not_from_the_screening(predictor: OnnxPredictor, tmp_path: Path) -> None:
+    """Two screenings of one job (at-least-once inside the cluster) carry the same delivery ids,
+    so the receiver drops the second; another job never shares them."""
+    from serving.core.screening import screen_paths
+    from serving.emr.fhir_resources import report_id
+
+    path = write_synthetic_cxr(tmp_path / "a.dcm", seed=950)
+    screener = StudyScreener([predictor], study_ref_key=b"k")
+    first, second = (screen_paths(screener, [path])[0] for _ in range(2))
+    assert first.result_id != second.result_id  # the screening core's own ids are random
+
+    def as_service_stores(result, job_id: str):  # type: ignore[no-untyped-def]
+        return result.model_copy(update={"result_id": job_result_id(job_id)})
+
+    job = "0190a1b2-c3d4-7e5f-8a9b-0c1d2e3f4a5b"
+    a, b = as_service_stores(first, job), as_service_stores(second, job)
+    assert message_control_id(a, "hl7") == message_control_id(b, "hl7")
+    assert report_id(a) == report_id(b)  # FHIR: PUT to the same id
+    other = as_service_stores(first, "0190a1b2-c3d4-7e5f-8a9b-0c1d2e3f4a5c")
+    assert message_control_id(other, "hl7") != message_control_id(a, "hl7")
+    assert job_result_id(job) == job_result_id(job) and len(job_result_id(job)) == 32
