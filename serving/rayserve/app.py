@@ -2,8 +2,12 @@
 
     staged:  ingress (FastAPI, ScreeningService)
                  --> fetcher (StudySource + QA/routing + decode + preprocess)
-                 --> model-<id> (OnnxPredictor, @serve.batch), one per model
+                 --> model-<id> (OnnxPredictor per version, @serve.batch), one per model
     inline:  ingress alone: it runs the StudyScreener in its own worker threads
+
+Both run model versions the same way (``serving.online.versions``): the active version of each
+model read per job, shadows never delivered; staged sends each image to its model's deployment
+with its ``id@version`` (``serving.rayserve.versions``).
 
 ``staged`` scales decode and inference apart and keeps a GPU fed (``configs/serve/gpu.yaml``).
 On a CPU-only node decode and inference share the same cores and every handle call costs CPU and
@@ -45,22 +49,22 @@ from ray import serve
 from ray.exceptions import RayActorError
 from ray.serve.handle import DeploymentHandle
 
-from models.errors import ReplicaUnavailable
+from models.errors import DxAssistError, ReplicaUnavailable
 from models.predictor import OnnxPredictor
 from models.registry import REGISTRY_ROOT, Pin, pin, resolve_pinned
-from serving.core.screening import ModelOutputs, run_model
+from serving.core.screening import ModelOutputs
 from serving.observability.phi import install_logging
 from serving.online.api import LazyService, create_api
-from serving.online.factory import build_local_pipeline, build_predictor, build_screener, build_service, build_source
+from serving.online.factory import build_local_pipeline, build_predictor, build_service, build_source
 from serving.online.pipeline import (
     LocalPipeline,
     PreparedStudy,
     StudyRequest,
     model_status,
-    prepare_request,
 )
 from serving.online.service import ScreeningService
 from serving.online.versions import VersionedPipeline
+from serving.rayserve.versions import VersionedModels, VersionedPreparer, build_staged_pipeline
 from serving.settings import REPO_ROOT, ModelSettings, Settings
 
 logger = logging.getLogger(__name__)
@@ -192,11 +196,13 @@ class StudyFetcher:
     def __init__(self, settings: Settings) -> None:
         _replica_start(settings.models)
         settings = settings.resolved()
-        self.screener = build_screener(settings, sessions=False)
         self.source = build_source(settings)
+        #: screeners (no session) for the versions the ingress names per job (serving.rayserve.versions)
+        self.preparer = VersionedPreparer(settings, self.source)
 
-    async def prepare(self, request: StudyRequest) -> PreparedStudy:
-        return await asyncio.to_thread(prepare_request, self.screener, self.source, request)
+    async def prepare(self, request: StudyRequest, active: Mapping[str, str] | None = None) -> PreparedStudy:
+        """``active``: the version of each model for this job (``None``: the configured ones)."""
+        return await asyncio.to_thread(self.preparer.prepare, request, active)
 
 
 # Logical CPU reservations fit one 2-core machine (0.1 + 0.5 + 2 x 0.5): ORT sets its own
@@ -204,50 +210,47 @@ class StudyFetcher:
 # unscheduled and the app DEPLOYING forever.
 @serve.deployment(name="model", ray_actor_options={"num_cpus": 0.5}, max_ongoing_requests=32, health_check_period_s=30)
 class ModelDeployment:
-    """One model: a verified ``OnnxPredictor`` behind ``@serve.batch``.
+    """One model, any of its versions: a verified ``OnnxPredictor`` per version behind ``@serve.batch``.
 
-    Each request is one image's frames ``(F, C, H, W)``; a batch concatenates the frames of
-    several requests (studies) into one ORT call, run off the event loop so the next batch keeps
-    filling while this one computes.
+    Each request is one image's frames ``(F, C, H, W)`` and the ``id@version`` it is for (``None``:
+    the configured version); a batch concatenates the frames of several requests (studies) of
+    one version into one ORT call, run off the event loop so the next batch keeps filling while
+    this one computes. Versions other than the configured one (shadow, promoted) open on their
+    first request and stay (``serving.rayserve.versions``); the settings' shadows open at start.
     """
 
     def __init__(self, model: dict[str, Any], batch_size: int, batch_wait_s: float) -> None:
         settings = ModelSettings.model_validate(model)
         _replica_start([settings])
         self.predictor = build_predictor(settings)
+        self.versions = VersionedModels(settings, self.predictor)
+        for failed in self.versions.warm(settings.shadow):
+            logger.warning("shadow version %s not loaded", failed)
         self.max_batch_images = batch_size
         self.infer_batch.set_max_batch_size(batch_size)
         self.infer_batch.set_batch_wait_timeout_s(batch_wait_s)
-        _require_ready([self.predictor], "at start")  # warm-up before the replica reports healthy
+        _require_ready(self.versions.loaded(), "at start")  # warm-up before the replica reports healthy
 
     def reconfigure(self, user_config: dict[str, Any]) -> None:
         self.max_batch_images = _apply_batch_config(self.infer_batch, user_config) or self.max_batch_images
 
     @serve.batch(max_batch_size=4, batch_wait_timeout_s=0.0)
-    async def infer_batch(self, items: list[NDArray[np.float32]]) -> list[ModelOutputs]:
-        return await asyncio.to_thread(_run_joined, self.predictor, items, self.max_batch_images)
+    async def infer_batch(
+        self, items: list[tuple[str | None, NDArray[np.float32]]]
+    ) -> list[ModelOutputs | DxAssistError]:
+        return await asyncio.to_thread(self.versions.run_batch, items, self.max_batch_images)
 
-    async def __call__(self, tensors: NDArray[np.float32]) -> ModelOutputs:
-        result: ModelOutputs = await self.infer_batch(tensors)
+    async def __call__(self, tensors: NDArray[np.float32], ref: str | None = None) -> ModelOutputs:
+        result: ModelOutputs | DxAssistError = await self.infer_batch((ref, tensors))
+        if isinstance(result, DxAssistError):
+            raise result
         return result
 
-    def info(self) -> dict[str, object]:
-        return model_status(self.predictor)
+    def info(self, ref: str | None = None) -> dict[str, object]:
+        return model_status(self.versions.predictor(ref))
 
     def check_health(self) -> None:
-        _require_ready([self.predictor], "in a health check")
-
-
-def _run_joined(predictor: OnnxPredictor, items: list[NDArray[np.float32]], batch_size: int) -> list[ModelOutputs]:
-    """One ORT pass over several images' frames, split back per image."""
-    sizes = [len(t) for t in items]
-    joined = np.concatenate(items) if len(items) > 1 else items[0]
-    out = run_model(predictor, joined, max(batch_size, len(joined)))
-    results, start = [], 0
-    for n in sizes:
-        results.append(out.rows(start, n, batch_size=len(joined)))
-        start += n
-    return results
+        _require_ready(self.versions.loaded(), "in a health check")
 
 
 #: what a handle call raises when its replica is gone (killed, crashed, its node lost or
@@ -329,14 +332,22 @@ class ServePipeline:
                 delay = min(delay * 2, MAX_RETRY_WAIT_S)
         raise AssertionError("unreachable")  # the loop returns or raises
 
-    async def prepare_study(self, request: StudyRequest) -> PreparedStudy:
-        result: PreparedStudy = await self._call("fetcher", lambda: self.fetcher.prepare.remote(request))
-        return result
+    async def prepare_study(self, request: StudyRequest, active: Mapping[str, str] | None = None) -> PreparedStudy:
+        """``active``: the version of each model for this job (``None``: the configured ones)."""
+        versions = dict(active) if active is not None else None
+        return await self._call("fetcher", lambda: self.fetcher.prepare.remote(request, versions))
 
     async def infer(self, model_id: str, tensors: NDArray[np.float32]) -> ModelOutputs:
-        handle = self.models[model_id]
-        result: ModelOutputs = await self._call(f"model-{model_id}", lambda: handle.remote(tensors))
-        return result
+        """``model_id``: a model id (its configured version) or ``id@version``, sent to that
+        model's deployment either way."""
+        base, _, version = model_id.partition("@")
+        handle, ref = self.models[base], model_id if version else None
+        return await self._call(f"model-{base}", lambda: handle.remote(tensors, ref))
+
+    async def version_info(self, ref: str) -> dict[str, object]:
+        """Status of one version on its model's deployment (opens it there if needed)."""
+        handle = self.models[ref.partition("@")[0]]
+        return await self._call(f"model-{ref.partition('@')[0]}", lambda: handle.info.remote(ref))
 
     async def model_info(self) -> list[dict[str, object]]:
         return list(await asyncio.gather(*(h.info.remote() for h in self.models.values())))
@@ -515,7 +526,9 @@ class Ingress:
                 backoff_s=settings.serve.retry_backoff_s,
                 status=status,
             )
-            pipeline = handles
+            # every version on its model's deployment, the active ones read per job, shadows
+            # never delivered (serving.rayserve.versions); it binds the handles' metrics
+            pipeline = build_staged_pipeline(settings, handles)
 
         def service() -> ScreeningService:
             built = build_service(settings, pipeline)
