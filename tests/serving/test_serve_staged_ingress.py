@@ -137,7 +137,7 @@ def test_a_study_whose_fetcher_replica_died_is_screened_by_another(
     tmp_path: Path, predictor: OnnxPredictor, store_dir: Path
 ) -> None:
     """Finding: a study running on a killed node ended FAILED for good (ActorUnavailableError)."""
-    with staged_ingress(tmp_path, predictor, store_dir, [_details(1, 8)], die=2) as (client, fetcher, handles):
+    with staged_ingress(tmp_path, predictor, store_dir, [_details(1, 8)], die=2) as (client, _, handles):
         job = client.post("/v1/screenings", json={"study_instance_uid": uid_of(store_dir / "s41.dcm")}).json()
         body = wait_for(client, job["screening_id"])
         assert body["status"] == "DONE" and body["result"]["outcome"] == "SCREENED"
