@@ -178,7 +178,8 @@ def main() -> None:
             if run.rc != 0:  # on a loaded machine Ray's start can time out: once more
                 print(f"round {r + 1} {name}: exit {run.rc}, running it again", flush=True)
                 run = run_tree(command)
-            runs[name].append(run)
+            if run.rc == 0:  # a failed run (Ray's start timed out twice) stays out of the means
+                runs[name].append(run)
             print(
                 f"round {r + 1} {name:9s}: {n / run.seconds:6.2f} studies/s  {run.cpu_s * 1000 / n:6.1f} core-ms/study"
                 f"  peak RSS {run.peak_rss / 1e9:4.2f} GB  ({run.seconds:.1f} s, exit {run.rc})",
@@ -192,6 +193,7 @@ def main() -> None:
         values = [getattr(x, key) for x in runs[name]]
         return sum(values) / len(values)
 
+    names = [name for name in names if runs[name]]
     rate = {name: n / mean(name, "seconds") for name in names}
     cpu = {name: mean(name, "cpu_s") * 1000 / n for name in names}
     rss = {name: max(x.peak_rss for x in runs[name]) / 1e9 for name in names}
