@@ -144,6 +144,43 @@ class Artifact(_Frozen):
         return value
 
 
+class DataKindValues(StrEnum):
+    """Where a version's training data came from (``provenance.data.kind``)."""
+
+    SYNTHETIC = "synthetic"  # the project's generators (models/synthetic), no patient data
+    FOLDER = "folder"  # a labelled folder in a public dataset's layout, as given
+    STORE_EXPORT = "store-export"  # ``dxassist export``: the site's DICOM store, de-identified
+
+
+class TrainingData(_Frozen):
+    """What a version was really trained on, measured from the files by ``training/provenance.py``.
+
+    Counts are images; ``positives`` is per label key and split. ``manifest_sha256`` is the
+    sha256 of the dataset manifest (one line per file: split, relative path, file sha256,
+    labels), which stays with the data: the same folder always gives the same digest."""
+
+    kind: DataKindValues
+    description: str
+    images: int = Field(ge=0)
+    studies: int = Field(ge=0)
+    splits: dict[str, int]
+    positives: dict[str, dict[str, int]]
+    label_sources: dict[str, int] = Field(default_factory=dict)
+    modalities: dict[str, int] = Field(default_factory=dict)
+    manufacturers: dict[str, int] = Field(default_factory=dict)
+    study_dates: tuple[str, str] | None = None
+    dates_note: str = ""
+    deidentification: str
+    manifest_sha256: str
+
+    @field_validator("manifest_sha256")
+    @classmethod
+    def _hex(cls, value: str) -> str:
+        if not _SHA256.match(value):
+            raise ValueError("manifest_sha256 must be 64 lower-case hex digits")
+        return value
+
+
 class Provenance(_Frozen):
     trained_on: str
     training_config: str
@@ -153,6 +190,8 @@ class Provenance(_Frozen):
     #: PyTorch state_dict beside the artifact, for fine-tuning (never loaded by serving)
     weights_file: str = ""
     weights_sha256: str = ""
+    #: measured data provenance (versions trained by ``training/``; absent on imports)
+    data: TrainingData | None = None
 
 
 class ModelManifest(_Frozen):

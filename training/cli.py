@@ -3,6 +3,11 @@
 ``--set KEY=VALUE`` overrides one field of the training config (``data.n_train=64``,
 ``train.bf16=false``); each value is read as a YAML scalar or list, then the whole config is
 validated by ``TrainConfig``, so a typo or a wrong type fails before any training starts.
+
+``--source store --store-settings S --uids F`` pulls the labelled studies from the DICOM store
+first (``dxassist export``: through the configured ``StudySource``, de-identified on the way)
+and trains on that export; the manifest and model card record what the data really was
+(``training/provenance.py``).
 """
 
 from __future__ import annotations
@@ -26,6 +31,19 @@ SetOpt = Annotated[
 ]
 OutOpt = Annotated[Path | None, typer.Option(help="work folder: data, plots, the staged version")]
 RegisterOpt = Annotated[bool, typer.Option("--register", help="copy the staged version into models/registry")]
+SourceOpt = Annotated[
+    str | None,
+    typer.Option(
+        help="data.source: synthetic, store (pull labelled studies from the DICOM store with `dxassist export`,"
+        " de-identified), or a folder (a `dxassist export` folder is recognised)"
+    ),
+]
+StoreSettingsOpt = Annotated[
+    Path | None, typer.Option("--store-settings", help="--source store: dxassist settings (store, results, export)")
+]
+UidsOpt = Annotated[Path | None, typer.Option(help="--source store: file of Study Instance UIDs to export")]
+QueryModalityOpt = Annotated[str | None, typer.Option(help="--source store: search the store by modality")]
+QueryDatesOpt = Annotated[str | None, typer.Option(help="--source store: search by StudyDate, YYYYMMDD-YYYYMMDD")]
 
 
 def parse_overrides(items: list[str]) -> dict[str, Any]:
@@ -39,11 +57,44 @@ def parse_overrides(items: list[str]) -> dict[str, Any]:
     return overrides
 
 
-def _run(train: Callable[..., dict[str, Any]], config: Path, out: Path, register: bool, sets: list[str]) -> None:
+def data_overrides(
+    source: str | None,
+    store_settings: Path | None,
+    uids: Path | None,
+    query_modality: str | None,
+    query_dates: str | None,
+) -> dict[str, Any]:
+    """The data options as config overrides (``--set`` still wins: it is applied after)."""
+    pairs = {
+        "data.source": source,
+        "data.store.settings": str(store_settings) if store_settings else None,
+        "data.store.uids": str(uids) if uids else None,
+        "data.store.query_modality": query_modality,
+        "data.store.query_dates": query_dates,
+    }
+    overrides = {k: v for k, v in pairs.items() if v is not None}
+    if set(overrides) - {"data.source"} and source != "store":
+        raise typer.BadParameter("--store-settings/--uids/--query-* need --source store", param_hint="--source")
+    return overrides
+
+
+def _run(
+    train: Callable[..., dict[str, Any]],
+    config: Path,
+    out: Path,
+    register: bool,
+    sets: list[str],
+    data: dict[str, Any],
+) -> None:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
-    cfg = TrainConfig.from_yaml(config, **parse_overrides(sets))
+    cfg = TrainConfig.from_yaml(config, **{**data, **parse_overrides(sets)})
     report = train(cfg, out, register=register)
-    summary = {"test": report["test"], "staged": report["staged"], "registered": report.get("registered")}
+    summary = {
+        "test": report["test"],
+        "data": report.get("data"),
+        "staged": report["staged"],
+        "registered": report.get("registered"),
+    }
     typer.echo(json.dumps(summary, indent=2, default=float))
 
 
@@ -52,12 +103,18 @@ def cxr(
     config: Annotated[Path, typer.Option(help="training config")] = Path("configs/training/cxr_triage.yaml"),
     out: OutOpt = None,
     register: RegisterOpt = False,
+    source: SourceOpt = None,
+    store_settings: StoreSettingsOpt = None,
+    uids: UidsOpt = None,
+    query_modality: QueryModalityOpt = None,
+    query_dates: QueryDatesOpt = None,
     set_: SetOpt = None,
 ) -> None:
     """Train the chest radiograph triage model, export it with the parity gate and stage a version."""
     from training.train_cxr import train
 
-    _run(train, config, out or Path("var/train/cxr"), register, set_ or [])
+    data = data_overrides(source, store_settings, uids, query_modality, query_dates)
+    _run(train, config, out or Path("var/train/cxr"), register, set_ or [], data)
 
 
 @app.command()
@@ -65,12 +122,18 @@ def polyp(
     config: Annotated[Path, typer.Option(help="training config")] = Path("configs/training/endoscopy_polyp.yaml"),
     out: OutOpt = None,
     register: RegisterOpt = False,
+    source: SourceOpt = None,
+    store_settings: StoreSettingsOpt = None,
+    uids: UidsOpt = None,
+    query_modality: QueryModalityOpt = None,
+    query_dates: QueryDatesOpt = None,
     set_: SetOpt = None,
 ) -> None:
     """Train the endoscopy polyp model, export it with the parity gate and stage a version."""
     from training.train_polyp import train
 
-    _run(train, config, out or Path("var/train/polyp"), register, set_ or [])
+    data = data_overrides(source, store_settings, uids, query_modality, query_dates)
+    _run(train, config, out or Path("var/train/polyp"), register, set_ or [], data)
 
 
 if __name__ == "__main__":

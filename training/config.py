@@ -13,8 +13,24 @@ class _Strict(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
 
+class StoreExportConfig(_Strict):
+    """``data.source: store``: pull labelled studies from the DICOM store with ``dxassist export``
+    (through the configured ``StudySource``, de-identified on the way) before training."""
+
+    #: dxassist settings naming the store, the results database (labels) and ``export.*``
+    settings: Path | None = None
+    #: file of Study Instance UIDs (one a line) to export
+    uids: Path | None = None
+    #: or search the store (DICOMweb/DIMSE): modality, StudyDate range YYYYMMDD-YYYYMMDD
+    query_modality: str | None = None
+    query_dates: str | None = None
+
+
 class DataConfig(_Strict):
-    source: str = "synthetic"  # "synthetic" or a folder in the public dataset's layout
+    #: "synthetic"; "store" (export from the DICOM store first, see ``store``); or a folder in
+    #: the public dataset's layout (a ``dxassist export`` folder is recognised as such)
+    source: str = "synthetic"
+    store: StoreExportConfig = StoreExportConfig()
     train_seed: int = 11
     n_train: int = 3000
     test_seed: int = 2027

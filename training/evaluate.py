@@ -30,10 +30,14 @@ class LabelMetrics:
 def auroc_with_ci(
     y: NDArray, p: NDArray, *, n_boot: int = 1000, alpha: float = 0.05, seed: int = 0
 ) -> tuple[float, float, float]:
-    """AUROC and a percentile bootstrap (1-alpha) interval (stratified resampling)."""
+    """AUROC and a percentile bootstrap (1-alpha) interval (stratified resampling); NaN for all
+    three when the set has no positive or no negative (a rare finding in a site's small test
+    split): undefined, not an error."""
+    pos, neg = np.flatnonzero(y == 1), np.flatnonzero(y == 0)
+    if not len(pos) or not len(neg):
+        return float("nan"), float("nan"), float("nan")
     auc = float(roc_auc_score(y, p))
     rng = np.random.default_rng(seed)
-    pos, neg = np.flatnonzero(y == 1), np.flatnonzero(y == 0)
     boots = np.empty(n_boot)
     for b in range(n_boot):
         idx = np.concatenate([rng.choice(pos, len(pos)), rng.choice(neg, len(neg))])

@@ -4,9 +4,11 @@ from __future__ import annotations
 
 from typing import Any
 
+from models.manifest import DataKindValues, TrainingData
 from training.config import TrainConfig
 from training.evaluate import LabelMetrics
 from training.evaluate_ood import GateEvaluation
+from training.provenance import card_banner, card_section
 
 
 def _metrics_table(metrics: list[LabelMetrics]) -> str:
@@ -15,8 +17,13 @@ def _metrics_table(metrics: list[LabelMetrics]) -> str:
         "|---|---|---|---|---|---|---|",
     ]
     for m in metrics:
+        auroc = (
+            f"{m.auroc:.3f} ({m.auroc_ci_low:.3f}-{m.auroc_ci_high:.3f})"
+            if m.auroc == m.auroc
+            else "undefined (one class in the test split)"
+        )
         rows.append(
-            f"| {m.label} | {m.auroc:.3f} ({m.auroc_ci_low:.3f}-{m.auroc_ci_high:.3f}) | {m.threshold:.3f} | "
+            f"| {m.label} | {auroc} | {m.threshold:.3f} | "
             f"{m.sensitivity:.3f} | {m.specificity:.3f} | {m.ece:.3f} | {m.positives} / {m.negatives} |"
         )
     return "\n".join(rows)
@@ -29,13 +36,22 @@ def write_cxr_card(
     history: list[dict[str, float]],
     parity: float,
     int8: dict[str, float] | None,
+    data: TrainingData,
 ) -> str:
+    synthetic = data.kind is DataKindValues.SYNTHETIC
     lines = [
         f"# Model card: {cfg.model_id} {cfg.version}",
         "",
-        "**Trained on synthetic data only. Not for clinical use.** This is the project's reference model: it",
-        "exists so that the service, its tests and its benchmarks run end to end without downloading",
-        "weights. A hospital retrains it on its own labelled studies (training/notebooks/retrain.ipynb).",
+        card_banner(data),
+        *(
+            [
+                "This is the project's reference model: it exists so that the service, its tests and its benchmarks run",
+                "end to end without downloading weights. A hospital retrains it on its own labelled studies",
+                "(training/notebooks/retrain_cxr.ipynb, or `python -m training.cli cxr --source store`).",
+            ]
+            if synthetic
+            else []
+        ),
         "",
         "## Intended use",
         manifest["intended_use"],
@@ -47,14 +63,19 @@ def write_cxr_card(
         "  inverted, letterboxed to 224x224, [0, 1]. The same function runs in training and serving.",
         "- Studies outside these are NOT_SCREENED with a reason code, never scored.",
         "",
-        "## Training data",
-        manifest["provenance"]["trained_on"],
+        card_section(data),
         "",
-        "Procedural phantoms from `training/synthetic/cxr.py` (lungs, ribs, heart, mediastinum, diaphragm) with",
-        "findings placed by construction, written as CR/DX DICOM with varied bit depth, photometric",
-        "interpretation, rescale and windowing. Real radiographs look different: expect these numbers to",
-        "collapse on real data until the model is retrained on it.",
-        "",
+        *(
+            [
+                "Procedural phantoms from `models/synthetic/cxr.py` (lungs, ribs, heart, mediastinum, diaphragm) with",
+                "findings placed by construction, written as CR/DX DICOM with varied bit depth, photometric",
+                "interpretation, rescale and windowing. Real radiographs look different: expect these numbers to",
+                "collapse on real data until the model is retrained on it.",
+                "",
+            ]
+            if synthetic
+            else []
+        ),
         "## Network",
         "MONAI DenseNet121, 1 channel, 5 sigmoid outputs; trained with AdamW + one-cycle LR, bf16 autocast on",
         "CPU, augmentation: small affine, contrast gamma, noise (no flips: laterality matters).",
@@ -64,7 +85,9 @@ def write_cxr_card(
         f"Chosen on the validation split to reach sensitivity >= {cfg.operating_point.target_sensitivity}",
         "(worklist triage favours sensitivity). Thresholds change only with a new version.",
         "",
-        "## Evaluation (held-out test set generated with a different seed)",
+        "## Evaluation (held-out test set generated with a different seed)"
+        if synthetic
+        else f"## Evaluation (held-out test split: {data.splits['test']} images never trained on)",
         _metrics_table(metrics),
         "",
         "Training history:",
@@ -86,14 +109,31 @@ def write_cxr_card(
     lines += [
         "",
         "## Limitations",
-        "- Synthetic anatomy and findings; no real pathology, no paediatric, lateral or portable variation.",
+        *limitations(data),
         "- Heatmaps are coarse (7x7) and show where the score came from, not a segmentation.",
         "",
     ]
     return "\n".join(lines)
 
 
-def ood_section(block: dict[str, Any], evaluation: GateEvaluation) -> str:
+def limitations(data: TrainingData) -> list[str]:
+    """What the training data cannot vouch for, by kind."""
+    if data.kind is DataKindValues.SYNTHETIC:
+        return ["- Synthetic anatomy and findings; no real pathology, no paediatric, lateral or portable variation."]
+    out = [
+        f"- Trained on {data.studies} studies from {len(data.manufacturers)} manufacturer(s); performance on other"
+        " equipment, populations or sites is unknown until validated there.",
+        "- The test split comes from the same data: validate on other studies before clinical use.",
+    ]
+    if data.label_sources.get("ai"):
+        out.append(
+            f"- {data.label_sources['ai']} images carry the AI's own findings as labels, unreviewed by a reader:"
+            " errors of the labelling model can be learnt."
+        )
+    return out
+
+
+def ood_section(block: dict[str, Any], evaluation: GateEvaluation, data: TrainingData | None = None) -> str:
     """The model card's account of when this version refuses to answer, with measured numbers."""
     m = evaluation.metrics
     lines = [
@@ -120,15 +160,24 @@ def ood_section(block: dict[str, Any], evaluation: GateEvaluation) -> str:
             f"- Near-OOD AUROC {m['near_ood_auroc']:.4f}, refused {m['near_ood_refused']:.1%}: changes the model was"
             " trained to tolerate (for instance mirrored or rotated frames) are accepted, by design."
         )
+    synthetic = data is None or data.kind is DataKindValues.SYNTHETIC
     if "real_ood_refused" in m:
         lines.append(
-            f"- Real radiographs (NEMA `RG1`, four encodings): refused {m['real_ood_refused']:.0%}. This version has"
-            " seen phantoms only, so it has no basis for a finding on a real radiograph and says so."
+            f"- Real radiographs (NEMA `RG1`, four encodings): refused {m['real_ood_refused']:.0%}."
+            + (
+                " This version has seen phantoms only, so it has no basis for a finding on a real radiograph and says so."
+                if synthetic
+                else ""
+            )
         )
     lines += [
         "",
-        "A site gets a model that accepts its images by retraining on its own studies (`python -m training.cli`,",
-        "training/notebooks/retrain.ipynb): the same pipeline refits this gate on the new training data.",
+        "A site gets a model that accepts its images by retraining on its own studies (`python -m training.cli`,"
+        if synthetic
+        else "The gate was fitted on this version's own training split: images unlike it are refused, not scored.",
+        "training/notebooks/retrain_cxr.ipynb): the same pipeline refits this gate on the new training data."
+        if synthetic
+        else "",
         "",
     ]
     return "\n".join(lines)

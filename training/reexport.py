@@ -49,9 +49,9 @@ def _inputs(files: list[Path], preprocessing: str) -> tuple[np.ndarray, list[Pix
 def split_files(cfg: TrainConfig, work: Path) -> tuple[list[Path], list[Path], list[Path]]:
     """(train, validation, held-out test) image files exactly as the training run split them."""
     if cfg.manifest["accepts"]["samples_per_pixel"] == 1:
-        from training.train_cxr import _datasets
+        from training.train_cxr import _datasets, data_root
 
-        train, val, test = _datasets(cfg, work)
+        train, val, test = _datasets(cfg, work, data_root(cfg, work))
         return list(train.files), list(val.files), list(test.files)
     from training.train_polyp import split_records
 
@@ -134,7 +134,7 @@ def reexport(source: LoadedManifest, version: str, out: Path, *, register: bool 
     }
     card = (source.directory / "MODEL_CARD.md").read_text()
     card = card.replace(f"# Model card: {src.id} {src.version}", f"# Model card: {src.id} {version}", 1)
-    card = card.rstrip() + "\n\n" + ood_section(block, evaluation)
+    card = card.rstrip() + "\n\n" + ood_section(block, evaluation, prov.data)
     card += (
         f"\nThis version is {src.ref} re-exported from its `weights.pt` (sha256 {prov.weights_sha256[:12]}...) with"
         f" the extra `features` output: ONNX parity {parity:.2e}; max score difference to {src.ref} {same:.1e}.\n"

@@ -2,7 +2,8 @@
 
     python -m training.train_cxr --config configs/training/cxr_triage.yaml --out var/train/cxr [--register]
 
-Steps: synthetic data (or a ChestX-ray14-layout folder) -> MONAI CacheDataset over the model's
+Steps: synthetic data (or a ChestX-ray14-layout folder, or labelled studies exported from the
+DICOM store with ``dxassist export``; ``data.source``) -> the data's provenance measured -> MONAI CacheDataset over the model's
 own preprocessing -> DenseNet121 (bf16 autocast on CPU) -> operating points on the validation
 split -> test metrics on a set generated with another seed -> ONNX export with CAM -> parity
 check -> manifest + model card -> (optional) INT8 cost -> registry.
@@ -10,6 +11,7 @@ check -> manifest + model card -> (optional) INT8 cost -> registry.
 
 from __future__ import annotations
 
+import csv
 import datetime as dt
 import json
 import logging
@@ -23,7 +25,7 @@ from monai.transforms import Compose
 from monai.utils import set_determinism
 from sklearn.metrics import roc_auc_score
 
-from models.manifest import LoadedManifest
+from models.manifest import DataKindValues, LoadedManifest, TrainingData
 from models.pixels import load_frames
 from models.registry import REGISTRY_ROOT, register_version
 from models.synthetic.cxr import generate_cxr_dataset
@@ -42,7 +44,12 @@ from training.model_card import ood_section, write_cxr_card
 from training.networks import CxrWithCam, cxr_network
 from training.ood_fit import fit_and_evaluate, stack_inputs
 from training.plots import plot_calibration, plot_roc
+from training.provenance import SPLITS, DataItem, data_kind, describe_data, describe_model, trained_on_text
+from training.store_export import export_from_store
 from training.transforms import ApplyModelPreprocessd, cxr_train_augment
+
+#: appended to the intended use of a version trained on synthetic data only (``describe_model``)
+SYNTHETIC_NOTE = "Reference model trained on synthetic phantoms only: not for clinical use."
 
 logger = logging.getLogger("training.train_cxr")
 
@@ -53,11 +60,24 @@ def label_keys(cfg: TrainConfig) -> tuple[str, ...]:
     return tuple(str(label["key"]) for label in cfg.manifest["labels"])
 
 
-def _datasets(cfg: TrainConfig, work: Path) -> tuple[ChestXray14Dataset, ChestXray14Dataset, ChestXray14Dataset]:
+def data_root(cfg: TrainConfig, work: Path) -> Path:
+    """The folder the data lives in: the work folder (synthetic), a fresh export of the store
+    (``store``), else the configured folder."""
+    if cfg.data.source == "synthetic":
+        return work
+    if cfg.data.source == "store":
+        return export_from_store(cfg.data.store, work / "store-export", layout="chestxray14")
+    return Path(cfg.data.source)
+
+
+def _datasets(
+    cfg: TrainConfig, work: Path, root: Path
+) -> tuple[ChestXray14Dataset, ChestXray14Dataset, ChestXray14Dataset]:
     """(train, validation, test). Synthetic: test is generated with another seed. A real folder
-    (ChestX-ray14 layout) is split: test = val_fraction of it, then validation from the rest."""
+    (ChestX-ray14 layout, a store export among them) is split: test = val_fraction of it, then
+    validation from the rest."""
     if cfg.data.source != "synthetic":
-        full = ChestXray14Dataset.from_folder(Path(cfg.data.source), label_keys=label_keys(cfg))
+        full = ChestXray14Dataset.from_folder(root, label_keys=label_keys(cfg))
         rest, test = full.split(cfg.data.val_fraction, cfg.data.test_seed)
         train, val = rest.split(cfg.data.val_fraction, cfg.data.train_seed)
         return train, val, test
@@ -70,6 +90,39 @@ def _datasets(cfg: TrainConfig, work: Path) -> tuple[ChestXray14Dataset, ChestXr
         sets.append(ChestXray14Dataset.from_folder(folder, label_keys=label_keys(cfg)))
     train, val = sets[0].split(cfg.data.val_fraction, cfg.data.train_seed)
     return train, val, sets[1]
+
+
+def _label_sources(root: Path) -> dict[str, str]:
+    """``Image Index`` -> ``Label Source`` of a store export's ``Data_Entry.csv`` (else empty)."""
+    path = root / "Data_Entry.csv"
+    if not path.is_file():
+        return {}
+    with path.open(newline="") as fh:
+        return {row["Image Index"]: row.get("Label Source") or "" for row in csv.DictReader(fh)}
+
+
+def measure_data(
+    cfg: TrainConfig, root: Path, work: Path, sets: tuple[ChestXray14Dataset, ChestXray14Dataset, ChestXray14Dataset]
+) -> TrainingData:
+    """The data provenance of this run (see ``training/provenance.py``)."""
+    keys = label_keys(cfg)
+    kind = data_kind(cfg.data.source, root)
+    sources = _label_sources(root) if kind is DataKindValues.STORE_EXPORT else {}
+    items = [
+        DataItem(split, path, dict(zip(keys, (int(v == 1) for v in vector), strict=True)), sources.get(path.name, ""))
+        for split, ds in zip(SPLITS, sets, strict=True)
+        for path, vector in zip(ds.files, ds.labels, strict=True)
+    ]
+    if kind is DataKindValues.SYNTHETIC:
+        description = (
+            "procedural phantoms from models/synthetic/cxr.py, train/validation seed "
+            f"{cfg.data.train_seed}, test seed {cfg.data.test_seed}"
+        )
+    elif kind is DataKindValues.STORE_EXPORT:
+        description = "labelled studies exported from the site's DICOM store with `dxassist export`"
+    else:
+        description = f"ChestX-ray14-layout folder `{root.name}`"
+    return describe_data(kind, root, items, keys, description=description, manifest_path=work / "dataset_manifest.csv")
 
 
 def _predict(net: torch.nn.Module, loader: DataLoader, bf16: bool) -> tuple[np.ndarray, np.ndarray]:
@@ -104,7 +157,10 @@ def train(
     set_track_meta(False)  # plain tensors: MetaTensor dispatch slowed every op ~3x
     out.mkdir(parents=True, exist_ok=True)
     preprocessing = cfg.manifest["input"]["preprocessing"]
-    train_set, val_set, test_set = _datasets(cfg, out)
+    root = data_root(cfg, out)
+    train_set, val_set, test_set = _datasets(cfg, out, root)
+    data = measure_data(cfg, root, out, (train_set, val_set, test_set))
+    data_label = data.kind.value
     load = ApplyModelPreprocessd("image", preprocessing)
     t0 = time.perf_counter()
     train_ds = CacheDataset(
@@ -169,7 +225,7 @@ def train(
         if 0 < positives < len(y_val):
             thresholds[key] = threshold_for_sensitivity(y_val[:, i], p_val[:, i], target)
             bases[key] = (
-                f"{cfg.data.source} validation split (seed {cfg.data.train_seed}, n={len(y_val)}, "
+                f"{data_label} validation split (seed {cfg.data.train_seed}, n={len(y_val)}, "
                 f"{positives} positive): highest threshold with sensitivity >= {target}"
             )
         else:
@@ -206,11 +262,11 @@ def train(
         acceptance=cfg.ood.acceptance,
         components=cfg.ood.components,
         margin=cfg.ood.margin,
-        data_text=f"the {cfg.data.source} training split ({len(train_set)} images, seed {cfg.data.train_seed})",
+        data_text=f"the {data_label} training split ({len(train_set)} images, seed {cfg.data.train_seed})",
         staged_dir=staged,
     )
 
-    manifest = {"id": cfg.model_id, "version": cfg.version, **cfg.manifest}
+    manifest = {"id": cfg.model_id, "version": cfg.version, **describe_model(cfg.manifest, data, SYNTHETIC_NOTE)}
     manifest["artifact"] = {"file": onnx_path.name, "sha256": "0" * 64, "opset": 17}
     labels = []
     for label in manifest["labels"]:
@@ -221,22 +277,21 @@ def train(
     manifest["ood"] = ood_block
     summary = {m.label: m.auroc for m in metrics}
     manifest["provenance"] = {
-        "trained_on": (
-            f"{cfg.data.source}: {len(train_set)} train / {len(val_set)} validation images "
-            f"(seed {cfg.data.train_seed}); test {len(test_set)} images (seed {cfg.data.test_seed}). "
-            "Synthetic phantoms only, not for clinical use."
-        ),
+        "trained_on": trained_on_text(data),
         "training_config": f"configs/training/{cfg.model_id.replace('-', '_')}.yaml",
         "created": dt.date.today().isoformat(),
-        "metrics": {f"test_auroc_{k}": float(v) for k, v in summary.items()},
+        "metrics": {f"test_auroc_{k}": float(v) for k, v in summary.items() if v == v},  # NaN: undefined
         "weights_file": "weights.pt",
         "weights_sha256": save_weights(net, staged / "weights.pt"),
+        "data": data.model_dump(mode="json"),
     }
     int8_report = None
     if cfg.int8:
         int8_report = _int8_cost(onnx_path, golden, test_ds, y_test, p_test, out)
     card = (
-        write_cxr_card(cfg, manifest, metrics, history, parity, int8_report) + "\n" + ood_section(ood_block, ood_eval)
+        write_cxr_card(cfg, manifest, metrics, history, parity, int8_report, data)
+        + "\n"
+        + ood_section(ood_block, ood_eval, data)
     )
     stage_model(staged, manifest, onnx_path, card)
     report: dict[str, object] = {
@@ -246,6 +301,7 @@ def train(
         "int8": int8_report,
         "ood": ood_block,
         "staged": str(staged),
+        "data": data.model_dump(mode="json"),
     }
     (out / "report.json").write_text(json.dumps(report, indent=2))
     if register:

@@ -2,13 +2,15 @@
 
     python -m training.train_polyp --config configs/training/endoscopy_polyp.yaml --out var/train/polyp [--register]
 
-Data: Kvasir-SEG layout (synthetic by default). Network: MONAI FlexibleUNet (EfficientNet-B0
+Data: Kvasir-SEG layout (synthetic by default; a folder, or the DICOM store through
+``dxassist export``: ``data.source``), its provenance measured into the manifest and card. Network: MONAI FlexibleUNet (EfficientNet-B0
 encoder, no pretrained weights). Loss: Dice + BCE. The exported graph adds a frame score (mean
 of the top 1 % mask logits), whose operating point is chosen on validation frames.
 """
 
 from __future__ import annotations
 
+import csv
 import datetime as dt
 import json
 import logging
@@ -25,6 +27,7 @@ from monai.losses import DiceCELoss
 from monai.transforms import Compose, MapTransform
 from monai.utils import set_determinism
 
+from models.manifest import DataKindValues, TrainingData
 from models.pixels import load_frames
 from models.preprocessing import get_pipeline
 from models.registry import register_version
@@ -33,10 +36,24 @@ from training.config import TrainConfig, optimiser_and_schedule
 from training.datasets import KvasirSegDataset
 from training.evaluate import auroc_with_ci, dice_iou, sens_spec, threshold_for_sensitivity
 from training.export_onnx import export_onnx, parity_check, save_weights, stage_model
-from training.model_card import ood_section
+from training.model_card import limitations, ood_section
 from training.networks import PolypWithScore, polyp_network, recalibrate_batchnorm
 from training.ood_fit import fit_and_evaluate, stack_inputs
+from training.provenance import (
+    SPLITS,
+    DataItem,
+    card_banner,
+    card_section,
+    data_kind,
+    describe_data,
+    describe_model,
+    trained_on_text,
+)
+from training.store_export import export_from_store
 from training.transforms import ApplyModelPreprocessd, polyp_train_augment
+
+#: appended to the intended use of a version trained on synthetic data only (``describe_model``)
+SYNTHETIC_NOTE = "Reference model trained on synthetic frames only: not for clinical use."
 
 logger = logging.getLogger("training.train_polyp")
 
@@ -59,6 +76,16 @@ class LoadMaskd(MapTransform):
         return d
 
 
+def data_root(cfg: TrainConfig, out: Path) -> Path:
+    """The folder the data lives in: the work folder (synthetic), a fresh export of the store
+    (``store``, Kvasir layout), else the configured folder."""
+    if cfg.data.source == "synthetic":
+        return out
+    if cfg.data.source == "store":
+        return export_from_store(cfg.data.store, out / "store-export", layout="kvasir")
+    return Path(cfg.data.source)
+
+
 def _folder(cfg: TrainConfig, out: Path, split: str) -> Path:
     if cfg.data.source != "synthetic":
         return Path(cfg.data.source) / split
@@ -73,16 +100,56 @@ def _folder(cfg: TrainConfig, out: Path, split: str) -> Path:
 Records = list[dict[str, object]]
 
 
-def split_records(cfg: TrainConfig, out: Path) -> tuple[Records, Records, Records]:
+def _draw(records: Records, fraction: float, seed: int) -> tuple[Records, Records]:
+    """(rest, drawn): ``fraction`` of ``records`` drawn with ``seed``."""
+    order = np.random.default_rng(seed).permutation(len(records))
+    n = round(len(records) * fraction)
+    return [records[i] for i in order[n:]], [records[i] for i in order[:n]]
+
+
+def split_records(cfg: TrainConfig, out: Path, root: Path | None = None) -> tuple[Records, Records, Records]:
     """(train, validation, test) records: validation is ``val_fraction`` of the training folder,
-    drawn with the training seed; test is its own folder (another seed when synthetic)."""
+    drawn with the training seed; test is its own folder (another seed when synthetic). One
+    Kvasir folder without ``train/`` (a store export) gives its test split too, drawn first with
+    the test seed."""
+    if cfg.data.source != "synthetic":
+        root = root if root is not None else data_root(cfg, out)
+        if not (root / "train").is_dir():
+            rest, test = _draw(KvasirSegDataset.from_folder(root).records(), cfg.data.val_fraction, cfg.data.test_seed)
+            train, val = _draw(rest, cfg.data.val_fraction, cfg.data.train_seed)
+            return train, val, test
     full = KvasirSegDataset.from_folder(_folder(cfg, out, "train"))
-    test = KvasirSegDataset.from_folder(_folder(cfg, out, "test"))
-    records = full.records()
-    rng = np.random.default_rng(cfg.data.train_seed)
-    order = rng.permutation(len(records))
-    n_val = round(len(records) * cfg.data.val_fraction)
-    return [records[i] for i in order[n_val:]], [records[i] for i in order[:n_val]], test.records()
+    test_set = KvasirSegDataset.from_folder(_folder(cfg, out, "test"))
+    train, val = _draw(full.records(), cfg.data.val_fraction, cfg.data.train_seed)
+    return train, val, test_set.records()
+
+
+def measure_data(cfg: TrainConfig, root: Path, out: Path, splits: tuple[Records, Records, Records]) -> TrainingData:
+    """The data provenance of this run (see ``training/provenance.py``); a frame is positive when
+    its mask has any foreground."""
+    key = str(cfg.manifest["labels"][0]["key"])
+    kind = data_kind(cfg.data.source, root)
+    sources: dict[str, str] = {}
+    if kind is DataKindValues.STORE_EXPORT and (root / "labels.csv").is_file():
+        with (root / "labels.csv").open(newline="") as fh:
+            sources = {row["image"]: row.get("Label Source") or "" for row in csv.DictReader(fh)}
+    items = []
+    for split, records in zip(SPLITS, splits, strict=True):
+        for r in records:
+            mask = cv2.imread(str(r["mask"]), cv2.IMREAD_GRAYSCALE)
+            positive = int(mask is not None and bool((mask > 127).any()))
+            image = Path(str(r["image"]))
+            items.append(DataItem(split, image, {key: positive}, sources.get(image.name, "")))
+    if kind is DataKindValues.SYNTHETIC:
+        description = (
+            "procedural colonoscopy frames from models/synthetic/endoscopy.py, train/validation seed "
+            f"{cfg.data.train_seed}, test seed {cfg.data.test_seed}"
+        )
+    elif kind is DataKindValues.STORE_EXPORT:
+        description = "frames exported from the site's DICOM store with `dxassist export` (Kvasir layout)"
+    else:
+        description = f"Kvasir-SEG-layout folder `{root.name}`"
+    return describe_data(kind, root, items, [key], description=description, manifest_path=out / "dataset_manifest.csv")
 
 
 def _predict(model: torch.nn.Module, loader: DataLoader) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
@@ -111,7 +178,10 @@ def train(cfg: TrainConfig, out: Path, *, register: bool = False) -> dict[str, o
     out.mkdir(parents=True, exist_ok=True)
     size = cfg.manifest["input"]["shape"][2]
     preprocessing = cfg.manifest["input"]["preprocessing"]
-    train_records, val_records, test_records = split_records(cfg, out)
+    root = data_root(cfg, out)
+    train_records, val_records, test_records = split_records(cfg, out, root)
+    data = measure_data(cfg, root, out, (train_records, val_records, test_records))
+    data_label = data.kind.value
     load = Compose([ApplyModelPreprocessd("image", preprocessing), LoadMaskd("mask", size)])
     train_ds = CacheDataset(
         train_records, Compose([load, polyp_train_augment()]), num_workers=cfg.train.threads, progress=False
@@ -210,25 +280,22 @@ def train(cfg: TrainConfig, out: Path, *, register: bool = False) -> dict[str, o
         acceptance=cfg.ood.acceptance,
         components=cfg.ood.components,
         margin=cfg.ood.margin,
-        data_text=f"the {cfg.data.source} training split ({len(train_records)} frames, seed {cfg.data.train_seed})",
+        data_text=f"the {data_label} training split ({len(train_records)} frames, seed {cfg.data.train_seed})",
         staged_dir=staged,
     )
 
-    manifest = {"id": cfg.model_id, "version": cfg.version, **cfg.manifest}
+    manifest = {"id": cfg.model_id, "version": cfg.version, **describe_model(cfg.manifest, data, SYNTHETIC_NOTE)}
     manifest["artifact"] = {"file": onnx_path.name, "sha256": "0" * 64, "opset": 17}
     label = dict(manifest["labels"][0])
     label["threshold"] = round(threshold, 6)
     label["threshold_basis"] = (
-        f"{cfg.data.source} validation frames (seed {cfg.data.train_seed}, n={len(val_records)}, "
+        f"{data_label} validation frames (seed {cfg.data.train_seed}, n={len(val_records)}, "
         f"{int(y_val.sum())} with polyp): highest threshold with frame sensitivity >= {target}"
     )
     manifest["labels"] = [label]
     manifest["ood"] = ood_block
     manifest["provenance"] = {
-        "trained_on": (
-            f"{cfg.data.source}: {len(train_records)} train / {len(val_records)} validation frames (seed "
-            f"{cfg.data.train_seed}); test {len(test_records)} frames (seed {cfg.data.test_seed}). Synthetic only, not for clinical use."
-        ),
+        "trained_on": trained_on_text(data),
         "training_config": "configs/training/endoscopy_polyp.yaml",
         "created": dt.date.today().isoformat(),
         "metrics": {
@@ -238,8 +305,9 @@ def train(cfg: TrainConfig, out: Path, *, register: bool = False) -> dict[str, o
         },
         "weights_file": "weights.pt",
         "weights_sha256": save_weights(model.net, staged / "weights.pt"),
+        "data": data.model_dump(mode="json"),
     }
-    card = _card(cfg, manifest, metrics, history, parity) + "\n" + ood_section(ood_block, ood_eval)
+    card = _card(cfg, manifest, metrics, history, parity, data) + "\n" + ood_section(ood_block, ood_eval, data)
     stage_model(staged, manifest, onnx_path, card)
     report: dict[str, object] = {
         "history": history,
@@ -247,6 +315,7 @@ def train(cfg: TrainConfig, out: Path, *, register: bool = False) -> dict[str, o
         "parity_max_abs_diff": parity,
         "ood": ood_block,
         "staged": str(staged),
+        "data": data.model_dump(mode="json"),
     }
     (out / "report.json").write_text(json.dumps(report, indent=2, default=float))
     if register:
@@ -255,30 +324,51 @@ def train(cfg: TrainConfig, out: Path, *, register: bool = False) -> dict[str, o
 
 
 def _card(
-    cfg: TrainConfig, manifest: dict[str, Any], m: dict[str, Any], history: list[dict[str, float]], parity: float
+    cfg: TrainConfig,
+    manifest: dict[str, Any],
+    m: dict[str, Any],
+    history: list[dict[str, float]],
+    parity: float,
+    data: TrainingData,
 ) -> str:
+    synthetic = data.kind is DataKindValues.SYNTHETIC
     return "\n".join(
         [
             f"# Model card: {cfg.model_id} {cfg.version}",
             "",
-            "**Trained on synthetic data only. Not for clinical use.** Reference model so the service runs end to end",
-            "without downloaded weights; retrain on Kvasir-SEG-layout data of your own (training/notebooks).",
+            card_banner(data),
+            *(
+                [
+                    "Reference model so the service runs end to end without downloaded weights; retrain on Kvasir-SEG-layout",
+                    "data of your own (`python -m training.cli polyp --source DIR`, or `--source store`).",
+                ]
+                if synthetic
+                else []
+            ),
             "",
             "## Intended use",
             manifest["intended_use"],
             "",
-            "## Training data",
-            manifest["provenance"]["trained_on"],
-            "Procedural colonoscopy frames from `models/synthetic/endoscopy.py`: textured mucosa, folds, vessels, lumen,",
-            "specular highlights, round field of view; polyps are raised blobs with irregular borders. Stored as VL",
-            "Endoscopic Image DICOM (RGB uncompressed and JPEG baseline YBR_FULL_422).",
+            card_section(data),
+            *(
+                [
+                    "",
+                    "Procedural colonoscopy frames from `models/synthetic/endoscopy.py`: textured mucosa, folds, vessels,",
+                    "lumen, specular highlights, round field of view; polyps are raised blobs with irregular borders. Stored",
+                    "as VL Endoscopic Image DICOM (RGB uncompressed and JPEG baseline YBR_FULL_422).",
+                ]
+                if synthetic
+                else []
+            ),
             "",
             "## Network",
             "MONAI FlexibleUNet, EfficientNet-B0 encoder (random init), 3x256x256 input (`endo_v1`), Dice+BCE loss, flips,",
             "rotation, scale, intensity jitter. Outputs: `score` (frame polyp logit: mean of the top 1 % mask logits) and",
             "`mask` (per-pixel logits).",
             "",
-            "## Evaluation (held-out test frames generated with a different seed)",
+            "## Evaluation (held-out test frames generated with a different seed)"
+            if synthetic
+            else f"## Evaluation (held-out test split: {data.splits['test']} frames never trained on)",
             f"- Dice {m['dice']:.4f}, IoU {m['iou']:.4f} (mean over {m['frames_with_polyp']} frames with a polyp; mask at p >= 0.5)",
             f"- Frame-level polyp AUROC {m['frame_auroc']:.4f} (95% CI {m['frame_auroc_ci'][0]:.4f}-{m['frame_auroc_ci'][1]:.4f})",
             f"- At the operating point {m['threshold']:.4f}: sensitivity {m['sensitivity']:.4f}, specificity {m['specificity']:.4f}",
@@ -289,8 +379,15 @@ def _card(
             *[f"| {h['epoch']} | {h['loss']:.4f} | {h['val_dice']:.4f} | {h['img_per_s']:.1f} |" for h in history],
             "",
             "## Limitations",
-            "- Synthetic frames: real mucosa, bubbles, stool, instruments, motion blur and flat/sessile lesions are absent.",
-            "- Goal for real data (see shared/ANCHORS): Dice >= 0.90 on Kvasir-SEG, >= 0.75 on an unseen centre.",
+            *(
+                [
+                    "- Synthetic frames: real mucosa, bubbles, stool, instruments, motion blur and flat/sessile lesions are absent."
+                ]
+                if synthetic
+                else limitations(data)
+            ),
+            "- Goal for real data (published polyp models on Kvasir-SEG reach Dice 0.90-0.92): Dice >= 0.90 on Kvasir-SEG,"
+            " >= 0.75 on an unseen centre.",
             "",
         ]
     )
