@@ -44,14 +44,20 @@ def record_for_delivery(
     paired: Sequence[tuple[PreparedImage, ModelOutputs | InferenceFailed]],
     sinks: Mapping[str, Sink],
     screener: StudyScreener,
+    job_id: str | None = None,
 ) -> int:
     """Commit the result, its evidence headers (and SEG when results go back to the PACS) and
-    its outbox rows together; returns the screening's row id."""
+    its outbox rows together; returns the screening's row id.
+
+    With ``job_id`` (the ledger's, stable across reruns) it is idempotent: a job already DONE
+    keeps its one result and outbox rows (a rerun after a crash that came between this commit
+    and the ledger's)."""
+    job_id = job_id or new_screening_uuid()
+    if store.job(job_id) is None:
+        store.add_job(job_id, "routine", result.study_instance_uid or None, None, provenance=provenance)
     evidence = [image.header for image, _ in paired if image.header is not None]
     if "dicom-sr" in sinks:  # masks exist only now: their SEG travels with the evidence
         evidence += build_seg(result, paired, screener.loaded)
-    job_id = new_screening_uuid()
-    store.add_job(job_id, "routine", result.study_instance_uid or None, None, provenance=provenance)
     return store.finish_job(job_id, result, evidence=evidence, sinks=sinks_for(result, sinks))
 
 

@@ -403,15 +403,22 @@ def run_batch_job(
                     rejected = [i for i, _ in pairs if isinstance(i, RejectedImage)]
                     uid = study if not study.startswith("file:") else ""
                     result = screener.assemble(uid, prepared, rejected)
-                    if ledger.record(study, result) and store is not None:
-                        # a study named by UID was fetched from the store: its result is the study's record
+                    if store is not None:
+                        # the results database first, then the ledger: a crash between them makes the
+                        # rerun screen the study again, and its job id (the ledger's, stable) finds the
+                        # record already DONE; the other order would skip a study never recorded.
+                        # A study named by UID was fetched from the store: its result is the study's record
                         source = SourceValues.PACS_FETCH if study in fetched else SourceValues.FILES
-                        if sinks:  # with its outbox rows, in one transaction (exactly once: the ledger said new)
-                            record_for_delivery(
-                                store, result, Provenance(source, TriggerValues.BATCH), prepared, sinks, screener
-                            )
-                        else:
-                            store.save(result, Provenance(source, TriggerValues.BATCH))
+                        record_for_delivery(  # with its outbox rows, in one transaction, once per job id
+                            store,
+                            result,
+                            Provenance(source, TriggerValues.BATCH),
+                            prepared,
+                            sinks,
+                            screener,
+                            job_id=ledger.job_id(study),
+                        )
+                    ledger.record(study, result)
                     finished += 1
                     if on_progress:
                         on_progress(finished, len(todo))

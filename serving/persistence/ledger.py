@@ -13,6 +13,7 @@ by the same dxassist version that started it, so it has no migrations.
 
 from __future__ import annotations
 
+import uuid
 from datetime import UTC, datetime
 from pathlib import Path
 
@@ -21,7 +22,7 @@ from sqlalchemy.dialects.sqlite import insert as sqlite_insert
 
 from models.results import ScreeningResult
 from serving.persistence.database import Database
-from serving.persistence.schema import ledger_errors, ledger_metadata, ledger_studies
+from serving.persistence.schema import ledger_errors, ledger_metadata, ledger_run, ledger_studies
 
 
 def _now() -> str:
@@ -33,8 +34,25 @@ class Ledger:
 
     def __init__(self, path: Path) -> None:
         self._db = Database(path)
+        self._run_id: uuid.UUID | None = None
         with self._db.write() as conn:
             ledger_metadata.create_all(conn)
+
+    def run_id(self) -> uuid.UUID:
+        """This job's id, made at its first run and kept for every rerun."""
+        if self._run_id is None:
+            with self._db.write() as conn:
+                row = conn.execute(select(ledger_run.c.run_id)).first()
+                if row is None:
+                    self._run_id = uuid.uuid4()
+                    conn.execute(ledger_run.insert().values(run_id=self._run_id.hex))
+                else:
+                    self._run_id = uuid.UUID(hex=str(row[0]))
+        return self._run_id
+
+    def job_id(self, study_key: str) -> str:
+        """The results-database job id of one study of this job: the same in every rerun."""
+        return uuid.uuid5(self.run_id(), study_key).hex
 
     def done(self) -> set[str]:
         with self._db.read() as conn:

@@ -346,6 +346,14 @@ ledger_studies = Table(
     Column("finished_at", Text, nullable=False),
 )
 
+# one row: the job's own id, made at its first run; each study's results-database job id derives
+# from it and the study key, so a rerun after a crash between the two writes finds its record
+ledger_run = Table(
+    "run",
+    ledger_metadata,
+    Column("run_id", Text, primary_key=True),
+)
+
 # studies that could not be fetched (store down...): not done, retried by the next run
 ledger_errors = Table(
     "errors",

@@ -64,6 +64,30 @@ def test_interrupted_job_resumes_without_redoing_work(
     assert third.screened_now == 0 and third.skipped == 9
 
 
+def test_crash_between_the_results_database_and_the_ledger_records_once(
+    ray_local: None, archive: tuple[Path, Path], tmp_path: Path
+) -> None:
+    """A study whose result was committed but whose ledger row was not (the process died between
+    the two commits) is screened again by the rerun and still has exactly one result."""
+    import sqlite3
+
+    folder, settings = archive
+    out = tmp_path / "job"
+    first = run_batch_job([folder], out, settings_path=str(settings), stop_after=3)
+    assert first.screened_now == 3
+    store = ResultsStore(tmp_path / "results.sqlite3")
+    assert store.count() == 3
+    # the crash: the ledger loses the last study it had recorded, the results database keeps it
+    with sqlite3.connect(out / "ledger.sqlite3") as conn:
+        (lost,) = conn.execute("SELECT study_key FROM studies ORDER BY finished_at DESC, rowid DESC").fetchone()
+        conn.execute("DELETE FROM studies WHERE study_key = ?", (lost,))
+    second = run_batch_job([folder], out, settings_path=str(settings))
+    assert second.skipped == 2 and second.screened_now == 7  # the lost one is screened again
+    assert store.count() == 9  # and not recorded twice
+    assert store.job(Ledger(out / "ledger.sqlite3").job_id(lost)) is not None
+    store.close()
+
+
 @pytest.mark.parametrize("topology", ["fused", "staged"])
 def test_batch_results_equal_the_online_path(
     ray_local: None, archive: tuple[Path, Path], tmp_path: Path, topology: Topology
