@@ -181,7 +181,7 @@ def test_worklist_page_shows_every_outcome_draws_regions_and_saves_feedback(brow
             # while the button stays pressed (set on save, then from the stored verdict)
             _wait_until(
                 page,
-                "() => document.querySelector('#findings tr[data-finding=\"pneumothorax\"] "
+                '() => document.querySelector(\'#findings tr[data-finding="pneumothorax"] '
                 "button[data-verdict=\"agree\"]')?.getAttribute('aria-pressed') === 'true'",
             )
             saved = store.feedback_for(ids["findings"])
