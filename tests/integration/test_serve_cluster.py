@@ -11,8 +11,8 @@ holds the most replicas is killed mid-run. Every job must end DONE, each study s
 once (one result row), each delivered exactly once at the MLLP listener (one ORU, one MSH-10),
 none lost.
 
-Not part of the default suite yet (it has not been green twice in a row on the loaded 2-core
-CI host: starting three Ray nodes there takes minutes and sometimes fails): it runs only with
+Not part of the default suite yet (on the loaded 2-core host it takes 8-10 minutes, and starting
+three Ray nodes there sometimes fails: Ray's fixed 30 s raylet registration): it runs only with
 ``DXASSIST_SERVE_CLUSTER_TEST=1``, e.g.
 ``DXASSIST_SERVE_CLUSTER_TEST=1 scripts/run_tests.sh tests/integration/test_serve_cluster.py``
 (``DXASSIST_SERVE_CLUSTER_UPLOADS=40`` for more uploads). Needs root and ``unshare``; skipped with
