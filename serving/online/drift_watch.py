@@ -61,6 +61,10 @@ def observations(
             yield screening_id, public_id, created_at, observation
 
 
+#: how far before the newest screening seen each pass reads again (longer than any commit takes)
+_COMMIT_MARGIN = timedelta(seconds=60)
+
+
 @dataclass
 class _Window:
     """The observations of one version within the window, by screening row id."""
@@ -125,8 +129,16 @@ class DriftWatch:
             if baseline is None:
                 continue
             window = self._windows.setdefault(ref, _Window())
+            # re-read a margin before the newest row seen: a row's created_at is taken before its
+            # commit, so on PostgreSQL an older row may become visible after a newer one (rows
+            # already seen are kept by id, not counted twice)
+            resume = (
+                (datetime.fromisoformat(window.last_created) - _COMMIT_MARGIN).isoformat(timespec="milliseconds")
+                if window.last_created
+                else ""
+            )
             for row_id, _public, created, observation in observations(
-                self.results, ref, max(start, window.last_created), label=self.label
+                self.results, ref, max(start, resume), label=self.label
             ):
                 window.seen.setdefault(row_id, (created, observation))
                 window.last_created = max(window.last_created, created)

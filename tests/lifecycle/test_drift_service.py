@@ -124,6 +124,16 @@ def test_the_service_watches_drift_and_reports_a_shifted_mix(tmp_path: Path, cap
         value = _gauge(metrics, "dxassist_drift_statistic", "manufacturer", "psi")
         assert value is not None and value > settings.drift.psi_alert
         assert "Other Vendor" not in metrics
+        # the pass that crossed may have read only part of the shifted mix: wait for a pass over all
+        settled = _gauge(metrics, "dxassist_drift_statistic", "manufacturer", "psi")
+        deadline = time.monotonic() + 30
+        while True:
+            time.sleep(settings.drift.interval_s * 3)
+            now = _gauge(client.get("/metrics").text, "dxassist_drift_statistic", "manufacturer", "psi")
+            if now == settled:
+                break
+            settled = now
+            assert time.monotonic() < deadline, "the drift statistic never settled"
         passes = 0  # a few more passes: a check that stays crossed is not logged again
         while passes < 3:
             before = _gauge(client.get("/metrics").text, "dxassist_drift_statistic", "manufacturer", "psi")
