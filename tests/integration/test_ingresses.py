@@ -383,7 +383,7 @@ def test_an_upload_is_read_from_the_database_by_an_instance_that_never_saw_it(
 
     async def lost() -> None:
         await c.start()
-        await _until(lambda: store.job("lost").status == "FAILED", 30, "the lost upload fails")  # type: ignore[union-attr]
+        await _until(lambda: store.job("lost").status == "FAILED", 90, "the lost upload fails")  # type: ignore[union-attr]
         await c.drain(5)
 
     try:
