@@ -13,15 +13,8 @@ import yaml
 from tests.conftest import write_synthetic_cxr
 
 
-@pytest.mark.integration
-@pytest.mark.parametrize("topology", ["inline", "staged"])
-def test_application_on_local_ray_over_http(tmp_path: Path, topology: str) -> None:
-    """Every Serve topology: inline (one CPU node) and staged (GPU); auth,
-    one-call upload with wait, metrics, and a graceful shutdown that finishes running work."""
-    from serving.rayserve.local_cluster import local_serve
-
-    store = tmp_path / "store"
-    write_synthetic_cxr(store / "a.dcm", seed=61, findings={"pneumothorax": True})
+def _settings_file(tmp_path: Path, store: Path, **extra: object) -> Path:
+    """Test settings for both models on CPU over a local store, with ``extra`` sections."""
     settings = tmp_path / "settings.yaml"
     settings.write_text(
         yaml.safe_dump(
@@ -31,9 +24,23 @@ def test_application_on_local_ray_over_http(tmp_path: Path, topology: str) -> No
                 "store": {"path": str(store)},
                 "results": {"sqlite_path": str(tmp_path / "results.sqlite3")},
                 "api": {"spool_dir": str(tmp_path / "spool")},
+                **extra,
             }
         )
     )
+    return settings
+
+
+@pytest.mark.integration
+@pytest.mark.parametrize("topology", ["inline", "staged"])
+def test_application_on_local_ray_over_http(tmp_path: Path, topology: str) -> None:
+    """Every Serve topology: inline (one CPU node) and staged (GPU); auth,
+    one-call upload with wait, metrics, and a graceful shutdown that finishes running work."""
+    from serving.rayserve.local_cluster import local_serve
+
+    store = tmp_path / "store"
+    write_synthetic_cxr(store / "a.dcm", seed=61, findings={"pneumothorax": True})
+    settings = _settings_file(tmp_path, store)
     import pydicom
 
     uid = str(pydicom.dcmread(store / "a.dcm", stop_before_pixels=True).StudyInstanceUID)
@@ -104,19 +111,9 @@ def test_staged_app_survives_a_killed_fetcher_and_reports_its_deployments(tmp_pa
         instance = pydicom.dcmread(path)
         instance.StudyInstanceUID = uid
         instance.save_as(path)
-    settings = tmp_path / "settings.yaml"
-    settings.write_text(
-        yaml.safe_dump(
-            {
-                "environment": "test",
-                "models": [{"id": "cxr-triage", "providers": "cpu"}, {"id": "endoscopy-polyp", "providers": "cpu"}],
-                "store": {"path": str(store)},
-                "results": {"sqlite_path": str(tmp_path / "results.sqlite3")},
-                "api": {"spool_dir": str(tmp_path / "spool")},
-                # a replacement fetcher may take tens of seconds to start on a loaded 2-core machine
-                "serve": {"status_interval_s": 0.5, "replica_retries": 10, "retry_backoff_s": 0.5},
-            }
-        )
+    # a replacement fetcher may take tens of seconds to start on a loaded 2-core machine
+    settings = _settings_file(
+        tmp_path, store, serve={"status_interval_s": 0.5, "replica_retries": 10, "retry_backoff_s": 0.5}
     )
     fetchers = {"num_replicas": 2, "max_ongoing_requests": 3, "ray_actor_options": {"num_cpus": 0.25}}
     with local_serve(
