@@ -115,6 +115,27 @@ def tiny_model_dir(tmp_path: Path) -> Path:
     return tmp_path
 
 
+def orthanc_settings_file(
+    tmp_path: Path, orthanc: Any, *, store: dict[str, Any] | None = None, **sections: Any
+) -> Path:
+    """A test settings file: cxr-triage on CPU over the running Orthanc's DICOMweb (``store``:
+    more store keys), results in SQLite under ``tmp_path``, plus any other ``sections``."""
+    path = tmp_path / "settings.yaml"
+    dicomweb = {"url": orthanc.dicomweb, "username": orthanc.user, "password": orthanc.password}
+    path.write_text(
+        yaml.safe_dump(
+            {
+                "environment": "test",
+                "models": [{"id": "cxr-triage", "providers": "cpu"}],
+                "store": {"kind": "dicomweb", "dicomweb": dicomweb, **(store or {})},
+                "results": {"sqlite_path": str(tmp_path / "results.sqlite3")},
+                **sections,
+            }
+        )
+    )
+    return path
+
+
 def write_synthetic_cxr(
     path: Path,
     *,

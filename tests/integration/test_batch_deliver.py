@@ -9,13 +9,13 @@ from pathlib import Path
 import hl7
 import pydicom
 import pytest
-import yaml
 from typer.testing import CliRunner
 
 from models.synthetic.cxr import generate_cxr_dataset
 from serving.cli.main import app
 from serving.persistence.outbox import Outbox
 from tests.conformance.receivers import fhir_search, fhir_server, mllp_listener
+from tests.conftest import orthanc_settings_file
 from tests.integration.conftest import OrthancServer
 from tests.integration.test_pacs_flows import _sr_count
 
@@ -35,25 +35,11 @@ def test_batch_job_delivers_each_study_exactly_once_to_fhir_hl7_and_the_pacs(
         uids.append(str(pydicom.dcmread(path, stop_before_pixels=True).StudyInstanceUID))
     (tmp_path / "uids.txt").write_text("\n".join(uids))
     with fhir_server() as fhir, mllp_listener() as listener:
-        settings = tmp_path / "settings.yaml"
-        settings.write_text(
-            yaml.safe_dump(
-                {
-                    "environment": "test",
-                    "models": [{"id": "cxr-triage", "providers": "cpu"}],
-                    "store": {
-                        "kind": "dicomweb",
-                        "dicomweb": {"url": orthanc.dicomweb, "username": orthanc.user, "password": orthanc.password},
-                        "write_results": True,
-                        "write_objects": ["sr"],
-                    },
-                    "emr": {
-                        "fhir": {"url": f"{fhir}/fhir/R4"},
-                        "hl7": {"host": "127.0.0.1", "port": listener.port},
-                    },
-                    "results": {"sqlite_path": str(tmp_path / "results.sqlite3")},
-                }
-            )
+        settings = orthanc_settings_file(
+            tmp_path,
+            orthanc,
+            store={"write_results": True, "write_objects": ["sr"]},
+            emr={"fhir": {"url": f"{fhir}/fhir/R4"}, "hl7": {"host": "127.0.0.1", "port": listener.port}},
         )
         command = ["screen", "--uids", str(tmp_path / "uids.txt"), "--out", str(tmp_path / "job"), "--deliver"]
         ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)

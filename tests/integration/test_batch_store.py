@@ -6,10 +6,10 @@ from pathlib import Path
 
 import pydicom
 import pytest
-import yaml
 
 from models.synthetic.cxr import generate_cxr_dataset
 from serving.batch.job import run_batch_job
+from tests.conftest import orthanc_settings_file
 from tests.integration.conftest import OrthancServer
 
 pytestmark = pytest.mark.integration
@@ -24,20 +24,7 @@ def test_batch_job_from_dicomweb_uids_with_errors_retried(orthanc: OrthancServer
     for path in sorted(folder.glob("*.dcm")):
         orthanc.upload(path)
         uids.append(str(pydicom.dcmread(path, stop_before_pixels=True).StudyInstanceUID))
-    settings = tmp_path / "settings.yaml"
-    settings.write_text(
-        yaml.safe_dump(
-            {
-                "environment": "test",
-                "models": [{"id": "cxr-triage", "providers": "cpu"}],
-                "store": {
-                    "kind": "dicomweb",
-                    "dicomweb": {"url": orthanc.dicomweb, "username": orthanc.user, "password": orthanc.password},
-                },
-                "results": {"sqlite_path": str(tmp_path / "results.sqlite3")},
-            }
-        )
-    )
+    settings = orthanc_settings_file(tmp_path, orthanc)
     missing = "1.2.826.0.1.3680043.8.498.4242"
     ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
     try:

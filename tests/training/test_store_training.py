@@ -13,7 +13,6 @@ from pathlib import Path
 
 import pydicom
 import pytest
-import yaml
 
 from models.manifest import DataKindValues, load_manifest
 from models.predictor import OnnxPredictor
@@ -22,6 +21,7 @@ from models.synthetic.cxr import generate_cxr_dataset, label_vector
 from serving.core.screening import StudyScreener, screen_paths
 from serving.persistence.results import Provenance, ResultsStore
 from serving.persistence.schema import SourceValues, TriggerValues
+from tests.conftest import orthanc_settings_file
 from tests.integration.conftest import OrthancServer, orthanc  # noqa: F401  (fixture)
 from training.config import TrainConfig
 
@@ -68,20 +68,7 @@ def test_training_from_the_store_records_the_export_as_its_data(
             expected[key] += labels[key]
     store.close()
     (tmp_path / "uids.txt").write_text("\n".join(uids))
-    settings = tmp_path / "settings.yaml"
-    settings.write_text(
-        yaml.safe_dump(
-            {
-                "environment": "test",
-                "models": [{"id": "cxr-triage", "providers": "cpu"}],
-                "store": {
-                    "kind": "dicomweb",
-                    "dicomweb": {"url": orthanc.dicomweb, "username": orthanc.user, "password": orthanc.password},
-                },
-                "results": {"sqlite_path": str(tmp_path / "results.sqlite3")},
-            }
-        )
-    )
+    settings = orthanc_settings_file(tmp_path, orthanc)
 
     from training.train_cxr import train
 
