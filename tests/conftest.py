@@ -14,6 +14,7 @@ from onnx import TensorProto, helper, numpy_helper
 
 from models.synthetic.cxr import render_cxr
 from models.synthetic.dicom_writer import DicomSpec, write_image
+from tests.own_process import pytest_pyfunc_call, pytest_terminal_summary  # noqa: F401  (own_process hooks)
 
 if TYPE_CHECKING:
     from models.predictor import OnnxPredictor

@@ -40,6 +40,7 @@ def init_loopback_ray(**kwargs: Any) -> None:
     services.resolve_ip_for_localhost = lambda host: host  # see module doc
     try:
         ray.init(
+            address="local",  # never join a cluster `ray start` left on this host (ray.init's default does)
             _node_ip_address="127.0.0.1",
             include_dashboard=False,
             logging_level=logging.WARNING,

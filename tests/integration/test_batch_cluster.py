@@ -33,7 +33,7 @@ from serving.persistence.results import ResultsStore
 from tests.integration.conftest import PostgresServer
 from tests.integration.ray_cluster import LocalCluster, mount_namespace_unavailable
 
-pytestmark = [pytest.mark.integration, pytest.mark.cluster]
+pytestmark = [pytest.mark.integration, pytest.mark.cluster, pytest.mark.own_process]
 
 STUDIES = int(os.environ.get("DXASSIST_CLUSTER_STUDIES", "10"))
 KEY = "cluster-test-key"

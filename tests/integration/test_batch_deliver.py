@@ -19,7 +19,7 @@ from tests.conftest import orthanc_settings_file
 from tests.integration.conftest import OrthancServer
 from tests.integration.test_pacs_flows import _sr_count
 
-pytestmark = pytest.mark.integration
+pytestmark = [pytest.mark.integration, pytest.mark.own_process]
 
 
 def test_batch_job_delivers_each_study_exactly_once_to_fhir_hl7_and_the_pacs(

@@ -12,7 +12,7 @@ from serving.batch.job import run_batch_job
 from tests.conftest import orthanc_settings_file
 from tests.integration.conftest import OrthancServer
 
-pytestmark = pytest.mark.integration
+pytestmark = [pytest.mark.integration, pytest.mark.own_process]
 
 
 def test_batch_job_from_dicomweb_uids_with_errors_retried(orthanc: OrthancServer, tmp_path: Path) -> None:

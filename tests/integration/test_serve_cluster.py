@@ -42,7 +42,7 @@ from tests.conformance.receivers import mllp_listener
 from tests.integration.conftest import PostgresServer, free_port
 from tests.integration.ray_cluster import LocalCluster, mount_namespace_unavailable
 
-pytestmark = [pytest.mark.integration, pytest.mark.cluster]
+pytestmark = [pytest.mark.integration, pytest.mark.cluster, pytest.mark.own_process]
 
 UPLOADS = int(os.environ.get("DXASSIST_SERVE_CLUSTER_UPLOADS", "12"))
 TOKEN = "ris:integration:cluster-serve-token"

@@ -29,7 +29,7 @@ from serving.persistence.results import ResultsStore
 from tests.conformance.receivers import fhir_search, fhir_server, mllp_listener
 from tests.integration.conftest import OrthancServer, free_port, orthanc  # noqa: F401  (fixture)
 
-pytestmark = pytest.mark.integration
+pytestmark = [pytest.mark.integration, pytest.mark.own_process]
 
 
 def _text_values(ds: pydicom.Dataset) -> list[str]:

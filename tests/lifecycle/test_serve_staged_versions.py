@@ -29,7 +29,7 @@ from serving.persistence.results import ResultsStore
 from tests.conformance.receivers import mllp_listener
 from tests.integration.conftest import free_port
 
-pytestmark = pytest.mark.integration
+pytestmark = [pytest.mark.integration, pytest.mark.own_process]
 
 KEYS = ["cardiomegaly", "pleural_effusion", "pneumothorax", "nodule_mass", "consolidation"]
 

@@ -16,10 +16,16 @@ from serving.batch.job import Ledger, Topology, run_batch_job
 from serving.batch.report import write_report, write_tables
 from serving.core.screening import StudyScreener, screen_paths
 from serving.persistence.results import ResultsStore
+from tests.own_process import in_child
 
 
 @pytest.fixture(scope="module")
 def ray_local() -> Iterator[None]:
+    """A local Ray for the tests that need one: they are ``own_process`` tests, so only the
+    child process that runs a test's body starts it."""
+    if not in_child():
+        yield
+        return
     import ray
 
     ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
@@ -46,6 +52,7 @@ def archive(tmp_path: Path) -> tuple[Path, Path]:
     return folder, settings
 
 
+@pytest.mark.own_process
 def test_interrupted_job_resumes_without_redoing_work(
     ray_local: None, archive: tuple[Path, Path], tmp_path: Path
 ) -> None:
@@ -64,6 +71,7 @@ def test_interrupted_job_resumes_without_redoing_work(
     assert third.screened_now == 0 and third.skipped == 9
 
 
+@pytest.mark.own_process
 def test_crash_between_the_results_database_and_the_ledger_records_once(
     ray_local: None, archive: tuple[Path, Path], tmp_path: Path
 ) -> None:
@@ -88,6 +96,7 @@ def test_crash_between_the_results_database_and_the_ledger_records_once(
     store.close()
 
 
+@pytest.mark.own_process
 @pytest.mark.parametrize("topology", ["fused", "staged"])
 def test_batch_results_equal_the_online_path(
     ray_local: None, archive: tuple[Path, Path], tmp_path: Path, topology: Topology
@@ -110,6 +119,7 @@ def test_batch_results_equal_the_online_path(
     assert [r.reason for r in broken] == ["NOT_DICOM"]
 
 
+@pytest.mark.own_process
 def test_tables_and_report_with_labelled_auroc(ray_local: None, archive: tuple[Path, Path], tmp_path: Path) -> None:
     folder, settings = archive
     out = tmp_path / "job"
@@ -130,6 +140,7 @@ def test_tables_and_report_with_labelled_auroc(ray_local: None, archive: tuple[P
             assert r.study_instance_uid not in text
 
 
+@pytest.mark.own_process
 def test_unreadable_input_is_retried_never_a_finished_not_screened(
     ray_local: None, archive: tuple[Path, Path], tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:

@@ -127,6 +127,7 @@ def test_api_refuses_what_the_models_cannot_vouch_for(inputs: dict[str, Path], a
 
 
 @pytest.mark.slow
+@pytest.mark.own_process
 def test_batch_job_refuses_them_and_reports_the_gate(inputs: dict[str, Path], tmp_path: Path) -> None:
     import ray
 

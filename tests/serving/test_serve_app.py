@@ -32,6 +32,7 @@ def _settings_file(tmp_path: Path, store: Path, **extra: object) -> Path:
 
 
 @pytest.mark.integration
+@pytest.mark.own_process
 @pytest.mark.parametrize("topology", ["inline", "staged"])
 def test_application_on_local_ray_over_http(tmp_path: Path, topology: str) -> None:
     """Every Serve topology: inline (one CPU node) and staged (GPU); auth,
@@ -94,6 +95,7 @@ def test_application_on_local_ray_over_http(tmp_path: Path, topology: str) -> No
 
 
 @pytest.mark.integration
+@pytest.mark.own_process
 def test_staged_app_survives_a_killed_fetcher_and_reports_its_deployments(tmp_path: Path) -> None:
     """Issue #19 on a real local Ray Serve (one node; the cluster case is the same handle
     calls): a study in flight on a fetcher replica that is killed is sent to another replica and
