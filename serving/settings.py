@@ -371,6 +371,10 @@ class ResultsSettings(_Strict):
 
     sqlite_path: Path = Path("var/results.sqlite3")
     url: SecretStr | None = None
+    #: an outbox worker holds the deliveries it claimed this long, renewed every third of it
+    #: while it is still sending them; a worker that died (its node, its process) leaves its rows
+    #: to the others once this runs out. Receivers drop a re-send by its stable id
+    delivery_lease_s: float = Field(default=30.0, ge=1.0)
 
     @model_validator(mode="after")
     def _postgres_only(self) -> ResultsSettings:

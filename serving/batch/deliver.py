@@ -61,10 +61,12 @@ def record_for_delivery(
     return store.finish_job(job_id, result, evidence=evidence, sinks=sinks_for(result, sinks))
 
 
-def deliver_pending(store: ResultsStore, sinks: Mapping[str, Sink], timeout_s: float) -> tuple[int, int]:
+def deliver_pending(
+    store: ResultsStore, sinks: Mapping[str, Sink], timeout_s: float, lease_s: float = 30.0
+) -> tuple[int, int]:
     """Run the outbox worker until nothing is pending or ``timeout_s`` passed; returns
     (pending, dead) left. Rows backing off after a failure become due at their time."""
-    outbox = Outbox(store.target)
+    outbox = Outbox(store.target, lease_s=lease_s)
     worker = OutboxWorker(outbox, dict(sinks), store.for_delivery)
     deadline = time.monotonic() + timeout_s
     try:

@@ -429,7 +429,7 @@ def run_batch_job(
     finally:
         elapsed = time.perf_counter() - start
         if sinks and store is not None:
-            pending, dead = deliver_pending(store, sinks, deliver_timeout_s)
+            pending, dead = deliver_pending(store, sinks, deliver_timeout_s, settings.results.delivery_lease_s)
             if pending or dead:
                 logger.warning("%d deliveries still pending, %d dead (dxassist outbox status)", pending, dead)
         if store is not None:

@@ -8,6 +8,7 @@ backs off; ``DeliveryRejected`` dead-letters the row; a bug in one sink never st
 from __future__ import annotations
 
 import logging
+import time
 from collections.abc import Mapping
 from typing import Protocol
 
@@ -41,9 +42,16 @@ class OutboxWorker:
         self.load = load
 
     def run_once(self) -> int:
-        """Attempt every due delivery once; returns how many were delivered."""
+        """Attempt every due delivery once; returns how many were delivered. The rows not yet
+        sent have their lease renewed every third of it (a slow receiver does not let another
+        worker take rows this one is about to send)."""
         delivered = 0
-        for delivery_id, screening_id, sink_name, attempts in self.outbox.claim():
+        claimed = self.outbox.claim()
+        renewed_at = time.monotonic()
+        for index, (delivery_id, screening_id, sink_name, attempts) in enumerate(claimed):
+            if time.monotonic() - renewed_at > self.outbox.lease_s / 3:
+                self.outbox.renew([row[0] for row in claimed[index:]])
+                renewed_at = time.monotonic()
             sink = self.sinks.get(sink_name)
             attempt = attempts + 1
             if sink is None:

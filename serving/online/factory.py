@@ -116,6 +116,7 @@ def build_service(settings: Settings, pipeline: Pipeline) -> ScreeningService:
         poller=settings.poller,
         poll_source=source if isinstance(source, SearchableSource) else None,
         orders=settings.orders,
+        delivery_lease_s=settings.results.delivery_lease_s,
     )
     if isinstance(pipeline, VersionedPipeline):
         pipeline.bind_metrics(service.metrics.registry)

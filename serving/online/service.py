@@ -135,6 +135,7 @@ class ScreeningService:
         poller: PollerSettings | None = None,
         poll_source: SearchableSource | None = None,
         orders: OrdersSettings | None = None,
+        delivery_lease_s: float = 30.0,
     ) -> None:
         self.sinks = dict(sinks or {})
         #: inbound orders (serving.online.orders): their priority and order numbers reach the screening
@@ -143,7 +144,7 @@ class ScreeningService:
         self._order_listener: OrderListener | None = None
         self._order_poller: asyncio.Task[None] | None = None
         self._order_tasks: set[asyncio.Task[None]] = set()
-        self.outbox = Outbox(store.target) if self.sinks else None
+        self.outbox = Outbox(store.target, lease_s=delivery_lease_s) if self.sinks else None
         self._delivery: asyncio.Task[None] | None = None
         self.scp_settings = scp
         self.poller_settings = poller

@@ -7,7 +7,9 @@ sending: the claim moves their ``next_at`` one lease into the future in the same
 that selected them (``FOR UPDATE SKIP LOCKED`` on PostgreSQL), so several workers (replicas,
 hosts sharing one PostgreSQL) never send the same delivery at once, and a worker that dies
 mid-send leaves rows that fall due again when the lease runs out. Each worker delivers its
-claimed rows in order, one at a time. A retryable failure backs off exponentially with jitter
+claimed rows in order, one at a time, and renews the lease of the rows it still holds every
+third of it (``renew``), so the lease can be short (``results.delivery_lease_s``, 30 s): a dead
+worker's rows go to another soon, a slow but live one keeps its rows. A retryable failure backs off exponentially with jitter
 ("equal jitter": half the capped exponential delay plus a random part of the other half, so
 rows that failed together do not all come due together, and none retries at once); a permanent
 one (HL7 AR, FHIR 4xx) goes to the dead-letter list for ``dxassist outbox retry``. Every attempt
@@ -66,7 +68,7 @@ class Outbox:
         *,
         base_backoff_s: float = 1.0,
         max_backoff_s: float = 300.0,
-        lease_s: float = 120.0,
+        lease_s: float = 30.0,
     ) -> None:
         self._db = open_migrated(target)
         self.base_backoff_s = base_backoff_s
@@ -93,6 +95,19 @@ class Outbox:
                     update(deliveries).where(deliveries.c.id.in_([r[0] for r in rows])).values(next_at=lease_end)
                 )
         return [(int(a), int(b), str(c), int(d)) for a, b, c, d in rows]
+
+    def renew(self, delivery_ids: list[int]) -> None:
+        """Extend the lease of rows this worker claimed and has not sent yet (those still
+        pending): one more ``lease_s`` from now."""
+        if not delivery_ids:
+            return
+        lease_end = _iso(_now() + timedelta(seconds=self.lease_s))
+        with self._db.write() as conn:
+            conn.execute(
+                update(deliveries)
+                .where(deliveries.c.id.in_(delivery_ids), deliveries.c.status == "PENDING")
+                .values(next_at=lease_end)
+            )
 
     def mark(self, delivery_id: int, sink: str, attempts: int, outcome: str, detail: str | None = None) -> None:
         now = _now()

@@ -100,6 +100,46 @@ def test_claimed_deliveries_are_hidden_until_marked_or_the_lease_ends(
     second.close()
 
 
+def test_a_slow_live_worker_keeps_its_claimed_rows_by_renewing_their_lease(
+    results_db: Path | str, one_result: ScreeningResult
+) -> None:
+    """Each send takes longer than the lease: without renewal another worker would take the
+    rows still waiting in the first one's batch and send them too."""
+    from models.results import ScreeningResult as Result
+    from serving.delivery.worker import OutboxWorker
+
+    _pending(results_db, one_result, 4)
+    lease_s = 1.0
+    sent: list[tuple[str, int]] = []
+
+    class SlowSink:
+        name = "fhir"
+
+        def __init__(self, who: str) -> None:
+            self.who = who
+
+        def deliver(self, delivery_id: int, result: Result, evidence: list[object]) -> None:
+            time.sleep(0.6)  # four of these outlast the lease
+            sent.append((self.who, delivery_id))
+
+    store = ResultsStore(results_db)
+    slow = OutboxWorker(Outbox(results_db, lease_s=lease_s), {"fhir": SlowSink("slow")}, store.for_delivery)
+    other = OutboxWorker(Outbox(results_db, lease_s=lease_s), {"fhir": SlowSink("other")}, store.for_delivery)
+    thread = threading.Thread(target=slow.run_once)
+    thread.start()
+    time.sleep(0.2)  # the slow worker has claimed all four
+    while thread.is_alive():
+        other.run_once()  # finds nothing while the slow worker renews
+        time.sleep(0.1)
+    thread.join()
+    assert [who for who, _ in sent] == ["slow"] * 4
+    assert len({d for _, d in sent}) == 4
+    assert slow.outbox.status().done == 4
+    slow.outbox.close()
+    other.outbox.close()
+    store.close()
+
+
 def test_concurrent_workers_claim_each_delivery_once(results_db: Path | str, one_result: ScreeningResult) -> None:
     _pending(results_db, one_result, 24)
     workers = [Outbox(results_db) for _ in range(4)]
