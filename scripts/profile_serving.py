@@ -43,6 +43,12 @@ def main() -> None:
     parser.add_argument("--repeat", type=int, default=3)
     parser.add_argument("--rate", type=int, default=200, help="py-spy samples per second")
     parser.add_argument("--out", type=Path, default=REPO / "var" / "profile")
+    parser.add_argument(
+        "--gil",
+        action="store_true",
+        help="sample only the thread holding the GIL: Python's own CPU (native work that releases it, "
+        "such as ONNX Runtime's inference, is left out)",
+    )
     args = parser.parse_args()
     args.out.mkdir(parents=True, exist_ok=True)
     work = Path(tempfile.mkdtemp(prefix="dxassist-profile-"))
@@ -96,6 +102,7 @@ def main() -> None:
             [
                 *(str(Path(sys.executable).parent / "py-spy"), "record", "--pid", str(server.pid)),
                 *("--subprocesses", "--rate", str(args.rate), "--format", "raw", "--output", str(collapsed)),
+                *(["--gil"] if args.gil else []),
             ],
             stdout=subprocess.DEVNULL,
             stderr=subprocess.DEVNULL,
@@ -128,10 +135,11 @@ def report(collapsed: Path, top: int = 40) -> None:
         count = int(count_text)
         frames = stack.split(";")
         total += count
-        process[frames[0].split(" ")[0] if frames else "?"] += count
+        head = frames[0] if frames else "?"
+        process["decode worker" if "models.decode_pool" in head else head.partition(":")[0]] += count
         own[frames[-1]] += count
-        project = [f for f in frames if "/models/" in f or "/serving/" in f]
-        ours[project[0] if project else "(outside models/ and serving/)"] += count
+        project = [f for f in frames[1:] if "(models/" in f or "(serving/" in f]
+        ours[project[-1] if project else "(outside models/ and serving/)"] += count
     if not total:
         print("no samples")
         return
@@ -141,7 +149,7 @@ def report(collapsed: Path, top: int = 40) -> None:
     print("\nself time by function (file:line of the sampled frame):")
     for name, n in own.most_common(top):
         print(f"  {100 * n / total:5.1f}%  {name}")
-    print("\nby the outermost project frame on the stack:")
+    print("\nby the innermost project frame on the stack (the project code that asked for the work):")
     for name, n in ours.most_common(top):
         print(f"  {100 * n / total:5.1f}%  {name}")
 

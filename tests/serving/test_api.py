@@ -142,6 +142,13 @@ def test_screening_a_store_study_end_to_end(tmp_path: Path, predictor: OnnxPredi
         assert 'dxassist_screenings_total{outcome="SCREENED",priority="stat"} 1.0' in metrics
         assert "dxassist_stage_seconds_bucket" in metrics and "dxassist_queue_depth" in metrics
         assert 'dxassist_model_info{model="tiny-test",provider="CPUExecutionProvider",version="0.1.0"} 1.0' in metrics
+        # every answered request counted by route template and status (no UID in a label)
+        assert client.get("/v1/screenings/no-such-job").status_code == 404
+        metrics = client.get("/metrics").text
+        assert 'dxassist_http_requests_total{endpoint="/v1/screenings",status="202"} 1.0' in metrics
+        assert 'dxassist_http_requests_total{endpoint="/v1/screenings/{screening_id}",status="404"} 1.0' in metrics
+        assert 'dxassist_http_requests_total{endpoint="/v1/worklist",status="200"} 1.0' in metrics
+        assert uid not in metrics
 
 
 def test_upload_and_unknown_study(tmp_path: Path, predictor: OnnxPredictor, store_dir: Path) -> None:
