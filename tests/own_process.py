@@ -26,7 +26,7 @@ from pathlib import Path
 import pytest
 
 CHILD_ENV = "DXASSIST_TEST_CHILD"
-CHILD_TIMEOUT_S = 1500
+CHILD_TIMEOUT_S = 900  # above every own_process test's own deadlines
 _RESULT = re.compile(r"^=*\s*\d+ (passed|failed|error|errors|skipped)\b.* in [\d.]+s", re.MULTILINE)
 _SKIPPED = re.compile(r"^SKIPPED \[\d+\] [^:]+:\d+: (.*)$", re.MULTILINE)
 
@@ -72,7 +72,9 @@ def _run_child(item: pytest.Function, basetemp: Path) -> tuple[int, str, float]:
         return proc.returncode, proc.stdout + proc.stderr, started
     except subprocess.TimeoutExpired as exc:
         text = (exc.stdout or b"").decode(errors="replace") if isinstance(exc.stdout, bytes) else (exc.stdout or "")
-        return -9, f"{text}\n(child pytest killed after {CHILD_TIMEOUT_S} s)", started
+        pytest.fail(
+            f"the test's process was killed after {CHILD_TIMEOUT_S} s (never rerun):\n{text[-8000:]}", pytrace=False
+        )
 
 
 @pytest.hookimpl(tryfirst=True)
