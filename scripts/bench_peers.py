@@ -174,7 +174,9 @@ class Client:
         client, start = self._client(), time.perf_counter()
         if self.system.kind == "dxassist":
             r = client.post(
-                "/v1/screenings/upload", params={"wait": 60}, files=[("files", ("study.dcm", data, "application/dicom"))]
+                "/v1/screenings/upload",
+                params={"wait": 60},
+                files=[("files", ("study.dcm", data, "application/dicom"))],
             )
             r.raise_for_status()
             if r.json()["status"] != "DONE":
@@ -183,7 +185,12 @@ class Client:
             header = json.dumps(
                 {
                     "inputs": [
-                        {"name": "dicom", "shape": [1, 1], "datatype": "BYTES", "parameters": {"binary_data_size": len(data) + 4}}
+                        {
+                            "name": "dicom",
+                            "shape": [1, 1],
+                            "datatype": "BYTES",
+                            "parameters": {"binary_data_size": len(data) + 4},
+                        }
                     ],
                     "outputs": [{"name": "scores", "parameters": {"binary_data": False}}],
                 }
@@ -192,7 +199,10 @@ class Client:
             r = client.post(
                 "/v2/models/cxr/infer",
                 content=body,
-                headers={"Inference-Header-Content-Length": str(len(header)), "Content-Type": "application/octet-stream"},
+                headers={
+                    "Inference-Header-Content-Length": str(len(header)),
+                    "Content-Type": "application/octet-stream",
+                },
             )
             r.raise_for_status()
         else:
@@ -223,12 +233,41 @@ class Client:
             c.close()
 
 
+def dxassist_system(work: Path, port: int) -> System:
+    """`dxassist serve` (its default runtime) with results, spool and store under ``work``, a
+    fresh API token, the reference cxr-triage model."""
+    import yaml
+
+    token = secrets.token_urlsafe(32)
+    settings = work / "settings.yaml"
+    settings.write_text(
+        yaml.safe_dump(
+            {
+                "environment": "test",
+                "models": [{"id": "cxr-triage", "providers": "auto"}],
+                "store": {"path": str(work / "store")},
+                "results": {"sqlite_path": str(work / "results.sqlite3")},
+                "api": {"spool_dir": str(work / "spool")},
+            }
+        )
+    )
+    command = [str(Path(sys.executable).parent / "dxassist"), "serve", "--settings", str(settings), "--port", str(port)]
+    return System(
+        "dxassist serve", command, port, "dxassist", env={"DXASSIST_API__TOKENS": token}, cwd=REPO, token=token
+    )
+
+
 def measure(system: System, blobs: list[bytes], burst: int) -> Figures:
     fig = Figures()
     env = {**os.environ, "DXASSIST_REPO": str(REPO), "PYTHONPATH": str(PEERS), **system.env}
     started = time.perf_counter()
     proc = subprocess.Popen(
-        system.command, cwd=system.cwd, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True
+        system.command,
+        cwd=system.cwd,
+        env=env,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+        start_new_session=True,
     )
     peak = [0]
     stop = threading.Event()
@@ -305,7 +344,6 @@ def main() -> None:
     sys.path.insert(0, str(REPO / "scripts"))
 
     import pydicom.data
-    import yaml
 
     from models.synthetic.cxr import generate_cxr_dataset
 
@@ -316,39 +354,38 @@ def main() -> None:
     shutil.copy(rg1, work / "studies" / "rg1.dcm")
     blobs = [f.read_bytes() for f in files] + [(work / "studies" / "rg1.dcm").read_bytes()]
 
-    token = secrets.token_urlsafe(32)
-    settings = work / "settings.yaml"
-    settings.write_text(
-        yaml.safe_dump(
-            {
-                "environment": "test",
-                "models": [{"id": "cxr-triage", "providers": "auto"}],
-                "store": {"path": str(work / "store")},
-                "results": {"sqlite_path": str(work / "results.sqlite3")},
-                "api": {"spool_dir": str(work / "spool")},
-            }
-        )
-    )
     py = {name: venv_python(name) for name in args.only.split(",") if name != "dxassist"}
     systems = {
-        "fastapi": System("FastAPI + uvicorn + ORT", [py.get("fastapi", ""), "fastapi_ort.py", "--port", "8101"], 8101, "multipart"),
-        "litserve": System("LitServe (dynamic batching)", [py.get("litserve", ""), "litserve_ort.py", "--port", "8102"], 8102, "multipart"),
+        "fastapi": System(
+            "FastAPI + uvicorn + ORT", [py.get("fastapi", ""), "fastapi_ort.py", "--port", "8101"], 8101, "multipart"
+        ),
+        "litserve": System(
+            "LitServe (dynamic batching)",
+            [py.get("litserve", ""), "litserve_ort.py", "--port", "8102"],
+            8102,
+            "multipart",
+        ),
         "bentoml": System(
             "BentoML (adaptive batching)",
-            [str(Path(py.get("bentoml", "x")).parent / "bentoml"), "serve", "bentoml_ort:Cxr", "--port", "8103", "--host", "127.0.0.1"],
+            [
+                str(Path(py.get("bentoml", "x")).parent / "bentoml"),
+                "serve",
+                "bentoml_ort:Cxr",
+                "--port",
+                "8103",
+                "--host",
+                "127.0.0.1",
+            ],
             8103,
             "multipart",
         ),
-        "pytriton": System("PyTriton (Triton dynamic batcher)", [py.get("pytriton", ""), "pytriton_ort.py", "--port", "8104"], 8104, "kserve"),
-        "dxassist": System(
-            "dxassist serve",
-            [str(Path(sys.executable).parent / "dxassist"), "serve", "--settings", str(settings), "--port", "8110"],
-            8110,
-            "dxassist",
-            env={"DXASSIST_API__TOKENS": token},
-            cwd=REPO,
-            token=token,
+        "pytriton": System(
+            "PyTriton (Triton dynamic batcher)",
+            [py.get("pytriton", ""), "pytriton_ort.py", "--port", "8104"],
+            8104,
+            "kserve",
         ),
+        "dxassist": dxassist_system(work, 8110),
     }
     chosen = [systems[n] for n in args.only.split(",")]
     local_p50, bound = in_process_and_bound(files)
@@ -366,8 +403,12 @@ def main() -> None:
     def mean_pct(name: str, attr: str, q: float) -> float:
         return float(np.mean([pct(getattr(f, attr), q) for f in results[name]]))
 
-    print(f"\n{datetime.now(UTC):%Y-%m-%d}, {os.cpu_count()} cores, {len(blobs)} studies (1024 px CR + RG1), {args.rounds} round(s)")
-    print(f"in-process decode + preprocess + infer: p50 {local_p50 * 1000:.1f} ms; CPU-work bound {bound:.1f} studies/s")
+    print(
+        f"\n{datetime.now(UTC):%Y-%m-%d}, {os.cpu_count()} cores, {len(blobs)} studies (1024 px CR + RG1), {args.rounds} round(s)"
+    )
+    print(
+        f"in-process decode + preprocess + infer: p50 {local_p50 * 1000:.1f} ms; CPU-work bound {bound:.1f} studies/s"
+    )
     head = f"{'system':36} {'p50 1':>7} {'p99 1':>7} {'8: /s':>7} {'p50 8':>7} {'p99 8':>7} {'32: /s':>7} {'p50 32':>7} {'p99 32':>7} {'core-ms':>8} {'peakGB':>7} {'idleGB':>7} {'burstGB':>8} {'cold s':>7} {'err':>4}"
     print(head)
     for s in chosen:
@@ -393,7 +434,9 @@ def main() -> None:
                 f"  peak RSS {mean(ours, 'peak_rss_gb') / mean(n, 'peak_rss_gb'):5.2f}x (dxassist/peer)"
             )
         idle, after = mean(ours, "idle_rss_gb"), mean(ours, "after_burst_rss_gb")
-        print(f"  dxassist memory after a {args.burst}-upload burst: {after:.2f} GB vs idle {idle:.2f} GB ({(after / idle - 1) * 100:+.0f}%)")
+        print(
+            f"  dxassist memory after a {args.burst}-upload burst: {after:.2f} GB vs idle {idle:.2f} GB ({(after / idle - 1) * 100:+.0f}%)"
+        )
     shutil.rmtree(work, ignore_errors=True)
 
 

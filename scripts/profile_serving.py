@@ -16,7 +16,6 @@ from __future__ import annotations
 import argparse
 import collections
 import os
-import secrets
 import shutil
 import subprocess
 import sys
@@ -25,13 +24,12 @@ import time
 from pathlib import Path
 
 import pydicom.data
-import yaml
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 sys.path.insert(0, str(REPO / "scripts"))
 
-from bench_peers import Client, System  # noqa: E402
+from bench_peers import Client, dxassist_system  # noqa: E402
 
 from models.synthetic.cxr import generate_cxr_dataset  # noqa: E402
 
@@ -55,29 +53,7 @@ def main() -> None:
     generate_cxr_dataset(work / "studies", args.studies, seed=777, size=(1024, 1024))
     rg1 = Path(str(pydicom.data.get_testdata_file("RG1_UNCR.dcm", read=False)))
     blobs = [f.read_bytes() for f in sorted((work / "studies").glob("*.dcm"))] + [rg1.read_bytes()]
-    token = secrets.token_urlsafe(32)
-    settings = work / "settings.yaml"
-    settings.write_text(
-        yaml.safe_dump(
-            {
-                "environment": "test",
-                "models": [{"id": "cxr-triage", "providers": "auto"}],
-                "store": {"path": str(work / "store")},
-                "results": {"sqlite_path": str(work / "results.sqlite3")},
-                "api": {"spool_dir": str(work / "spool")},
-            }
-        )
-    )
-    port = 8119
-    system = System(
-        "dxassist serve",
-        [str(Path(sys.executable).parent / "dxassist"), "serve", "--settings", str(settings), "--port", str(port)],
-        port,
-        "dxassist",
-        env={"DXASSIST_API__TOKENS": token},
-        cwd=REPO,
-        token=token,
-    )
+    system = dxassist_system(work, 8119)
     server = subprocess.Popen(
         system.command,
         cwd=REPO,
@@ -112,7 +88,9 @@ def main() -> None:
         spy.send_signal(2)
         spy.wait(60)
         client.close()
-        print(f"{len(done)} uploads at {args.clients} clients under the profiler: {rate:.1f} studies/s, {errors} errors")
+        print(
+            f"{len(done)} uploads at {args.clients} clients under the profiler: {rate:.1f} studies/s, {errors} errors"
+        )
     finally:
         server.terminate()
         try:
