@@ -98,6 +98,7 @@ class OnnxPredictor:
         providers: ProviderPreference = "auto",
         intra_op_threads: int | None = None,
         allow_spinning: bool = True,
+        cpu_mem_arena: bool = True,
     ) -> None:
         self.loaded = loaded
         self.manifest: ModelManifest = loaded.manifest
@@ -108,6 +109,9 @@ class OnnxPredictor:
         options.intra_op_num_threads = intra_op_threads or max(1, os.cpu_count() or 1)
         options.inter_op_num_threads = 1
         options.log_severity_level = 3
+        # off: each run's buffers go back to the allocator instead of an arena that keeps the
+        # largest concurrent peak for the life of the session (the service's memory after a burst)
+        options.enable_cpu_mem_arena = cpu_mem_arena
         if not allow_spinning:
             # idle ORT threads sleep instead of spinning: when decode, HTTP and other replicas
             # share the cores, spinning burns the CPU they need (measured in ADR 0011)

@@ -201,6 +201,7 @@ class InferStage:
                     providers=m.providers,
                     intra_op_threads=threads or m.intra_op_threads,
                     allow_spinning=m.allow_spinning,
+                    cpu_mem_arena=m.cpu_mem_arena,
                 )
                 for one, m in zip(loaded, settings.models, strict=True)
             ]

@@ -29,6 +29,7 @@ def build_predictor(model: ModelSettings) -> OnnxPredictor:
         providers=model.providers,
         intra_op_threads=model.intra_op_threads,
         allow_spinning=model.allow_spinning,
+        cpu_mem_arena=model.cpu_mem_arena,
     )
 
 

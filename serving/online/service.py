@@ -55,6 +55,7 @@ from models.errors import (
     UploadUnavailable,
 )
 from models.results import OutcomeValues, ScreeningResult
+from serving.core.memory import HeapTrimmer, trim_heap
 from serving.core.screening import ModelOutputs, PreparedImage, StudyScreener
 from serving.core.uids import is_dicom_uid
 from serving.delivery.worker import OutboxWorker, Sink
@@ -146,6 +147,8 @@ class ScreeningService:
         self._order_tasks: set[asyncio.Task[None]] = set()
         self.outbox = Outbox(store.target, lease_s=delivery_lease_s) if self.sinks else None
         self._delivery: asyncio.Task[None] | None = None
+        self._trimmer = HeapTrimmer()
+        self._trims: set[asyncio.Task[bool]] = set()
         self.scp_settings = scp
         self.poller_settings = poller
         self.poll_source = poll_source
@@ -922,6 +925,11 @@ class ScreeningService:
     def _finished(self, task: asyncio.Task[None]) -> None:
         self._inflight.discard(task)
         self._wakeup.set()
+        if not self._inflight and all(q.empty() for q in self._queues.values()) and self._trimmer.due():
+            # the burst is over: give the freed upload and decode buffers back (serving.core.memory)
+            trim = asyncio.get_running_loop().create_task(asyncio.to_thread(trim_heap))
+            self._trims.add(trim)
+            trim.add_done_callback(self._trims.discard)
 
     async def wait_for(self, job_id: str, timeout_s: float) -> None:
         """Return when the job is DONE/FAILED or after ``timeout_s``: signalled when this instance

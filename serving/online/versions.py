@@ -122,6 +122,7 @@ class VersionRouter:
             providers=cfg.providers,
             intra_op_threads=cfg.intra_op_threads,
             allow_spinning=cfg.allow_spinning,
+            cpu_mem_arena=cfg.cpu_mem_arena,
         )
         with self._lock:
             return self._predictors.setdefault(ref, predictor)

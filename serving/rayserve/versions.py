@@ -68,6 +68,7 @@ class VersionedModels:
             providers=self.model.providers,
             intra_op_threads=self.model.intra_op_threads,
             allow_spinning=self.model.allow_spinning,
+            cpu_mem_arena=self.model.cpu_mem_arena,
         )
         with self._lock:
             return self._predictors.setdefault(ref, predictor)

@@ -262,3 +262,23 @@ def test_unexpected_failure_is_recorded_without_patient_data_in_logs(
     assert body["status"] == "FAILED" and body["error_reason"] == "INTERNAL_ERROR"
     assert "screening job failed (RuntimeError)" in caplog.text
     assert uid not in caplog.text and uid not in (body["error_detail"] or "")
+
+
+def test_heap_is_trimmed_once_work_goes_idle(
+    tmp_path: Path, predictor: OnnxPredictor, store_dir: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """After the last running screening ends with nothing queued, the service gives freed heap
+    back (serving.core.memory); not while work is still queued or running."""
+    import serving.online.service as service_module
+
+    trims: list[float] = []
+    monkeypatch.setattr(service_module, "trim_heap", lambda: trims.append(time.monotonic()) or True)
+    with running(tmp_path, predictor, store_dir) as (client, _):
+        assert trims == []  # nothing ran yet
+        job = client.post("/v1/screenings", json={"study_instance_uid": uid_of(store_dir / "s42.dcm")})
+        wait_for(client, job.json()["screening_id"])
+        deadline = time.monotonic() + 10
+        while not trims:
+            assert time.monotonic() < deadline, "no trim after the work went idle"
+            time.sleep(0.05)
+        assert len(trims) == 1
