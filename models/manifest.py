@@ -15,13 +15,23 @@ from pathlib import Path
 from typing import Annotated, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import AfterValidator, BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from models.errors import ManifestError, ModelIntegrityError
 
 _SEMVER = re.compile(r"^(0|[1-9]\d*)\.(0|[1-9]\d*)\.(0|[1-9]\d*)(?:-[0-9A-Za-z.-]+)?$")
 _MODEL_ID = re.compile(r"^[a-z][a-z0-9]*(?:-[a-z0-9]+)*$")
 _SHA256 = re.compile(r"^[0-9a-f]{64}$")
+
+
+def _sha256_hex(value: str) -> str:
+    if not _SHA256.match(value):
+        raise ValueError("sha256 must be 64 lower-case hex digits")
+    return value
+
+
+#: a sha256 digest as the manifest writes it: 64 lower-case hex digits
+Sha256 = Annotated[str, AfterValidator(_sha256_hex)]
 
 
 class _Frozen(BaseModel):
@@ -105,18 +115,11 @@ class OodSpec(_Frozen):
     method: Literal["mahalanobis"]
     features_output: str
     stats_file: Annotated[str, Field(pattern=r"^[A-Za-z0-9_.-]+\.npz$")]
-    stats_sha256: str
+    stats_sha256: Sha256
     threshold: float = Field(gt=0.0)
     acceptance_target: float = Field(gt=0.5, lt=1.0)
     basis: Annotated[str, Field(min_length=10)]
     metrics: dict[str, float] = Field(default_factory=dict)
-
-    @field_validator("stats_sha256")
-    @classmethod
-    def _hex(cls, value: str) -> str:
-        if not _SHA256.match(value):
-            raise ValueError("sha256 must be 64 lower-case hex digits")
-        return value
 
 
 class Label(_Frozen):
@@ -133,15 +136,8 @@ class Label(_Frozen):
 
 class Artifact(_Frozen):
     file: Annotated[str, Field(pattern=r"^[A-Za-z0-9_.-]+\.onnx$")]
-    sha256: str
+    sha256: Sha256
     opset: int = Field(ge=13)
-
-    @field_validator("sha256")
-    @classmethod
-    def _hex(cls, value: str) -> str:
-        if not _SHA256.match(value):
-            raise ValueError("sha256 must be 64 lower-case hex digits")
-        return value
 
 
 class DataKindValues(StrEnum):
@@ -171,14 +167,7 @@ class TrainingData(_Frozen):
     study_dates: tuple[str, str] | None = None
     dates_note: str = ""
     deidentification: str
-    manifest_sha256: str
-
-    @field_validator("manifest_sha256")
-    @classmethod
-    def _hex(cls, value: str) -> str:
-        if not _SHA256.match(value):
-            raise ValueError("manifest_sha256 must be 64 lower-case hex digits")
-        return value
+    manifest_sha256: Sha256
 
 
 class Provenance(_Frozen):
