@@ -370,6 +370,10 @@ class ExportSettings(_Strict):
     seed: SecretStr | None = None
 
 
+#: the outbox's default delivery lease (``ResultsSettings.delivery_lease_s``)
+DELIVERY_LEASE_S = 30.0
+
+
 class ResultsSettings(_Strict):
     """Results, jobs and outbox: SQLite by default; PostgreSQL when ``url`` is set (from
     ``DXASSIST_RESULTS__URL``, as ``postgresql://user:password@host/db``; it carries a secret)."""
@@ -379,7 +383,7 @@ class ResultsSettings(_Strict):
     #: an outbox worker holds the deliveries it claimed this long, renewed every third of it
     #: while it is still sending them; a worker that died (its node, its process) leaves its rows
     #: to the others once this runs out. Receivers drop a re-send by its stable id
-    delivery_lease_s: float = Field(default=30.0, ge=1.0)
+    delivery_lease_s: float = Field(default=DELIVERY_LEASE_S, ge=1.0)
 
     @model_validator(mode="after")
     def _postgres_only(self) -> ResultsSettings:

@@ -23,6 +23,7 @@ from serving.dicom.seg import build_seg
 from serving.persistence.ids import new_screening_uuid
 from serving.persistence.outbox import Outbox
 from serving.persistence.results import Provenance, ResultsStore
+from serving.settings import DELIVERY_LEASE_S
 
 logger = logging.getLogger(__name__)
 
@@ -62,7 +63,7 @@ def record_for_delivery(
 
 
 def deliver_pending(
-    store: ResultsStore, sinks: Mapping[str, Sink], timeout_s: float, lease_s: float = 30.0
+    store: ResultsStore, sinks: Mapping[str, Sink], timeout_s: float, lease_s: float = DELIVERY_LEASE_S
 ) -> tuple[int, int]:
     """Run the outbox worker until nothing is pending or ``timeout_s`` passed; returns
     (pending, dead) left. Rows backing off after a failure become due at their time."""

@@ -73,7 +73,7 @@ from serving.persistence.orders import Order, OrderBook, OrderPriorityValues, Or
 from serving.persistence.outbox import Outbox
 from serving.persistence.results import Claim, Idempotency, JobRecord, Provenance, ResultsStore
 from serving.persistence.schema import STORE_SOURCES, SYSTEM_ACTOR, SourceValues, TriggerValues
-from serving.settings import ApiSettings, OrdersSettings, PollerSettings, ScpSettings
+from serving.settings import DELIVERY_LEASE_S, ApiSettings, OrdersSettings, PollerSettings, ScpSettings
 
 logger = logging.getLogger(__name__)
 
@@ -136,7 +136,7 @@ class ScreeningService:
         poller: PollerSettings | None = None,
         poll_source: SearchableSource | None = None,
         orders: OrdersSettings | None = None,
-        delivery_lease_s: float = 30.0,
+        delivery_lease_s: float = DELIVERY_LEASE_S,
     ) -> None:
         self.sinks = dict(sinks or {})
         #: inbound orders (serving.online.orders): their priority and order numbers reach the screening

@@ -8,9 +8,9 @@ that selected them (``FOR UPDATE SKIP LOCKED`` on PostgreSQL), so several worker
 hosts sharing one PostgreSQL) never send the same delivery at once, and a worker that dies
 mid-send leaves rows that fall due again when the lease runs out. Each worker delivers its
 claimed rows in order, one at a time, and renews the lease of the rows it still holds every
-third of it (``renew``), so the lease can be short (``results.delivery_lease_s``, 30 s): a dead
-worker's rows go to another soon, a slow but live one keeps its rows. A retryable failure backs off exponentially with jitter
-("equal jitter": half the capped exponential delay plus a random part of the other half, so
+third of it (``renew``), so the lease can be short (``results.delivery_lease_s``, 30 s): a
+dead worker's rows go to another soon, a slow but live one keeps its rows. A retryable failure
+backs off exponentially with jitter ("equal jitter": half the capped exponential delay plus a random part of the other half, so
 rows that failed together do not all come due together, and none retries at once); a permanent
 one (HL7 AR, FHIR 4xx) goes to the dead-letter list for ``dxassist outbox retry``. Every attempt
 leaves an audit row. Receivers deduplicate by the stable keys each sink uses (FHIR resource ids,
@@ -29,6 +29,7 @@ from sqlalchemy import func, insert, select, update
 
 from serving.persistence.migrate import open_migrated
 from serving.persistence.schema import deliveries, delivery_audit
+from serving.settings import DELIVERY_LEASE_S
 
 logger = logging.getLogger(__name__)
 
@@ -68,7 +69,7 @@ class Outbox:
         *,
         base_backoff_s: float = 1.0,
         max_backoff_s: float = 300.0,
-        lease_s: float = 30.0,
+        lease_s: float = DELIVERY_LEASE_S,
     ) -> None:
         self._db = open_migrated(target)
         self.base_backoff_s = base_backoff_s

@@ -18,7 +18,7 @@ import subprocess
 import sys
 import tempfile
 import time
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -29,6 +29,20 @@ def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return int(s.getsockname()[1])
+
+
+def cluster_root(prefix: str) -> Iterator[Path]:
+    """For a multi-node test's ``root`` fixture: a short temporary folder (Ray's socket paths must
+    stay under the Unix limit), removed afterwards; the test is skipped, with the reason, where
+    private mount namespaces are unavailable."""
+    import pytest
+
+    why = mount_namespace_unavailable()
+    if why:
+        pytest.skip(f"multi-node test needs private mount namespaces: {why}")
+    path = Path(tempfile.mkdtemp(prefix=prefix))
+    yield path
+    shutil.rmtree(path, ignore_errors=True)
 
 
 def mount_namespace_unavailable() -> str | None:

@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import os
 import shutil
-import tempfile
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -31,7 +30,7 @@ from serving.batch.job import Ledger, run_batch_job
 from serving.core.screening import StudyScreener, screen_paths
 from serving.persistence.results import ResultsStore
 from tests.integration.conftest import PostgresServer
-from tests.integration.ray_cluster import LocalCluster, mount_namespace_unavailable
+from tests.integration.ray_cluster import LocalCluster, cluster_root
 
 pytestmark = [pytest.mark.integration, pytest.mark.cluster, pytest.mark.own_process]
 
@@ -41,13 +40,7 @@ KEY = "cluster-test-key"
 
 @pytest.fixture
 def root() -> Iterator[Path]:
-    """A short folder (Ray's socket paths must stay under the Unix limit)."""
-    why = mount_namespace_unavailable()
-    if why:
-        pytest.skip(f"multi-node test needs private mount namespaces: {why}")
-    path = Path(tempfile.mkdtemp(prefix="dxc-"))
-    yield path
-    shutil.rmtree(path, ignore_errors=True)
+    yield from cluster_root("dxc-")
 
 
 def _impostor(root: Path) -> Path:

@@ -22,8 +22,6 @@ from __future__ import annotations
 
 import json
 import os
-import shutil
-import tempfile
 import time
 from collections import Counter
 from collections.abc import Iterator
@@ -41,7 +39,7 @@ from serving.persistence.outbox import Outbox
 from serving.persistence.results import ResultsStore
 from tests.conformance.receivers import fhir_search, fhir_server, mllp_listener
 from tests.integration.conftest import OrthancServer, PostgresServer, free_port
-from tests.integration.ray_cluster import LocalCluster, mount_namespace_unavailable
+from tests.integration.ray_cluster import LocalCluster, cluster_root
 from tests.integration.test_pacs_flows import _sr_count
 
 pytestmark = [pytest.mark.integration, pytest.mark.cluster, pytest.mark.own_process]
@@ -54,13 +52,7 @@ REPO = Path(__file__).resolve().parents[2]
 
 @pytest.fixture
 def root() -> Iterator[Path]:
-    """A short folder (Ray's socket paths must stay under the Unix limit)."""
-    why = mount_namespace_unavailable()
-    if why:
-        pytest.skip(f"multi-node test needs private mount namespaces: {why}")
-    path = Path(tempfile.mkdtemp(prefix="dxs-"))
-    yield path
-    shutil.rmtree(path, ignore_errors=True)
+    yield from cluster_root("dxs-")
 
 
 def _replica_nodes() -> dict[str, list[str]]:
