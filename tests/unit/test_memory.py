@@ -32,3 +32,15 @@ def test_the_trimmer_runs_at_most_once_per_interval() -> None:
     assert trimmer.due()
     assert not trimmer.due()
     assert HeapTrimmer(min_interval_s=0.0).due()
+
+
+def test_the_service_opens_model_sessions_without_the_cpu_memory_arena() -> None:
+    """ORT's arena would keep the largest concurrent peak of inference buffers for good; the
+    setting turns it back on where a site wants it."""
+    from serving.online.factory import build_predictor
+    from serving.settings import ModelSettings
+
+    default = build_predictor(ModelSettings(id="cxr-triage", providers="cpu"))
+    assert default.session.get_session_options().enable_cpu_mem_arena is False
+    wanted = build_predictor(ModelSettings(id="cxr-triage", providers="cpu", cpu_mem_arena=True))
+    assert wanted.session.get_session_options().enable_cpu_mem_arena is True
