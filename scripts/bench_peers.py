@@ -239,6 +239,7 @@ def dxassist_system(work: Path, port: int) -> System:
     import yaml
 
     token = secrets.token_urlsafe(32)
+    work.mkdir(parents=True, exist_ok=True)
     settings = work / "settings.yaml"
     settings.write_text(
         yaml.safe_dump(
@@ -340,6 +341,14 @@ def main() -> None:
     parser.add_argument("--rounds", type=int, default=1)
     parser.add_argument("--burst", type=int, default=200)
     parser.add_argument("--only", default="fastapi,litserve,bentoml,pytriton,dxassist")
+    parser.add_argument(
+        "--variant",
+        action="append",
+        default=[],
+        metavar="NAME:VAR=VALUE[,VAR=VALUE]",
+        help="also run dxassist with these settings variables (an A/B of one setting in the same run), "
+        "e.g. inline:DXASSIST_SCREENING__DECODE_ISOLATION=inline",
+    )
     args = parser.parse_args()
     sys.path.insert(0, str(REPO / "scripts"))
 
@@ -388,6 +397,13 @@ def main() -> None:
         "dxassist": dxassist_system(work, 8110),
     }
     chosen = [systems[n] for n in args.only.split(",")]
+    for i, spec in enumerate(args.variant):
+        name, _, assignments = spec.partition(":")
+        variant = dxassist_system(work / f"variant-{i}", 8120 + i)
+        variant.name = f"dxassist {name}"
+        variant.env.update(dict(a.split("=", 1) for a in assignments.split(",") if a))
+        systems[variant.name] = variant
+        chosen.append(variant)
     local_p50, bound = in_process_and_bound(files)
     results: dict[str, list[Figures]] = {s.name: [] for s in chosen}
     for r in range(args.rounds):

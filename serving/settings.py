@@ -559,6 +559,10 @@ class ApiSettings(_Strict):
     #: (``serve.follow_replicas``)
     max_inflight: int = Field(default_factory=lambda: max(4, 4 * (os.cpu_count() or 1) + 1), ge=1)
     request_timeout_s: float = Field(default=120.0, gt=0)
+    #: an upload whose client waits (``?wait=``) and finds a slot free is screened before its
+    #: admission commits: ended within this many seconds, it is committed with its result in one
+    #: transaction; longer, it is admitted then and the 202 goes out (ADR 0026). 0: admit first
+    screen_before_ack_s: float = Field(default=1.0, ge=0)
     max_upload_bytes: int = Field(default=256 * 1024 * 1024, ge=1024)
     #: where an upload streams in before its admission moves it into the results database (and
     #: where the C-STORE SCP receives a study until it is stable): local to this process's node

@@ -351,13 +351,13 @@ def create_api(
             svc.settings.max_upload_files,
         )
         try:
-            job_id = await asyncio.to_thread(
-                svc.submit_spooled,
+            job_id = await svc.admit_upload(
                 folder,
                 priority,
                 requested_by=who.id,
                 idempotency_key=idempotency_key,
                 audit_action="upload",
+                screen_within_s=min(wait, svc.settings.screen_before_ack_s) if wait > 0 else 0.0,
             )
         except BaseException:
             await asyncio.to_thread(shutil.rmtree, folder, True)

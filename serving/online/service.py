@@ -71,7 +71,7 @@ from serving.persistence.ids import new_screening_uuid
 from serving.persistence.leases import Leases, holder_is_dead, new_holder, retire_holder
 from serving.persistence.orders import Order, OrderBook, OrderPriorityValues, OrderRecord, OrderStatusValues
 from serving.persistence.outbox import Outbox
-from serving.persistence.results import Claim, Idempotency, JobRecord, Provenance, ResultsStore
+from serving.persistence.results import Admission, Claim, Finished, Idempotency, JobRecord, Provenance, ResultsStore
 from serving.persistence.schema import STORE_SOURCES, SYSTEM_ACTOR, SourceValues, TriggerValues
 from serving.settings import DELIVERY_LEASE_S, ApiSettings, OrdersSettings, PollerSettings, ScpSettings
 
@@ -104,6 +104,21 @@ class _Job:
     upload: tuple[bytes, ...] = ()  # instances to keep in the database at admission (then dropped here)
     kept: bool = False  # its instances are in the results database (``uploads``), read when it runs
     attempts: int = 1  # claims so far, this one included
+
+
+@dataclass(frozen=True)
+class _Failed:
+    reason: JobFailureValues
+    detail: str
+
+
+@dataclass(frozen=True)
+class _Unreadable:
+    """The job's instances cannot be read here now (another node may read them)."""
+
+
+#: how a screening ended: the result (and the seconds since it was queued), a failure, or unreadable
+_Ended = tuple[Finished, float] | _Failed | _Unreadable
 
 
 #: roles that run in one instance per results database (``serving.persistence.leases``)
@@ -615,11 +630,27 @@ class ScreeningService:
         audit_action: str | None = None,
     ) -> tuple[str | None, bool]:
         """(answering job id, whether it is a new job)."""
+        job = self._new_job(
+            request, priority, provenance, idempotency, unless_screened=unless_screened, audit_action=audit_action
+        )
+        job_id = self._enqueue(job)
+        return job_id, job_id == job.id
+
+    def _new_job(
+        self,
+        request: StudyRequest,
+        priority: PriorityValues,
+        provenance: Provenance | None,
+        idempotency: Idempotency | None = None,
+        *,
+        unless_screened: bool = False,
+        audit_action: str | None = None,
+    ) -> _Job:
         if self._draining:
             raise ServiceDraining()
         provenance = provenance or default_provenance(request, SYSTEM_ACTOR)
         store_copy = provenance.source.value in STORE_SOURCES
-        job = _Job(
+        return _Job(
             new_screening_uuid(),
             priority,
             replace(request, files=()),  # the instances go to the database, not into the queue
@@ -630,8 +661,6 @@ class ScreeningService:
             audit_action=audit_action,
             upload=request.files,
         )
-        job_id = self._enqueue(job)
-        return job_id, job_id == job.id
 
     def submit_automatic(
         self,
@@ -879,9 +908,27 @@ class ScreeningService:
         The files' Study UID is checked (``InvalidIdentifier``) and recorded; the screening is an
         ``upload``: it never replaces or silences the result of the store's copy. The instances
         are kept in the results database with the job (one transaction), so that any ingress on
-        any node can screen it; the folder is removed once that commits (or fails). With an
+        any node can screen it; the folder is removed once they are read. With an
         ``idempotency_key`` a retried upload (same files, same priority) answers with the first
         job."""
+        job = self._spooled_job(
+            folder, priority, requested_by=requested_by, idempotency_key=idempotency_key, audit_action=audit_action
+        )
+        job_id = self._enqueue(job)
+        assert job_id is not None
+        return job_id
+
+    def _spooled_job(
+        self,
+        folder: Path,
+        priority: PriorityValues,
+        *,
+        requested_by: str,
+        idempotency_key: str | None,
+        audit_action: str | None,
+    ) -> _Job:
+        """The job for an upload's spool folder, its instances read into memory (the folder is
+        removed either way)."""
         try:
             uid = upload_study_uid(folder)
             idempotency = (
@@ -890,12 +937,117 @@ class ScreeningService:
                 else None
             )
             request = StudyRequest(study_instance_uid=uid, files=read_spooled(folder))
-            provenance = Provenance(SourceValues.UPLOAD, TriggerValues.API, requested_by)
-            job_id, _created = self._submit(request, priority, provenance, idempotency, audit_action=audit_action)
         finally:
             shutil.rmtree(folder, ignore_errors=True)
+        provenance = Provenance(SourceValues.UPLOAD, TriggerValues.API, requested_by)
+        return self._new_job(request, priority, provenance, idempotency, audit_action=audit_action)
+
+    async def admit_upload(
+        self,
+        folder: Path,
+        priority: PriorityValues,
+        *,
+        requested_by: str = SYSTEM_ACTOR,
+        idempotency_key: str | None = None,
+        audit_action: str | None = None,
+        screen_within_s: float = 0.0,
+    ) -> str:
+        """Admit an upload (as ``submit_spooled``) and return its job id once the job is durable.
+
+        With ``screen_within_s`` > 0 (a caller that waits for the result) and a screening slot
+        free now (nothing queued), the upload is screened first, from memory: a screening that
+        ends within ``screen_within_s`` is committed with its admission in one transaction (one
+        durable commit, its instances never written to the database); a longer one is admitted
+        then (claimed here, its instances kept, as any job) and goes on. Either way the caller
+        learns a job id only once the job is durable (ADR 0026)."""
+        job = await asyncio.to_thread(
+            self._spooled_job,
+            folder,
+            priority,
+            requested_by=requested_by,
+            idempotency_key=idempotency_key,
+            audit_action=audit_action,
+        )
+        if screen_within_s > 0 and self._can_screen_now(priority):
+            if job.idempotency is not None:  # a retry of a finished upload is not screened again
+                seen = await asyncio.to_thread(self.store.idempotent_job, job.idempotency)
+                if seen is not None:
+                    return seen
+            if self._can_screen_now(priority):  # still, after that read
+                return await self._screen_then_admit(job, screen_within_s)
+        job_id = await asyncio.to_thread(self._enqueue, job)
         assert job_id is not None
         return job_id
+
+    def _can_screen_now(self, priority: PriorityValues) -> bool:
+        """A slot is free for ``priority`` and no admitted job waits for one (it goes first)."""
+        if self._draining:
+            return False
+        with self._slots:
+            waiting = any(not q.empty() for q in self._queues.values()) or any(self._handing.values())
+        limit = self.settings.max_inflight
+        room = limit if priority == PriorityValues.STAT else max(1, limit - 1)  # as ``_next_job``
+        return not waiting and len(self._inflight) < room
+
+    async def _screen_then_admit(self, job: _Job, within_s: float) -> str:
+        answer: asyncio.Future[str] = asyncio.get_running_loop().create_future()
+        task = asyncio.create_task(self._screen_first(job, within_s, answer))
+        self._inflight.add(task)  # counted against ``max_inflight``; ``drain`` waits for it
+        task.add_done_callback(self._finished)
+        # shielded: a client that goes away does not stop the screening or its commit
+        return await asyncio.shield(answer)
+
+    async def _screen_first(self, job: _Job, within_s: float, answer: asyncio.Future[str]) -> None:
+        screening = asyncio.ensure_future(self._screen_to_end(job))
+        try:
+            done, _pending = await asyncio.wait({screening}, timeout=within_s)
+            ended = screening.result() if done else None
+            finished = ended if isinstance(ended, tuple) else None
+            try:
+                admission = await asyncio.to_thread(self._admit, job, finished[0] if finished else None)
+            except BaseException as exc:  # nothing accepted: the caller gets the error (503, 409...)
+                screening.cancel()
+                if not answer.done():
+                    answer.set_exception(exc)
+                return
+            if not answer.done():
+                answer.set_result(str(admission.job_id))
+            if not admission.created:  # a retried Idempotency-Key: the first job answers
+                screening.cancel()
+                return
+            if finished is not None:
+                self._screened(job, finished[0].result, finished[1])
+                return
+            await self._record(job, await screening)  # admitted before it ended: as any job
+        finally:
+            self._running.discard(job.id)
+            self._held.discard(job.id)
+            self._signal_done(job.id)
+
+    def _admit(self, job: _Job, finished: Finished | None) -> Admission:
+        """Commit the admission of a job screened before it was admitted: with its result
+        (``finished``), or claimed here with its instances kept (still screening)."""
+        try:
+            admission = self.store.add_job(
+                job.id,
+                job.priority.value,
+                job.request.study_instance_uid,
+                None,
+                provenance=job.provenance,
+                dedupe_key=job.dedupe_key,
+                idempotency=job.idempotency,
+                audit_action=job.audit_action,
+                claim=self._claim,
+                files=() if finished is not None else job.upload,
+                finished=finished,
+            )
+        except ResultsDatabaseError as exc:
+            self._db_error = type(exc).__name__
+            raise
+        if admission.created and finished is None:
+            job.upload, job.kept = (), True
+            self._held.add(job.id)
+        return admission
 
     # -- dispatch --------------------------------------------------------------------------
 
@@ -969,6 +1121,11 @@ class ScreeningService:
             self._signal_done(job.id)
 
     async def _run_job(self, job: _Job) -> None:
+        await self._record(job, await self._screen_to_end(job))
+
+    async def _screen_to_end(self, job: _Job) -> _Ended:
+        """Screen ``job`` and say how it ended (nothing persisted here): its result, evidence and
+        the sinks to deliver to, or why it failed, or that its upload cannot be read here."""
         queued_s = time.monotonic() - job.enqueued
         self.metrics.stage_seconds.labels("queue").observe(queued_s)
         # RUNNING is this process's knowledge, not a durable state: the database keeps the job
@@ -979,26 +1136,19 @@ class ScreeningService:
         try:
             result, evidence = await asyncio.wait_for(self._screen(job), timeout=self.settings.request_timeout_s)
         except UploadUnavailable:
-            await self._upload_unavailable(job)
-            return
+            return _Unreadable()
         except TimeoutError:
-            await self._fail(
-                job, JobFailureValues.TIMEOUT, f"not finished within {self.settings.request_timeout_s:.0f} s"
-            )
-            return
+            return _Failed(JobFailureValues.TIMEOUT, f"not finished within {self.settings.request_timeout_s:.0f} s")
         except StudyNotFound:
-            await self._fail(job, JobFailureValues.STUDY_NOT_FOUND, "study not found in the configured store")
-            return
+            return _Failed(JobFailureValues.STUDY_NOT_FOUND, "study not found in the configured store")
         except SourceError as exc:
-            await self._fail(job, JobFailureValues.SOURCE_UNAVAILABLE, type(exc).__name__)
-            return
+            return _Failed(JobFailureValues.SOURCE_UNAVAILABLE, type(exc).__name__)
         except Exception as exc:  # the service stays up; the job records why
             # type only, no traceback: library messages can quote URLs/UIDs (patient data)
             logger.error(
                 "screening job failed (%s)", type(exc).__name__, extra={"request_id": job.id, "stage": "screen"}
             )
-            await self._fail(job, JobFailureValues.INTERNAL_ERROR, type(exc).__name__)
-            return
+            return _Failed(JobFailureValues.INTERNAL_ERROR, type(exc).__name__)
         elapsed = time.monotonic() - start
         result = result.model_copy(
             update={
@@ -1009,7 +1159,6 @@ class ScreeningService:
         )
         if self.orders is not None:
             result = await asyncio.to_thread(self._with_order, result, job.priority)
-        # the result, its evidence and one outbox row per sink, committed together before any delivery
         # SCREENED: a row for every sink; NOT_SCREENED: for the sinks that report it (the EMR
         # is told that the AI looked and declined, and why)
         sinks = [
@@ -1017,12 +1166,29 @@ class ScreeningService:
             for name, sink in self.sinks.items()
             if result.outcome == OutcomeValues.SCREENED or getattr(sink, "reports_not_screened", False)
         ]
-        saved = await self._persist("finish", self.store.finish_job, job.id, result, evidence=evidence, sinks=sinks)
+        return Finished(result, evidence, sinks), elapsed + queued_s
+
+    async def _record(self, job: _Job, ended: _Ended) -> None:
+        """Persist how an admitted job ended (the result with its evidence and outbox rows in one
+        commit, before any delivery), or give it back when its upload cannot be read here."""
+        if isinstance(ended, _Unreadable):
+            await self._upload_unavailable(job)
+            return
+        if isinstance(ended, _Failed):
+            await self._fail(job, ended.reason, ended.detail)
+            return
+        done, total_s = ended
+        saved = await self._persist(
+            "finish", self.store.finish_job, job.id, done.result, evidence=done.evidence, sinks=done.sinks
+        )
         if not saved:
             return  # draining with the database down: the job resumes (and is screened again) at the next start
         if job.request.spool_dir:
             shutil.rmtree(job.request.spool_dir, ignore_errors=True)
-        self.metrics.stage_seconds.labels("total").observe(elapsed + queued_s)
+        self._screened(job, done.result, total_s)
+
+    def _screened(self, job: _Job, result: ScreeningResult, total_s: float) -> None:
+        self.metrics.stage_seconds.labels("total").observe(total_s)
         self.metrics.screenings.labels(result.outcome.value, job.priority.value).inc()
         logger.info(
             "screening done",
@@ -1030,7 +1196,7 @@ class ScreeningService:
                 "request_id": job.id,
                 "study_ref": result.study_ref,
                 "outcome": result.outcome.value,
-                "duration_ms": round(elapsed * 1000.0, 1),
+                "duration_ms": result.duration_ms,
             },
         )
 
@@ -1066,6 +1232,8 @@ class ScreeningService:
             if not files:
                 raise UploadUnavailable("the upload's instances are not in the results database")
             job = replace(job, request=replace(job.request, files=tuple(files)))
+        elif job.upload:  # screened before its admission (``admit_upload``): from memory
+            job = replace(job, request=replace(job.request, files=job.upload))
         prepared, pairs = await self._screen_in_stages(self.pipeline, job)
         for image, out in pairs:
             if isinstance(out, ModelOutputs) and out.batch_size:

@@ -108,6 +108,16 @@ class Idempotency:
 
 
 @dataclass(frozen=True)
+class Finished:
+    """A screening that ended before its job was admitted (``add_job(finished=...)``): its result,
+    evidence headers and the sinks to deliver to, committed with the admission."""
+
+    result: ScreeningResult
+    evidence: Sequence[Dataset] = ()
+    sinks: Sequence[str] = ()
+
+
+@dataclass(frozen=True)
 class Admission:
     """What ``add_job`` did: ``created`` a new job, or found the one to answer with (``job_id``);
     ``job_id`` is None when an automatic trigger found the study already screened."""
@@ -353,6 +363,7 @@ class ResultsStore:
         audit_action: str | None = None,
         claim: Claim | None = None,
         files: Sequence[bytes] = (),
+        finished: Finished | None = None,
     ) -> Admission:
         """Persist a QUEUED job, unless an equivalent one answers the request:
 
@@ -365,7 +376,10 @@ class ResultsStore:
         One transaction (with the audit row of the request, when ``audit_action`` names it: one
         durable commit per admission); a concurrent writer that wins a race is found on the
         second pass. A new job is claimed by ``claim`` (the admitting ingress screens it) and
-        keeps ``files`` (an upload's instances, in order) in ``uploads`` until its result."""
+        keeps ``files`` (an upload's instances, in order) in ``uploads`` until its result. With
+        ``finished`` (a screening that ended before anyone was told its job id) a new job is
+        committed DONE with its result, evidence and outbox rows, as ``finish_job`` would: one
+        durable commit for the whole screening, and no instances kept."""
         provenance = provenance or Provenance(SourceValues.UNKNOWN, TriggerValues.UNKNOWN)
         for attempt in range(2):
             try:
@@ -382,7 +396,9 @@ class ResultsStore:
                         unless_screened,
                         claim,
                     )
-                    if admission.created:
+                    if admission.created and finished is not None:
+                        self._finish(conn, job_id, finished.result, finished.evidence, finished.sinks)
+                    elif admission.created:
                         self._keep_files(conn, job_id, files)
                     if audit_action is not None:
                         conn.execute(
@@ -399,6 +415,22 @@ class ResultsStore:
                 if attempt:
                     raise
         raise AssertionError("unreachable")
+
+    def idempotent_job(self, idempotency: Idempotency) -> str | None:
+        """The job a retried ``Idempotency-Key`` answers with (None: not seen); a read, for a
+        caller that would otherwise screen before it admits. ``IdempotencyKeyReused`` when the
+        key came with another request."""
+        with self._db.read() as conn:
+            seen = conn.execute(
+                select(idempotency_keys.c.request_hash, idempotency_keys.c.job_id).where(
+                    idempotency_keys.c.actor == idempotency.actor, idempotency_keys.c.key == idempotency.key
+                )
+            ).first()
+        if seen is None:
+            return None
+        if seen[0] != idempotency.request_hash:
+            raise IdempotencyKeyReused("Idempotency-Key already used for a different request")
+        return str(seen[1])
 
     def _admit(
         self,
@@ -505,47 +537,52 @@ class ResultsStore:
         No result exists without its pending deliveries, and no delivery without its result. A
         screening that is not the study's reference (an upload after the store's copy was
         screened) is recorded but not delivered: the EMR keeps the PACS result."""
+        with self._db.write() as conn:
+            return self._finish(conn, job_id, result, evidence, sinks)
+
+    def _finish(
+        self, conn: Connection, job_id: str, result: ScreeningResult, evidence: Sequence[Dataset], sinks: Sequence[str]
+    ) -> int:
         query = select(
             jobs.c.source, jobs.c.triggered_by, jobs.c.requested_by, jobs.c.status, jobs.c.screening_id
         ).where(jobs.c.id == job_id)
         if self._db.dialect == "postgresql":  # a second finisher waits here, then finds it DONE
             query = query.with_for_update()
-        with self._db.write() as conn:
-            job = conn.execute(query).first()
-            if job is not None and job[3] == "DONE" and job[4] is not None:
-                # a retry after a commit whose answer was lost, or a second screening of the same job
-                # (an ingress whose lease ran out while another took the job over): recorded once
-                return int(job[4])
-            provenance = (
-                Provenance(SourceValues(job[0]), TriggerValues(job[1]), str(job[2]))
-                if job is not None
-                else Provenance(SourceValues.UNKNOWN, TriggerValues.UNKNOWN, "unknown")
-            )
-            is_reference = (
-                provenance.source.value in STORE_SOURCES
-                or not result.study_instance_uid
-                or not self._store_screened(conn, result.study_instance_uid)
-            )
-            screening_id = self._insert(conn, result, provenance, job_id)
-            for header in evidence:
-                conn.execute(insert(evidence_table).values(screening_id=screening_id, header=_header_bytes(header)))
-            now = _now()
-            for sink in sinks if is_reference else ():
-                conn.execute(
-                    insert(deliveries).values(
-                        screening_id=screening_id,
-                        sink=sink,
-                        status="PENDING",
-                        attempts=0,
-                        next_at=now,
-                        created_at=now,
-                        updated_at=now,
-                    )
-                )
+        job = conn.execute(query).first()
+        if job is not None and job[3] == "DONE" and job[4] is not None:
+            # a retry after a commit whose answer was lost, or a second screening of the same job
+            # (an ingress whose lease ran out while another took the job over): recorded once
+            return int(job[4])
+        provenance = (
+            Provenance(SourceValues(job[0]), TriggerValues(job[1]), str(job[2]))
+            if job is not None
+            else Provenance(SourceValues.UNKNOWN, TriggerValues.UNKNOWN, "unknown")
+        )
+        is_reference = (
+            provenance.source.value in STORE_SOURCES
+            or not result.study_instance_uid
+            or not self._store_screened(conn, result.study_instance_uid)
+        )
+        screening_id = self._insert(conn, result, provenance, job_id)
+        for header in evidence:
+            conn.execute(insert(evidence_table).values(screening_id=screening_id, header=_header_bytes(header)))
+        now = _now()
+        for sink in sinks if is_reference else ():
             conn.execute(
-                update(jobs).where(jobs.c.id == job_id).values(status="DONE", updated_at=now, screening_id=screening_id)
+                insert(deliveries).values(
+                    screening_id=screening_id,
+                    sink=sink,
+                    status="PENDING",
+                    attempts=0,
+                    next_at=now,
+                    created_at=now,
+                    updated_at=now,
+                )
             )
-            conn.execute(delete(uploads).where(uploads.c.job_id == job_id))
+        conn.execute(
+            update(jobs).where(jobs.c.id == job_id).values(status="DONE", updated_at=now, screening_id=screening_id)
+        )
+        conn.execute(delete(uploads).where(uploads.c.job_id == job_id))
         return screening_id
 
     def for_delivery(self, screening_id: int) -> tuple[ScreeningResult, list[Dataset]] | None:
