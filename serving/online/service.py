@@ -121,6 +121,9 @@ class _Unreadable:
 _Ended = tuple[Finished, float] | _Failed | _Unreadable
 
 
+#: how many recently ended job ids ``wait_for`` knows without reading the database
+_ENDED_REMEMBERED = 1024
+
 #: roles that run in one instance per results database (``serving.persistence.leases``)
 ROLE_SCP = "scp"
 ROLE_POLLER = "poller"
@@ -189,6 +192,8 @@ class ScreeningService:
         self._loop_thread: int | None = None
         self._inflight: set[asyncio.Task[None]] = set()
         self._done_events: dict[str, asyncio.Event] = {}
+        #: the last jobs whose end (DONE or FAILED) this instance committed, oldest first
+        self._ended: dict[str, None] = {}
         self._wakeup = asyncio.Event()
         self._dispatcher: asyncio.Task[None] | None = None
         self._draining = False
@@ -1016,6 +1021,7 @@ class ScreeningService:
                 screening.cancel()
                 return
             if finished is not None:
+                self._ended_here(job.id)
                 self._screened(job, finished[0].result, finished[1])
                 return
             await self._record(job, await screening)  # admitted before it ended: as any job
@@ -1086,6 +1092,8 @@ class ScreeningService:
     async def wait_for(self, job_id: str, timeout_s: float) -> None:
         """Return when the job is DONE/FAILED or after ``timeout_s``: signalled when this instance
         runs it, else read from the database every 0.2 s (another ingress screens it)."""
+        if job_id in self._ended:  # ended here a moment ago: nothing to read
+            return
         deadline = time.monotonic() + timeout_s
         while True:
             record = await asyncio.to_thread(self.store.job, job_id)
@@ -1103,6 +1111,12 @@ class ScreeningService:
                     return
                 continue
             return
+
+    def _ended_here(self, job_id: str) -> None:
+        """The job's end (DONE or FAILED) is committed: its waiters need not read it back."""
+        self._ended[job_id] = None
+        if len(self._ended) > _ENDED_REMEMBERED:
+            del self._ended[next(iter(self._ended))]
 
     def _signal_done(self, job_id: str) -> None:
         event = self._done_events.pop(job_id, None)
@@ -1183,6 +1197,7 @@ class ScreeningService:
         )
         if not saved:
             return  # draining with the database down: the job resumes (and is screened again) at the next start
+        self._ended_here(job.id)
         if job.request.spool_dir:
             shutil.rmtree(job.request.spool_dir, ignore_errors=True)
         self._screened(job, done.result, total_s)
@@ -1215,7 +1230,7 @@ class ScreeningService:
             logger.warning("job not given back (%s)", type(exc).__name__)
 
     async def _fail(self, job: _Job, reason: JobFailureValues, detail: str) -> None:
-        await self._persist(
+        saved = await self._persist(
             "failed",
             self.store.update_job,
             job.id,
@@ -1223,6 +1238,8 @@ class ScreeningService:
             error_reason=reason.value,
             error_detail=detail,
         )
+        if saved:
+            self._ended_here(job.id)
         self.metrics.screenings.labels("FAILED", job.priority.value).inc()
         logger.warning("screening failed", extra={"request_id": job.id, "reason": reason.value})
 
@@ -1278,12 +1295,12 @@ class ScreeningService:
     # -- queries ---------------------------------------------------------------------------
 
     def job(self, job_id: str) -> tuple[JobRecord, ScreeningResult | None] | None:
-        record = self.store.job(job_id)
-        if record is None:
+        found = self.store.job_and_result(job_id)
+        if found is None:
             return None
+        record, result = found
         if record.status == JobStatusValues.QUEUED and job_id in self._running:
             record = replace(record, status=JobStatusValues.RUNNING.value)
-        result = self.store.result(record.screening_id) if record.screening_id else None
         return record, result
 
     def queue_depth(self) -> dict[str, int]:

@@ -129,21 +129,30 @@ class VersionRouter:
 
     def active(self) -> dict[str, str]:
         """``model_id -> version`` for this job: the database's switch when there is one."""
-        out = dict(self.configured)
-        if self.lifecycle is not None:
-            out.update({k: v for k, v in self.lifecycle.active_versions().items() if k in out})
-        return out
+        return self.routing()[0]
 
     def shadows(self, active: Mapping[str, str]) -> dict[str, list[str]]:
         """Shadow versions per model (settings and ``dxassist models shadow``), minus the active one;
         none without a lifecycle store (shadow results have nowhere else to go)."""
+        switched = self.lifecycle.routing()[1] if self.lifecycle is not None else None
+        return self._shadows(active, switched)
+
+    def routing(self) -> tuple[dict[str, str], dict[str, list[str]]]:
+        """The active versions and the shadows of each model, from one read of the database."""
         if self.lifecycle is None:
+            return dict(self.configured), {}
+        switched_active, switched_shadows = self.lifecycle.routing()
+        active = dict(self.configured)
+        active.update({k: v for k, v in switched_active.items() if k in active})
+        return active, self._shadows(active, switched_shadows)
+
+    def _shadows(self, active: Mapping[str, str], switched: dict[str, list[str]] | None) -> dict[str, list[str]]:
+        if switched is None:
             return {}
         found: dict[str, list[str]] = {m.id: list(m.shadow) for m in self.settings.models}
-        if self.lifecycle is not None:
-            for model_id, versions in self.lifecycle.shadow_versions().items():
-                if model_id in found:
-                    found[model_id] += [v for v in versions if v not in found[model_id]]
+        for model_id, versions in switched.items():
+            if model_id in found:
+                found[model_id] += [v for v in versions if v not in found[model_id]]
         return {k: [v for v in vs if v != active.get(k)] for k, vs in found.items() if vs}
 
     def screener(self, active: Mapping[str, str]) -> StudyScreener:
@@ -210,25 +219,24 @@ class VersionedPipeline:
     # -- where the work runs: in this process here; ``serving.rayserve.versions`` overrides these
     async def _prepare(self, active: dict[str, str], request: StudyRequest) -> PreparedStudy:
         """The study prepared with the QA and preprocessing of the ``active`` versions."""
-        assert self.source is not None
+        source = self.source
+        assert source is not None
         # a version promoted since the last job opens its session here, off the event loop
-        screener = await asyncio.to_thread(self.router.screener, active)
-        return await asyncio.to_thread(prepare_request, screener, self.source, request)
+        return await asyncio.to_thread(lambda: prepare_request(self.router.screener(active), source, request))
 
     async def _run(self, ref: str, tensors: NDArray[np.float32]) -> ModelOutputs:
         """One image's frames through version ``ref`` (``InferenceFailed`` when it fails)."""
-        predictor = await asyncio.to_thread(self.router.predictor, ref)
-        return await asyncio.to_thread(run_model, predictor, tensors, self.router.settings.screening.batch_size)
+        batch = self.router.settings.screening.batch_size
+        return await asyncio.to_thread(lambda: run_model(self.router.predictor(ref), tensors, batch))
 
     async def _info(self, ref: str) -> dict[str, object]:
         return await asyncio.to_thread(model_status, self.router.predictor(ref))
 
     async def prepare_study(self, request: StudyRequest) -> PreparedStudy:
-        active = await asyncio.to_thread(self.router.active)
+        active, shadows = await asyncio.to_thread(self.router.routing)
         prepared = await self._prepare(active, request)
         for image in prepared.prepared:
             image.model_id = f"{image.model_id}@{active[image.model_id]}"
-        shadows = await asyncio.to_thread(self.router.shadows, active)
         if shadows and prepared.prepared:
             if len(self._shadow_tasks) >= MAX_SHADOW_BACKLOG:
                 self._count("dropped")

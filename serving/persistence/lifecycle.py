@@ -74,6 +74,15 @@ class LifecycleStore:
         with self._db.read() as conn:
             return {r.model_id: r.version for r in conn.execute(select(active_versions))}
 
+    def routing(self) -> tuple[dict[str, str], dict[str, list[str]]]:
+        """``active_versions`` and ``shadow_versions`` in one read (what each job routes by)."""
+        with self._db.read() as conn:
+            active = {r.model_id: r.version for r in conn.execute(select(active_versions))}
+            shadows: dict[str, list[str]] = {}
+            for r in conn.execute(select(shadow_versions).order_by(shadow_versions.c.added_at)):
+                shadows.setdefault(r.model_id, []).append(r.version)
+        return active, shadows
+
     def switch(self, model_id: str, to_version: str, *, action: str, actor: str, reason: str, current: str) -> int:
         """Make ``to_version`` active and write its audit row, in one transaction.
 

@@ -601,6 +601,20 @@ class ResultsStore:
             row = conn.execute(select(*_JOB_COLUMNS).where(jobs.c.id == job_id)).first()
         return JobRecord(*row) if row else None
 
+    def job_and_result(self, job_id: str) -> tuple[JobRecord, ScreeningResult | None] | None:
+        """A job and, once it is DONE, its result, from one read."""
+        query = (
+            select(*_JOB_COLUMNS, screenings.c.result_json)
+            .select_from(jobs.outerjoin(screenings, screenings.c.id == jobs.c.screening_id))
+            .where(jobs.c.id == job_id)
+        )
+        with self._db.read() as conn:
+            row = conn.execute(query).first()
+        if row is None:
+            return None
+        *fields, result_json = row
+        return JobRecord(*fields), ScreeningResult.model_validate_json(result_json) if result_json else None
+
     def jobs_of_study(self, study_instance_uid: str) -> list[JobRecord]:
         """Every job that named the study (each attempt, whatever its end), oldest first."""
         with self._db.read() as conn:
