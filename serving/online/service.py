@@ -54,8 +54,8 @@ from models.errors import (
     StudyNotFound,
     UploadUnavailable,
 )
+from models.heap import keep_heap_for_reuse, trim_heap
 from models.results import OutcomeValues, ScreeningResult
-from serving.core.memory import HeapTrimmer, trim_heap
 from serving.core.screening import ModelOutputs, PreparedImage, StudyScreener
 from serving.core.uids import is_dicom_uid
 from serving.delivery.worker import OutboxWorker, Sink
@@ -121,6 +121,9 @@ class _Unreadable:
 _Ended = tuple[Finished, float] | _Failed | _Unreadable
 
 
+#: seconds without work after which the heap kept for reuse is given back (``models.heap``)
+_IDLE_TRIM_S = 1.0
+
 #: how many recently ended job ids ``wait_for`` knows without reading the database
 _ENDED_REMEMBERED = 1024
 
@@ -165,7 +168,7 @@ class ScreeningService:
         self._order_tasks: set[asyncio.Task[None]] = set()
         self.outbox = Outbox(store.target, lease_s=delivery_lease_s) if self.sinks else None
         self._delivery: asyncio.Task[None] | None = None
-        self._trimmer = HeapTrimmer()
+        self._trim_timer: asyncio.TimerHandle | None = None
         self._trims: set[asyncio.Task[bool]] = set()
         self.scp_settings = scp
         self.poller_settings = poller
@@ -224,6 +227,8 @@ class ScreeningService:
         move at once."""
         self._loop = asyncio.get_running_loop()
         self._loop_thread = threading.get_ident()
+        # upload and decode buffers reused from study to study, not faulted in afresh for each
+        keep_heap_for_reuse()
         private_dir(self.settings.spool_dir)  # 0700: spooled instances are patient data
         swept = sweep_partials(self.settings.spool_dir)
         if swept:
@@ -1083,8 +1088,17 @@ class ScreeningService:
     def _finished(self, task: asyncio.Task[None]) -> None:
         self._inflight.discard(task)
         self._wakeup.set()
-        if not self._inflight and all(q.empty() for q in self._queues.values()) and self._trimmer.due():
-            # the burst is over: give the freed upload and decode buffers back (serving.core.memory)
+        if self._idle():  # the heap kept for the next study goes back once nothing comes for a while
+            if self._trim_timer is not None:
+                self._trim_timer.cancel()
+            self._trim_timer = asyncio.get_running_loop().call_later(_IDLE_TRIM_S, self._trim_if_idle)
+
+    def _idle(self) -> bool:
+        return not self._inflight and all(q.empty() for q in self._queues.values())
+
+    def _trim_if_idle(self) -> None:
+        self._trim_timer = None
+        if self._idle():  # the burst is over: give the freed upload and decode buffers back (models.heap)
             trim = asyncio.get_running_loop().create_task(asyncio.to_thread(trim_heap))
             self._trims.add(trim)
             trim.add_done_callback(self._trims.discard)

@@ -268,7 +268,7 @@ def test_heap_is_trimmed_once_work_goes_idle(
     tmp_path: Path, predictor: OnnxPredictor, store_dir: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     """After the last running screening ends with nothing queued, the service gives freed heap
-    back (serving.core.memory); not while work is still queued or running."""
+    back (models.heap) once nothing came for a moment; not while work is still queued or running."""
     import serving.online.service as service_module
 
     trims: list[float] = []
