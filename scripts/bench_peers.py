@@ -345,7 +345,7 @@ def main() -> None:
         "--variant",
         action="append",
         default=[],
-        metavar="NAME:VAR=VALUE[,VAR=VALUE]",
+        metavar="NAME:VAR=VALUE[;VAR=VALUE]",
         help="also run dxassist with these settings variables (an A/B of one setting in the same run), "
         "e.g. inline:DXASSIST_SCREENING__DECODE_ISOLATION=inline",
     )
@@ -401,7 +401,7 @@ def main() -> None:
         name, _, assignments = spec.partition(":")
         variant = dxassist_system(work / f"variant-{i}", 8120 + i)
         variant.name = f"dxassist {name}"
-        variant.env.update(dict(a.split("=", 1) for a in assignments.split(",") if a))
+        variant.env.update(dict(a.split("=", 1) for a in assignments.split(";") if a))
         systems[variant.name] = variant
         chosen.append(variant)
     local_p50, bound = in_process_and_bound(files)
