@@ -564,8 +564,12 @@ class ApiSettings(_Strict):
     #: transaction; longer, it is admitted then and the 202 goes out (ADR 0026). 0: admit first
     screen_before_ack_s: float = Field(default=1.0, ge=0)
     max_upload_bytes: int = Field(default=256 * 1024 * 1024, ge=1024)
-    #: where an upload streams in before its admission moves it into the results database (and
-    #: where the C-STORE SCP receives a study until it is stable): local to this process's node
+    #: uploads being received are held in memory while all of them together fit this; past it an
+    #: upload streams into ``spool_dir`` instead (never read into memory whole while it arrives)
+    upload_memory_bytes: int = Field(default=64 * 1024 * 1024, ge=0)
+    #: where an upload past ``upload_memory_bytes`` streams in before its admission moves it into
+    #: the results database (and where the C-STORE SCP receives a study until it is stable):
+    #: local to this process's node
     spool_dir: Path = Path("var/spool")
     #: several ingresses on one results database: a job is claimed by one ingress for this long,
     #: renewed every third of it while queued or running there; another ingress takes it over

@@ -13,7 +13,6 @@ handlers below); a 422 names the fields and the reasons, never the values sent.
 """
 
 import asyncio
-import shutil
 from collections.abc import AsyncIterator, Awaitable, Callable
 from datetime import UTC, datetime
 from typing import Annotated, Any
@@ -338,30 +337,34 @@ def create_api(
         wait: float = 0.0,
     ) -> Any:
         """Screen uploaded DICOM instances of one study (multipart field ``files``, at most
-        ``api.max_upload_bytes`` in all); ``wait`` as for ``POST /v1/screenings``. The upload
-        streams into a private spool folder (never a shared /tmp), then is kept in the results
-        database with its job until screened, readable by every replica (ADR 0021)."""
+        ``api.max_upload_bytes`` in all); ``wait`` as for ``POST /v1/screenings``, with one
+        difference: a waiting client that finds a screening slot free is screened before its
+        admission commits, and gets its 202 with the result in one answer, or with its ``Location``
+        after ``api.screen_before_ack_s`` (ADR 0026). The upload is held in memory within
+        ``api.upload_memory_bytes``, else streams into a private spool folder (never a shared
+        /tmp); once admitted it is kept in the results database with its job until screened,
+        readable by every replica (ADR 0021)."""
         await remember(svc)
         svc.check_admission(priority)  # a full queue refuses before the body is read
-        folder, _count = await spool_multipart(
+        upload = await spool_multipart(
             request.headers.get("content-type", ""),
             request.stream(),
             svc.settings.spool_dir,
             "files",
             svc.settings.max_upload_files,
+            svc.upload_memory,
         )
         try:
             job_id = await svc.admit_upload(
-                folder,
+                upload,
                 priority,
                 requested_by=who.id,
                 idempotency_key=idempotency_key,
                 audit_action="upload",
                 screen_within_s=min(wait, svc.settings.screen_before_ack_s) if wait > 0 else 0.0,
             )
-        except BaseException:
-            await asyncio.to_thread(shutil.rmtree, folder, True)
-            raise
+        finally:
+            await asyncio.to_thread(upload.discard)  # read by now (or refused): let it go
         return await _answer(svc, job_id, wait, response)
 
     @api.post("/v1/events/stable-study", status_code=202, dependencies=[Auth])

@@ -15,9 +15,9 @@
 The caller's identity (token id and scope) goes into ``scope["state"]["principal"]`` for
 routes (``request.state.principal``): the audit log and result provenance read it there.
 
-``spool_multipart`` parses a ``multipart/form-data`` upload as it streams in and writes each
-file straight into a private spool folder (0700, files 0600): no temporary file elsewhere and
-never the whole upload in memory.
+``spool_multipart`` parses a ``multipart/form-data`` upload as it streams in and keeps its files
+in memory within the service's budget, else writes them straight into a private spool folder
+(0700, files 0600): no temporary file elsewhere (``serving.online.spool``).
 """
 
 from __future__ import annotations
@@ -35,7 +35,7 @@ from fastapi import HTTPException
 from python_multipart.exceptions import MultipartParseError
 from python_multipart.multipart import MultipartParser, parse_options_header
 
-from serving.online.spool import PARTIAL_PREFIX, private_dir
+from serving.online.spool import PARTIAL_PREFIX, MemoryBudget, SpooledUpload, private_dir
 from serving.settings import ApiSettings, TokenScopeValues, is_loopback
 
 Scope = MutableMapping[str, Any]
@@ -212,20 +212,43 @@ class UploadError(HTTPException):
 
 
 async def spool_multipart(
-    content_type: str, chunks: AsyncIterator[bytes], spool_dir: Path, field: str, max_files: int
-) -> tuple[Path, int]:
-    """Stream the ``field`` parts of a multipart body into a new private folder under
-    ``spool_dir``; returns the folder (renamed from its partial name once complete) and the
-    number of files. Anything that goes wrong removes the partial folder."""
+    content_type: str,
+    chunks: AsyncIterator[bytes],
+    spool_dir: Path,
+    field: str,
+    max_files: int,
+    budget: MemoryBudget | None = None,
+) -> SpooledUpload:
+    """Receive the ``field`` parts of a multipart body as they stream in: in memory while they
+    fit ``budget``, from then on in a new private folder under ``spool_dir`` (renamed from its
+    partial name once complete). Anything that goes wrong lets everything received go."""
     kind, params = parse_options_header(content_type)
     boundary = params.get(b"boundary")
     if kind != b"multipart/form-data" or not boundary:
         raise UploadError("expected multipart/form-data with a boundary", status_code=415)
-    private_dir(spool_dir)
+    upload = SpooledUpload(budget=budget)
+    memory: list[bytearray] = []  # the parts while in memory
     partial = spool_dir / f"{PARTIAL_PREFIX}{uuid.uuid4().hex}"
-    private_dir(partial)
-    state: dict[str, Any] = {"count": 0, "fd": None, "field": b"", "value": b"", "headers": {}}
+    state: dict[str, Any] = {"count": 0, "fd": None, "field": b"", "value": b"", "headers": {}, "on_disk": False}
+    state["open"] = False  # inside a part of ``field``
     errors: list[str] = []
+
+    def to_disk() -> None:
+        """The budget is spent: what came so far goes into the folder, the rest follows it."""
+        private_dir(spool_dir)
+        private_dir(partial)
+        for i, part in enumerate(memory):
+            fd = os.open(partial / f"{i:05d}.dcm", os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+            try:
+                _write_all(fd, part)
+            finally:
+                if i < len(memory) - 1 or not state["open"]:
+                    os.close(fd)
+                else:
+                    state["fd"] = fd  # the part still streaming in goes on in its file
+        memory.clear()
+        upload.discard()  # hands back what the parts held
+        state["on_disk"] = True
 
     def on_part_begin() -> None:
         state["headers"] = {}
@@ -247,15 +270,27 @@ async def spool_multipart(
         if state["count"] >= max_files:
             errors.append(f"more than {max_files} files")
             return
-        path = partial / f"{state['count']:05d}.dcm"
-        state["fd"] = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+        if state["on_disk"]:
+            path = partial / f"{state['count']:05d}.dcm"
+            state["fd"] = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+        else:
+            memory.append(bytearray())
         state["count"] += 1
+        state["open"] = True
 
     def on_part_data(data: bytes, start: int, end: int) -> None:
-        if state["fd"] is not None:
-            os.write(state["fd"], data[start:end])
+        if not state["open"]:
+            return
+        if not state["on_disk"]:
+            if budget is not None and budget.take(end - start):
+                upload.held += end - start
+                memory[-1] += data[start:end]
+                return
+            to_disk()
+        _write_all(state["fd"], data[start:end])
 
     def on_part_end() -> None:
+        state["open"] = False
         if state["fd"] is not None:
             os.close(state["fd"])
             state["fd"] = None
@@ -278,26 +313,37 @@ async def spool_multipart(
             if errors:
                 raise UploadError(errors[0], status_code=413)
         parser.finalize()
-        if state["fd"] is not None:
+        if state["open"]:
             raise UploadError("multipart body ended inside a part")
         if state["count"] == 0:
             raise UploadError(f"no files in the '{field}' field")
     except HTTPException:
-        _discard(state, partial)
+        _discard(state, partial, upload)
         raise
     except MultipartParseError:
-        _discard(state, partial)
+        _discard(state, partial, upload)
         raise UploadError("malformed multipart body") from None
     except BaseException:
-        _discard(state, partial)
+        _discard(state, partial, upload)
         raise
+    if not state["on_disk"]:
+        upload.parts = [bytes(part) for part in memory]
+        return upload
     final = spool_dir / partial.name.removeprefix(PARTIAL_PREFIX)
     os.rename(partial, final)
-    return final, int(state["count"])
+    upload.folder = final
+    return upload
 
 
-def _discard(state: dict[str, Any], partial: Path) -> None:
+def _write_all(fd: int, data: bytes | bytearray) -> None:
+    view = memoryview(data)
+    while view:
+        view = view[os.write(fd, view) :]
+
+
+def _discard(state: dict[str, Any], partial: Path, upload: SpooledUpload) -> None:
     if state["fd"] is not None:
         os.close(state["fd"])
         state["fd"] = None
     shutil.rmtree(partial, ignore_errors=True)
+    upload.discard()

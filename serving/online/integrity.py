@@ -10,7 +10,8 @@ from __future__ import annotations
 
 import hashlib
 import warnings
-from pathlib import Path
+from collections.abc import Sequence
+from io import BytesIO
 
 from pydicom import dcmread
 
@@ -20,22 +21,20 @@ from serving.online.pipeline import StudyRequest
 from serving.persistence.results import Provenance
 from serving.persistence.schema import SourceValues, TriggerValues
 
-_CHUNK = 1 << 20
 
-
-def upload_study_uid(folder: Path) -> str | None:
-    """The Study Instance UID the uploaded files of ``folder`` claim (None when none says).
+def upload_study_uid(files: Sequence[bytes]) -> str | None:
+    """The Study Instance UID the uploaded files claim (None when none says).
 
     Only the header up to the UID is parsed (nothing converted, no pixels). A file that is not
     DICOM is left to input QA (it becomes NOT_SCREENED); a UID that is not a DICOM UID, or two
     files naming different studies, is refused: ``InvalidIdentifier`` (HTTP 422), naming no value.
     """
     found: str | None = None
-    for path in sorted(folder.glob("*.dcm")):
+    for data in files:
         try:
             with warnings.catch_warnings():  # pydicom's validation warnings quote the value
                 warnings.simplefilter("ignore")
-                header = dcmread(path, stop_before_pixels=True, specific_tags=["StudyInstanceUID"])
+                header = dcmread(BytesIO(data), stop_before_pixels=True, specific_tags=["StudyInstanceUID"])
                 value = header.get("StudyInstanceUID")
         except Exception:  # not DICOM or truncated: input QA gives the precise reason later  # noqa: S112
             continue
@@ -59,13 +58,11 @@ def request_hash(*parts: str) -> str:
     return digest.hexdigest()
 
 
-def spool_hash(folder: Path, priority: str) -> str:
+def upload_hash(files: Sequence[bytes], priority: str) -> str:
     """``request_hash`` of an upload: its priority and every file's bytes, in order."""
     digest = hashlib.sha256(priority.encode() + b"\x00")
-    for path in sorted(folder.glob("*.dcm")):
-        with path.open("rb") as handle:
-            while chunk := handle.read(_CHUNK):
-                digest.update(chunk)
+    for data in files:
+        digest.update(data)
         digest.update(b"\x00")
     return digest.hexdigest()
 

@@ -33,7 +33,6 @@ import logging
 import shutil
 import threading
 import time
-import uuid
 from collections.abc import Callable, Coroutine, Mapping, Sequence
 from dataclasses import dataclass, field, replace
 from datetime import UTC, datetime, timedelta
@@ -63,10 +62,10 @@ from serving.dicom.dimse import StoreScp, scp_tls_context
 from serving.dicom.seg import build_seg
 from serving.dicom.sources import SearchableSource
 from serving.observability.metrics import ServiceMetrics
-from serving.online.integrity import default_provenance, spool_hash, upload_study_uid
+from serving.online.integrity import default_provenance, upload_hash, upload_study_uid
 from serving.online.orders import FhirOrderPoller, OrderListener
 from serving.online.pipeline import Pipeline, PreparedStudy, StudyRequest
-from serving.online.spool import private_dir, sweep_partials, write_private
+from serving.online.spool import MemoryBudget, SpooledUpload, private_dir, sweep_partials
 from serving.persistence.ids import new_screening_uuid
 from serving.persistence.leases import Leases, holder_is_dead, new_holder, retire_holder
 from serving.persistence.orders import Order, OrderBook, OrderPriorityValues, OrderRecord, OrderStatusValues
@@ -169,6 +168,8 @@ class ScreeningService:
         self.outbox = Outbox(store.target, lease_s=delivery_lease_s) if self.sinks else None
         self._delivery: asyncio.Task[None] | None = None
         self._trim_timer: asyncio.TimerHandle | None = None
+        #: uploads being received are kept in memory while they all fit this (``serving.online.spool``)
+        self.upload_memory = MemoryBudget(settings.upload_memory_bytes)
         self._trims: set[asyncio.Task[bool]] = set()
         self.scp_settings = scp
         self.poller_settings = poller
@@ -891,38 +892,31 @@ class ScreeningService:
     def submit_upload(
         self, files: Sequence[bytes], priority: PriorityValues, *, requested_by: str = SYSTEM_ACTOR
     ) -> str:
-        """Spool uploaded instances to disk first (the Study UID check reads them there), then
-        submit them as ``submit_spooled`` does (kept in the results database, recorded as an
-        upload)."""
+        """Submit uploaded instances as ``submit_spooled`` does (kept in the results database,
+        recorded as an upload)."""
         self.check_admission(priority)
-        spool = private_dir(private_dir(self.settings.spool_dir) / uuid.uuid4().hex)
-        try:
-            for i, data in enumerate(files):
-                write_private(spool / f"{i:05d}.dcm", data)
-            return self.submit_spooled(spool, priority, requested_by=requested_by)
-        except BaseException:
-            shutil.rmtree(spool, ignore_errors=True)
-            raise
+        return self.submit_spooled(SpooledUpload(parts=list(files)), priority, requested_by=requested_by)
 
     def submit_spooled(
         self,
-        folder: Path,
+        upload: SpooledUpload,
         priority: PriorityValues,
         *,
         requested_by: str = SYSTEM_ACTOR,
         idempotency_key: str | None = None,
         audit_action: str | None = None,
     ) -> str:
-        """Submit instances already streamed into a private spool folder (the HTTP upload).
+        """Submit the instances of an upload as received (the HTTP upload: in memory or in a
+        private spool folder).
 
         The files' Study UID is checked (``InvalidIdentifier``) and recorded; the screening is an
         ``upload``: it never replaces or silences the result of the store's copy. The instances
         are kept in the results database with the job (one transaction), so that any ingress on
-        any node can screen it; the folder is removed once they are read. With an
+        any node can screen it; the upload is let go once they are read. With an
         ``idempotency_key`` a retried upload (same files, same priority) answers with the first
         job."""
         job = self._spooled_job(
-            folder, priority, requested_by=requested_by, idempotency_key=idempotency_key, audit_action=audit_action
+            upload, priority, requested_by=requested_by, idempotency_key=idempotency_key, audit_action=audit_action
         )
         job_id = self._enqueue(job)
         assert job_id is not None
@@ -930,31 +924,31 @@ class ScreeningService:
 
     def _spooled_job(
         self,
-        folder: Path,
+        upload: SpooledUpload,
         priority: PriorityValues,
         *,
         requested_by: str,
         idempotency_key: str | None,
         audit_action: str | None,
     ) -> _Job:
-        """The job for an upload's spool folder, its instances read into memory (the folder is
-        removed either way)."""
+        """The job for an upload, its instances in memory (the upload is let go either way)."""
         try:
-            uid = upload_study_uid(folder)
+            files = upload.files()
+            uid = upload_study_uid(files)
             idempotency = (
-                Idempotency(requested_by, idempotency_key, spool_hash(folder, priority.value))
+                Idempotency(requested_by, idempotency_key, upload_hash(files, priority.value))
                 if idempotency_key is not None
                 else None
             )
-            request = StudyRequest(study_instance_uid=uid, files=read_spooled(folder))
         finally:
-            shutil.rmtree(folder, ignore_errors=True)
+            upload.discard()
+        request = StudyRequest(study_instance_uid=uid, files=files)
         provenance = Provenance(SourceValues.UPLOAD, TriggerValues.API, requested_by)
         return self._new_job(request, priority, provenance, idempotency, audit_action=audit_action)
 
     async def admit_upload(
         self,
-        folder: Path,
+        upload: SpooledUpload,
         priority: PriorityValues,
         *,
         requested_by: str = SYSTEM_ACTOR,
@@ -972,7 +966,7 @@ class ScreeningService:
         learns a job id only once the job is durable (ADR 0026)."""
         job = await asyncio.to_thread(
             self._spooled_job,
-            folder,
+            upload,
             priority,
             requested_by=requested_by,
             idempotency_key=idempotency_key,

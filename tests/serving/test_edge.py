@@ -274,11 +274,60 @@ def test_spool_is_private_and_partials_are_swept(tmp_path: Path, predictor: Onnx
     async def chunks() -> Any:
         yield body.read()
 
-    folder, count = asyncio.run(
-        spool_multipart(body.headers["content-type"], chunks(), tmp_path / "buffer", "files", 10)
+    upload = asyncio.run(spool_multipart(body.headers["content-type"], chunks(), tmp_path / "buffer", "files", 10))
+    assert upload.folder is not None  # no memory budget: straight to disk
+    assert upload.count == 1 and stat.S_IMODE(os.stat(upload.folder).st_mode) == 0o700
+    assert [stat.S_IMODE(os.stat(f).st_mode) for f in upload.folder.iterdir()] == [0o600]
+
+
+def test_uploads_stay_in_memory_within_the_budget_and_spill_to_the_spool_past_it(
+    tmp_path: Path, store_dir: Path
+) -> None:
+    """Within ``api.upload_memory_bytes`` an upload is never written to disk only to be read back;
+    past it (counted across every upload being received) the rest streams into a private folder,
+    the parts received so far first. Whatever happens, the budget is handed back."""
+    import asyncio
+
+    import httpx
+
+    from serving.online.edge import UploadError, spool_multipart
+    from serving.online.spool import MemoryBudget
+
+    a, b = (store_dir / "s41.dcm").read_bytes(), (store_dir / "s42.dcm").read_bytes()
+    body = httpx.Request(
+        "POST", "http://x/", files=[("files", ("a.dcm", a, "application/dicom")), ("files", ("b.dcm", b, "x"))]
     )
-    assert count == 1 and stat.S_IMODE(os.stat(folder).st_mode) == 0o700
-    assert [stat.S_IMODE(os.stat(f).st_mode) for f in folder.iterdir()] == [0o600]
+    raw = body.read()
+
+    def receive(budget: MemoryBudget, data: bytes = raw) -> Any:
+        async def chunks() -> Any:
+            for i in range(0, len(data), 65536):  # as a socket delivers it
+                yield data[i : i + 65536]
+
+        return asyncio.run(
+            spool_multipart(body.headers["content-type"], chunks(), tmp_path / "spool", "files", 10, budget)
+        )
+
+    ample = MemoryBudget(10 * len(raw))
+    upload = receive(ample)
+    assert upload.folder is None and upload.files() == (a, b)
+    assert ample.held == len(a) + len(b) and not (tmp_path / "spool").exists()
+    upload.discard()
+    assert ample.held == 0
+
+    tight = MemoryBudget(len(a) + len(b) // 2)  # the second file does not fit
+    upload = receive(tight)
+    assert upload.folder is not None and upload.files() == (a, b)
+    assert sorted(f.name for f in upload.folder.iterdir()) == ["00000.dcm", "00001.dcm"]
+    assert [stat.S_IMODE(os.stat(f).st_mode) for f in upload.folder.iterdir()] == [0o600, 0o600]
+    assert tight.held == 0  # on disk: nothing held in memory
+    upload.discard()
+    assert not upload.folder.exists()
+
+    cut = raw[: len(raw) - 100]  # ends inside the second part
+    with pytest.raises(UploadError):
+        receive(ample, cut)
+    assert ample.held == 0 and list((tmp_path / "spool").iterdir()) == []
 
 
 def test_draining_refuses_new_work_with_retry_after_and_finishes_running_work(
