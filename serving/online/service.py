@@ -28,6 +28,7 @@ threads in this process; ``serving.rayserve.app`` provides one that calls Ray Se
 from __future__ import annotations
 
 import asyncio
+import collections
 import hashlib
 import logging
 import shutil
@@ -103,6 +104,16 @@ class _Job:
     upload: tuple[bytes, ...] = ()  # instances to keep in the database at admission (then dropped here)
     kept: bool = False  # its instances are in the results database (``uploads``), read when it runs
     attempts: int = 1  # claims so far, this one included
+
+
+@dataclass(eq=False)
+class _SlotWaiter:
+    """An upload waiting for a screening slot until ``deadline`` (``admit_upload``)."""
+
+    job: _Job
+    deadline: float
+    started: asyncio.Future[None]
+    answer: asyncio.Future[str] | None = None
 
 
 @dataclass(frozen=True)
@@ -191,6 +202,10 @@ class ScreeningService:
             PriorityValues.ROUTINE: settings.max_queued_routine,
         }
         self._handing: dict[PriorityValues, int] = dict.fromkeys(PriorityValues, 0)
+        #: uploads whose clients wait, held in memory until a slot frees up (``admit_upload``)
+        self._slot_waiters: dict[PriorityValues, collections.deque[_SlotWaiter]] = {
+            p: collections.deque() for p in PriorityValues
+        }
         self._slots = threading.Lock()
         self._running: set[str] = set()  # job ids being screened now (never persisted as such)
         self._loop_thread: int | None = None
@@ -289,6 +304,11 @@ class ScreeningService:
             task.cancel()
         if self._dispatcher:
             self._dispatcher.cancel()
+        for waiters in self._slot_waiters.values():  # uploads not admitted: their clients get a 503 now
+            while waiters:
+                waiter = waiters.popleft()
+                if not waiter.started.done():
+                    waiter.started.set_exception(ServiceDraining())
         queued: list[str] = []
         for queue in self._queues.values():  # queued jobs run later, here or elsewhere: answer their waiters now
             while not queue.empty():
@@ -548,7 +568,8 @@ class ScreeningService:
         if self._draining:
             raise ServiceDraining()
         with self._slots:
-            full = self._queues[priority].qsize() + self._handing[priority] >= self._capacity[priority]
+            queued = self._queues[priority].qsize() + self._handing[priority] + len(self._slot_waiters[priority])
+            full = queued >= self._capacity[priority]
         if full:
             self.metrics.rejected.labels(priority.value).inc()
             raise QueueFull(f"{priority.value} queue is full", retry_after_s=1)
@@ -915,9 +936,12 @@ class ScreeningService:
         any node can screen it; the upload is let go once they are read. With an
         ``idempotency_key`` a retried upload (same files, same priority) answers with the first
         job."""
-        job = self._spooled_job(
-            upload, priority, requested_by=requested_by, idempotency_key=idempotency_key, audit_action=audit_action
-        )
+        try:
+            job = self._spooled_job(
+                upload, priority, requested_by=requested_by, idempotency_key=idempotency_key, audit_action=audit_action
+            )
+        finally:
+            upload.discard()
         job_id = self._enqueue(job)
         assert job_id is not None
         return job_id
@@ -931,17 +955,14 @@ class ScreeningService:
         idempotency_key: str | None,
         audit_action: str | None,
     ) -> _Job:
-        """The job for an upload, its instances in memory (the upload is let go either way)."""
-        try:
-            files = upload.files()
-            uid = upload_study_uid(files)
-            idempotency = (
-                Idempotency(requested_by, idempotency_key, upload_hash(files, priority.value))
-                if idempotency_key is not None
-                else None
-            )
-        finally:
-            upload.discard()
+        """The job for an upload, its instances read into memory (the caller lets the upload go)."""
+        files = upload.files()
+        uid = upload_study_uid(files)
+        idempotency = (
+            Idempotency(requested_by, idempotency_key, upload_hash(files, priority.value))
+            if idempotency_key is not None
+            else None
+        )
         request = StudyRequest(study_instance_uid=uid, files=files)
         provenance = Provenance(SourceValues.UPLOAD, TriggerValues.API, requested_by)
         return self._new_job(request, priority, provenance, idempotency, audit_action=audit_action)
@@ -958,48 +979,90 @@ class ScreeningService:
     ) -> str:
         """Admit an upload (as ``submit_spooled``) and return its job id once the job is durable.
 
-        With ``screen_within_s`` > 0 (a caller that waits for the result) and a screening slot
-        free now (nothing queued), the upload is screened first, from memory: a screening that
-        ends within ``screen_within_s`` is committed with its admission in one transaction (one
-        durable commit, its instances never written to the database); a longer one is admitted
-        then (claimed here, its instances kept, as any job) and goes on. Either way the caller
-        learns a job id only once the job is durable (ADR 0026)."""
-        job = await asyncio.to_thread(
-            self._spooled_job,
-            upload,
-            priority,
-            requested_by=requested_by,
-            idempotency_key=idempotency_key,
-            audit_action=audit_action,
-        )
-        if screen_within_s > 0 and self._can_screen_now(priority):
-            if job.idempotency is not None:  # a retry of a finished upload is not screened again
-                seen = await asyncio.to_thread(self.store.idempotent_job, job.idempotency)
-                if seen is not None:
-                    return seen
-            if self._can_screen_now(priority):  # still, after that read
-                return await self._screen_then_admit(job, screen_within_s)
+        With ``screen_within_s`` > 0 (a caller that waits for the result) the upload is screened
+        first, from memory, in a screening slot: at once when one is free and nothing waits for
+        one; else, when it was received in memory (``api.upload_memory_bytes``, still held),
+        as soon as one frees up (admitted jobs first, stat before routine) within
+        ``screen_within_s``. A screening that ends within ``screen_within_s`` of the upload is
+        committed with its admission in one transaction (one durable commit, its instances never
+        written to the database); a longer one is admitted then (claimed here, its instances
+        kept) and goes on; an upload still without a slot then is admitted and queued as any.
+        Either way the caller learns a job id only once the job is durable (ADR 0026)."""
+        arrived = time.monotonic()
+        try:
+            job = await asyncio.to_thread(
+                self._spooled_job,
+                upload,
+                priority,
+                requested_by=requested_by,
+                idempotency_key=idempotency_key,
+                audit_action=audit_action,
+            )
+            if screen_within_s > 0 and not self._draining:
+                if job.idempotency is not None:  # a retry of a finished upload is not screened again
+                    seen = await asyncio.to_thread(self.store.idempotent_job, job.idempotency)
+                    if seen is not None:
+                        return seen
+                if self._can_screen_now(priority):
+                    return await self._screen_then_admit(job, screen_within_s)
+                if upload.folder is None:  # held in memory within the budget: it may wait for a slot
+                    taken = await self._wait_for_slot(job, arrived + screen_within_s)
+                    if taken is not None:
+                        return await taken
+        finally:
+            upload.discard()
         job_id = await asyncio.to_thread(self._enqueue, job)
         assert job_id is not None
         return job_id
 
     def _can_screen_now(self, priority: PriorityValues) -> bool:
-        """A slot is free for ``priority`` and no admitted job waits for one (it goes first)."""
+        """A slot is free for ``priority`` and nothing that goes first waits for one: admitted
+        jobs, and uploads waiting for a slot (stat ones, and for routine any)."""
         if self._draining:
             return False
         with self._slots:
             waiting = any(not q.empty() for q in self._queues.values()) or any(self._handing.values())
+        waiting = waiting or bool(self._slot_waiters[PriorityValues.STAT])
+        if priority == PriorityValues.ROUTINE:
+            waiting = waiting or bool(self._slot_waiters[PriorityValues.ROUTINE])
+        return not waiting and len(self._inflight) < self._room(priority)
+
+    def _room(self, priority: PriorityValues) -> int:
         limit = self.settings.max_inflight
-        room = limit if priority == PriorityValues.STAT else max(1, limit - 1)  # as ``_next_job``
-        return not waiting and len(self._inflight) < room
+        return limit if priority == PriorityValues.STAT else max(1, limit - 1)  # as ``_next_job``
+
+    async def _wait_for_slot(self, job: _Job, deadline: float) -> asyncio.Future[str] | None:
+        """Wait (until ``deadline``) for the dispatcher to start ``job``'s screening in a slot;
+        returns the future of its job id, or None when the deadline came first or the queue is
+        full (the caller admits it then)."""
+        waiters = self._slot_waiters[job.priority]
+        with self._slots:
+            queued = self._queues[job.priority].qsize() + self._handing[job.priority] + len(waiters)
+        if queued >= self._capacity[job.priority]:
+            return None  # ``_enqueue`` refuses it with the queue's own answer (503)
+        waiter = _SlotWaiter(job, deadline, asyncio.get_running_loop().create_future())
+        waiters.append(waiter)
+        self._wakeup.set()
+        try:
+            await asyncio.wait_for(asyncio.shield(waiter.started), timeout=max(0.0, deadline - time.monotonic()))
+        except TimeoutError:
+            pass
+        finally:
+            if waiter in waiters:  # not started: nothing of it ran
+                waiters.remove(waiter)
+        return waiter.answer if waiter.started.done() else None
 
     async def _screen_then_admit(self, job: _Job, within_s: float) -> str:
+        # shielded: a client that goes away does not stop the screening or its commit
+        return await asyncio.shield(self._start_screen_first(job, within_s))
+
+    def _start_screen_first(self, job: _Job, within_s: float) -> asyncio.Future[str]:
+        """Start ``_screen_first`` in a slot; returns the future of the job id it answers with."""
         answer: asyncio.Future[str] = asyncio.get_running_loop().create_future()
         task = asyncio.create_task(self._screen_first(job, within_s, answer))
         self._inflight.add(task)  # counted against ``max_inflight``; ``drain`` waits for it
         task.add_done_callback(self._finished)
-        # shielded: a client that goes away does not stop the screening or its commit
-        return await asyncio.shield(answer)
+        return answer
 
     async def _screen_first(self, job: _Job, within_s: float, answer: asyncio.Future[str]) -> None:
         screening = asyncio.ensure_future(self._screen_to_end(job))
@@ -1066,10 +1129,24 @@ class ScreeningService:
             return routine.get_nowait()
         return None
 
+    def _next_waiter(self) -> _SlotWaiter | None:
+        """An upload waiting for a slot (stat first), when no admitted job needs the free slot."""
+        for priority in (PriorityValues.STAT, PriorityValues.ROUTINE):
+            waiters = self._slot_waiters[priority]
+            if waiters and len(self._inflight) < self._room(priority):
+                return waiters.popleft()
+        return None
+
     async def _dispatch(self) -> None:
         while True:
             job = self._next_job()
             if job is None:
+                waiter = self._next_waiter()
+                if waiter is not None:  # its screening starts in the slot, its caller learns the id
+                    left = waiter.deadline - time.monotonic()
+                    waiter.answer = self._start_screen_first(waiter.job, max(left, 0.001))
+                    waiter.started.set_result(None)
+                    continue
                 self._wakeup.clear()
                 await self._wakeup.wait()
                 continue

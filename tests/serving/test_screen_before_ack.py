@@ -10,6 +10,7 @@ import threading
 from pathlib import Path
 
 import httpx
+import pydicom
 
 from models.predictor import OnnxPredictor
 from serving.persistence.results import ResultsStore
@@ -144,3 +145,53 @@ def test_waited_uploads_beyond_the_free_slots_queue_as_before(
         first.join(30)
         assert answers["s41"].json()["status"] == "DONE"
         assert wait_for(client, queued.json()["screening_id"])["status"] == "DONE"
+
+
+def test_a_waiting_upload_takes_the_next_free_slot_and_stat_passes_it(
+    tmp_path: Path, predictor: OnnxPredictor, store_dir: Path
+) -> None:
+    """With every routine slot busy, a waiting client's upload stays in memory and is screened in
+    the next slot that frees up within ``api.screen_before_ack_s`` (still one commit, nothing
+    kept in the database); a stat upload takes the slot kept for stat at once, ahead of it."""
+    db = tmp_path / "results.sqlite3"
+    counting_uploads(db)
+    with running(tmp_path, predictor, store_dir, gate=True, db=db, max_inflight=2, screen_before_ack_s=20) as (
+        client,
+        pipe,
+    ):
+        answers: dict[str, httpx.Response] = {}
+
+        def send(name: str, **params: object) -> threading.Thread:
+            def go() -> None:
+                answers[name] = upload(client, store_dir / f"{name}.dcm", wait=30, **params)
+
+            thread = threading.Thread(target=go)
+            thread.start()
+            return thread
+
+        def screened(n: int) -> None:
+            for _ in range(500):
+                if len(pipe().order) >= n:
+                    return
+                threading.Event().wait(0.01)
+            raise AssertionError(f"{n} screenings expected, saw {pipe().order}")
+
+        threads = [send("s41")]
+        screened(1)  # s41 holds the one routine slot
+        threads.append(send("s42"))  # waits for a slot, in memory
+        threading.Event().wait(0.3)
+        threads.append(send("s43", priority="stat"))
+        screened(2)
+        uid = {
+            name: str(pydicom.dcmread(store_dir / f"{name}.dcm", stop_before_pixels=True).StudyInstanceUID)
+            for name in ("s41", "s42", "s43")
+        }
+        assert pipe().order == [uid["s41"], uid["s43"]]  # stat went past the waiting routine upload
+        assert query(db, "SELECT COUNT(*) FROM jobs") == [(0,)]  # nothing admitted yet: all in memory
+        client.portal.call(pipe().gate.set)  # type: ignore[union-attr]
+        for thread in threads:
+            thread.join(30)
+        assert pipe().order == [uid["s41"], uid["s43"], uid["s42"]]
+        assert {answers[n].json()["status"] for n in ("s41", "s42", "s43")} == {"DONE"}
+    assert query(db, "SELECT COUNT(*) FROM kept") == [(0,)]  # each one commit, no instances kept
+    assert query(db, "SELECT COUNT(*) FROM jobs WHERE status = 'DONE'") == [(3,)]
