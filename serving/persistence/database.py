@@ -19,7 +19,9 @@ exception type: SQLAlchemy's own messages quote statements, parameters (UIDs) an
 
 from __future__ import annotations
 
+import contextlib
 import sqlite3
+import threading
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -120,6 +122,10 @@ class Database:
         self.target = target
         self.engine = make_engine(target)
         self.dialect: Dialect = "postgresql" if self.engine.dialect.name == "postgresql" else "sqlite"
+        #: SQLite has one writer at a time; this process's writers queue here, each woken the
+        #: moment the last one commits, rather than in SQLite's busy handler, which sleeps 1 to
+        #: 100 ms between tries (writers in other processes still meet it)
+        self._writer = threading.RLock() if self.dialect == "sqlite" else None
 
     @contextmanager
     def read(self) -> Iterator[Connection]:
@@ -135,6 +141,12 @@ class Database:
 
     @contextmanager
     def _transaction(self, *, write: bool) -> Iterator[Connection]:
+        with self._writer if write and self._writer is not None else contextlib.nullcontext():
+            with self._connected(write=write) as conn:
+                yield conn
+
+    @contextmanager
+    def _connected(self, *, write: bool) -> Iterator[Connection]:
         try:
             with self.engine.connect() as conn:
                 if write:
