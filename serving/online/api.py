@@ -266,6 +266,9 @@ def create_api(
         if wait <= 0:
             response.headers.update(where)
             return _job_view(svc, job_id)
+        if svc.ended_here(job_id):  # screened before its admission, or a moment ago: one answer
+            view = await asyncio.to_thread(_job_view, svc, job_id)
+            return Response(view.model_dump_json(), status_code=202, media_type="application/json", headers=where)
 
         async def body() -> AsyncIterator[bytes]:
             await svc.wait_for(job_id, min(wait, 60.0))

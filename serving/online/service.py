@@ -1197,6 +1197,10 @@ class ScreeningService:
                 continue
             return
 
+    def ended_here(self, job_id: str) -> bool:
+        """This instance committed the job's end (DONE or FAILED) a moment ago."""
+        return job_id in self._ended
+
     def _ended_here(self, job_id: str) -> None:
         """The job's end (DONE or FAILED) is committed: its waiters need not read it back."""
         self._ended[job_id] = None
