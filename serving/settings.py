@@ -478,10 +478,14 @@ class ServeSettings(_Strict):
 
 
 class BatchSettings(_Strict):
-    """Batch jobs on Ray Data (ADR 0009): ``auto`` is staged with a GPU, fused on CPU."""
+    """Batch jobs: a process pool on one CPU-only machine, Ray Data on a cluster or a GPU node
+    (ADR 0009, 0027); on Ray ``topology`` ``auto`` is staged with a GPU, fused on CPU."""
 
+    #: ``auto``: ``local`` (a process pool here) for a job that would start its own one-node Ray
+    #: on a CPU-only machine, else ``ray`` (a cluster address, a Ray already running, a GPU)
+    runtime: Literal["auto", "ray", "local"] = "auto"
     topology: Literal["auto", "staged", "fused"] = "auto"
-    #: fused actors (default: one per CPU of the cluster)
+    #: fused actors, or local pool workers (default: one per CPU of the cluster or machine)
     workers: int | None = Field(default=None, ge=1)
     #: the driver's node reads every input file and ships its bytes through Ray's object store
     #: (ADR 0020); a larger file is NOT_SCREENED IMAGE_TOO_LARGE without being read

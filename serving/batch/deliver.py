@@ -15,14 +15,14 @@ import logging
 import time
 from collections.abc import Mapping, Sequence
 
-from models.errors import InferenceFailed
+from models.errors import InferenceFailed, ResultsConflict
 from models.results import OutcomeValues, ScreeningResult
 from serving.core.screening import ModelOutputs, PreparedImage, StudyScreener
 from serving.delivery.worker import OutboxWorker, Sink
 from serving.dicom.seg import build_seg
 from serving.persistence.ids import new_screening_uuid
 from serving.persistence.outbox import Outbox
-from serving.persistence.results import Provenance, ResultsStore
+from serving.persistence.results import Finished, Provenance, ResultsStore
 from serving.settings import DELIVERY_LEASE_S
 
 logger = logging.getLogger(__name__)
@@ -46,20 +46,23 @@ def record_for_delivery(
     sinks: Mapping[str, Sink],
     screener: StudyScreener,
     job_id: str | None = None,
-) -> int:
-    """Commit the result, its evidence headers (and SEG when results go back to the PACS) and
-    its outbox rows together; returns the screening's row id.
+) -> None:
+    """Commit the job, the result, its evidence headers (and SEG when results go back to the
+    PACS) and its outbox rows together: one durable commit.
 
     With ``job_id`` (the ledger's, stable across reruns) it is idempotent: a job already DONE
     keeps its one result and outbox rows (a rerun after a crash that came between this commit
     and the ledger's)."""
     job_id = job_id or new_screening_uuid()
-    if store.job(job_id) is None:
-        store.add_job(job_id, "routine", result.study_instance_uid or None, None, provenance=provenance)
     evidence = [image.header for image, _ in paired if image.header is not None]
     if "dicom-sr" in sinks:  # masks exist only now: their SEG travels with the evidence
         evidence += build_seg(result, paired, screener.loaded)
-    return store.finish_job(job_id, result, evidence=evidence, sinks=sinks_for(result, sinks))
+    finished = Finished(result, evidence, sinks_for(result, sinks))
+    uid = result.study_instance_uid or None
+    try:
+        store.add_job(job_id, "routine", uid, None, provenance=provenance, finished=finished)
+    except ResultsConflict:  # the job exists (a rerun): finish it, or find it finished, once
+        store.finish_job(job_id, result, evidence=evidence, sinks=finished.sinks)
 
 
 def deliver_pending(

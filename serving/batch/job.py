@@ -1,4 +1,6 @@
-"""Batch screening jobs: thousands of archived studies at full machine speed, on Ray Data.
+"""Batch screening jobs: thousands of archived studies at full machine speed: on one CPU-only
+machine in a process pool (``batch.runtime: auto``/``local``, ADR 0027), on a cluster or a GPU
+node on Ray Data (what follows; ``ray``). Both run the same stages on the same rows.
 
     plan (headers only, grouped by study) -> skip what the ledger says is done
     -> read: the driver's node reads the files; their bytes travel in Ray's object store (ADR 0020)
@@ -26,6 +28,7 @@ import json
 import logging
 import os
 import pickle  # nosec: rows are this job's own objects passed between its own actors
+import sys
 import time
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
@@ -119,14 +122,15 @@ def read_inputs(batch: dict[str, np.ndarray], *, max_file_bytes: int) -> dict[st
 
 
 def _node_id() -> str:
-    """The Ray node this process runs on ("" outside Ray)."""
-    import ray
-
-    return str(ray.get_runtime_context().get_node_id()) if ray.is_initialized() else ""
+    """The Ray node this process runs on ("" outside Ray: never imports it)."""
+    ray = sys.modules.get("ray")
+    return str(ray.get_runtime_context().get_node_id()) if ray is not None and ray.is_initialized() else ""
 
 
 def _receive(models: Sequence[Any]) -> list[ShippedModel]:
     """The shipped versions, from object references (actors) or as they are (in-process)."""
+    if all(isinstance(m, ShippedModel) for m in models):
+        return list(models)
     import ray
 
     return [m if isinstance(m, ShippedModel) else ray.get(m) for m in models]
@@ -316,28 +320,16 @@ def run_batch_job(
             sinks (FHIR, HL7, DICOM store-back), as the online service does
             (``serving.batch.deliver``); then deliver for up to ``deliver_timeout_s``.
     """
-    import ray
-
     settings = Settings.load(settings_path)
     # one exact version per model, resolved once here: the actors load these bytes (ADR 0020)
     resolved = [resolve(m.id, m.version) for m in settings.models]
     shipped = [pack(one) for one in resolved]
     expected_models = json.dumps(sorted(identity_of(one) for one in resolved))
-    topology, workers, batch_size = settings.batch.topology, settings.batch.workers, settings.screening.batch_size
     ledger = Ledger(out_dir / "ledger.sqlite3")
     planned = plan_studies(inputs) + plan_from_store(study_uids or [])
     done = ledger.done()
     fetched = {s.key for s in planned if not s.files}  # studies the job fetches from the store
     todo = [s for s in planned if s.key not in done]
-    started_ray = False
-    if not ray.is_initialized():
-        ray.init(address=address, include_dashboard=False, logging_level=logging.WARNING, log_to_driver=False)
-        started_ray = True
-    ctx = ray.data.DataContext.get_current()
-    ctx.enable_progress_bars = False
-    ctx.verbose_stats_logs = False
-    models = [ray.put(one) for one in shipped]
-    del shipped
     screener = StudyScreener([], manifests=resolved, **screener_options(settings))
     store = None
     if save_to_results_store:
@@ -345,47 +337,28 @@ def run_batch_job(
 
         store = ResultsStore(settings.results.target)
     sinks = build_sinks(settings) if deliver and store is not None else {}
+    runtime = choose_runtime(settings.batch.runtime, address)
+    batches: Iterator[dict[str, np.ndarray]] = iter(())
     start = time.perf_counter()
     finished = 0
     nodes: dict[str, int] = {}
     try:
         if todo:
             rows = [{"study": s.key, "files": json.dumps([str(p) for p in s.files])} for s in todo]
-            blocks = max(1, -(-len(rows) // batch_size))
-            ds = ray.data.from_items(rows, override_num_blocks=blocks)
-            if not (started_ray and address is None):
-                ds = _read_on_this_node(ds, settings.batch.max_file_bytes, blocks)
-            # else this process's own one-node cluster: the actors read the files (same node,
-            # same disk), saving the read tasks' worker processes and a copy of every file
-            # through the object store (scripts/bench_batch_peers.py measured it)
-            chosen = choose_topology(topology)
-            if chosen == "fused":
-                cpus = float(ray.cluster_resources().get("CPU", 1.0))
-                size = min(workers or max(1, int(cpus)), blocks)  # no idle actors on a small job
-                ds = ds.map_batches(
-                    PrepareAndInferStage,
-                    fn_constructor_args=(settings, models, infer_threads or 1),
-                    batch_size=batch_size,
-                    compute=ray.data.ActorPoolStrategy(size=size),
-                    num_cpus=min(1.0, cpus / size),
-                )
+            if runtime == "local":
+                batches = _local_batches(rows, settings, shipped)
             else:
-                ds = ds.map_batches(
-                    PrepareStage,
-                    fn_constructor_args=(settings, models),
-                    batch_size=batch_size,
-                    compute=ray.data.ActorPoolStrategy(size=prepare_actors),
-                    num_cpus=0.5,
+                batches = _ray_batches(
+                    rows,
+                    settings,
+                    shipped,
+                    address=address,
+                    prepare_actors=prepare_actors,
+                    infer_actors=infer_actors,
+                    infer_threads=infer_threads,
                 )
-                ds = ds.map_batches(
-                    InferStage,
-                    fn_constructor_args=(settings, models, infer_threads),
-                    batch_size=batch_size,
-                    compute=ray.data.ActorPoolStrategy(size=infer_actors),
-                    num_cpus=1,
-                    num_gpus=1 if cuda_device_count() > 0 else 0,
-                )
-            for batch in _iter(ds):
+            del shipped
+            for batch in batches:
                 rows_out = zip(
                     batch["study"], batch["paired"], batch["error"], batch["models"], batch["node"], strict=True
                 )
@@ -433,10 +406,11 @@ def run_batch_job(
             pending, dead = deliver_pending(store, sinks, deliver_timeout_s, settings.results.delivery_lease_s)
             if pending or dead:
                 logger.warning("%d deliveries still pending, %d dead (dxassist outbox status)", pending, dead)
+        close = getattr(batches, "close", None)
+        if close is not None:
+            close()  # an interrupted job: its workers stop (and a Ray it started)
         if store is not None:
             store.close()
-        if started_ray:
-            ray.shutdown()
     results = [r for _, r in ledger.results()]
     errors = ledger.errors()
     ledger.close()
@@ -455,6 +429,144 @@ def run_batch_job(
 
 class _Stop(Exception):
     pass
+
+
+Runtime = Literal["auto", "ray", "local"]
+
+
+def choose_runtime(runtime: Runtime, address: str | None) -> Literal["ray", "local"]:
+    """``auto``: a process pool on this machine when the job would start its own one-node Ray
+    on a CPU-only node (no ``address``, no Ray running here, no CUDA device), else Ray Data
+    (ADR 0027)."""
+    if runtime != "auto":
+        return runtime
+    ray_running = "ray" in sys.modules and sys.modules["ray"].is_initialized()
+    return "local" if address is None and not ray_running and cuda_device_count() == 0 else "ray"
+
+
+_LOCAL_STAGE: PrepareAndInferStage | None = None
+
+
+def _local_worker_init(settings: Settings, models_file: str) -> None:
+    global _LOCAL_STAGE
+    with open(models_file, "rb") as fh:
+        models = pickle.load(fh)  # noqa: S301 - written by this job's driver, in its private folder
+    _LOCAL_STAGE = PrepareAndInferStage(settings, models, 1)
+
+
+def _local_worker_run(rows: list[dict[str, str]]) -> dict[str, np.ndarray]:
+    assert _LOCAL_STAGE is not None
+    return _LOCAL_STAGE(
+        {
+            "study": np.array([r["study"] for r in rows], dtype=object),
+            "files": np.array([r["files"] for r in rows], dtype=object),
+        }
+    )
+
+
+def _local_batches(
+    rows: list[dict[str, str]], settings: Settings, models: list[ShippedModel]
+) -> Iterator[dict[str, np.ndarray]]:
+    """The fused stage (``PrepareAndInferStage``) in a pool of worker processes on this machine,
+    one per core (``batch.workers``), each with one ORT thread and the driver's model bytes;
+    ``screening.batch_size`` studies per task, at most two tasks per worker in flight, answers
+    in order. The same stage, reads and typed errors as on Ray, without Ray's start-up, its own
+    processes and its object store (ADR 0027)."""
+    import multiprocessing
+    import shutil
+    import tempfile
+    from collections import deque
+    from concurrent.futures import Future, ProcessPoolExecutor
+
+    size = settings.screening.batch_size
+    chunks = [rows[i : i + size] for i in range(0, len(rows), size)]
+    workers = min(settings.batch.workers or max(1, os.cpu_count() or 1), len(chunks))
+    # the model bytes reach the workers through a private file, not their start-up pipe: a large
+    # message there blocks until each worker has started, so they would start one after another
+    folder = Path(tempfile.mkdtemp(prefix="dxassist-batch-"))  # 0700
+    models_file = folder / "models.pickle"
+    with open(os.open(models_file, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600), "wb") as fh:
+        pickle.dump(models, fh)
+    pool = ProcessPoolExecutor(
+        max_workers=workers,
+        mp_context=multiprocessing.get_context("spawn"),  # a fresh interpreter: no inherited threads or locks
+        initializer=_local_worker_init,
+        initargs=(settings, str(models_file)),
+    )
+    pending: deque[Future[dict[str, np.ndarray]]] = deque()
+    try:
+        for chunk in chunks:
+            pending.append(pool.submit(_local_worker_run, chunk))
+            if len(pending) >= 2 * workers:
+                yield pending.popleft().result()
+        while pending:
+            yield pending.popleft().result()
+    finally:
+        pool.shutdown(wait=True, cancel_futures=True)
+        shutil.rmtree(folder, ignore_errors=True)
+
+
+def _ray_batches(
+    rows: list[dict[str, str]],
+    settings: Settings,
+    shipped: list[ShippedModel],
+    *,
+    address: str | None,
+    prepare_actors: int,
+    infer_actors: int,
+    infer_threads: int | None,
+) -> Iterator[dict[str, np.ndarray]]:
+    """The job's rows through Ray Data (ADR 0009, 0020), on the cluster at ``address`` or a Ray
+    already running here, else a one-node Ray started (and stopped) here."""
+    import ray
+
+    started_ray = False
+    if not ray.is_initialized():
+        ray.init(address=address, include_dashboard=False, logging_level=logging.WARNING, log_to_driver=False)
+        started_ray = True
+    try:
+        ctx = ray.data.DataContext.get_current()
+        ctx.enable_progress_bars = False
+        ctx.verbose_stats_logs = False
+        models = [ray.put(one) for one in shipped]
+        batch_size, workers = settings.screening.batch_size, settings.batch.workers
+        blocks = max(1, -(-len(rows) // batch_size))
+        ds = ray.data.from_items(rows, override_num_blocks=blocks)
+        if not (started_ray and address is None):
+            ds = _read_on_this_node(ds, settings.batch.max_file_bytes, blocks)
+        # else this process's own one-node cluster: the actors read the files (same node,
+        # same disk), saving the read tasks' worker processes and a copy of every file
+        # through the object store (scripts/bench_batch_peers.py measured it)
+        if choose_topology(settings.batch.topology) == "fused":
+            cpus = float(ray.cluster_resources().get("CPU", 1.0))
+            size = min(workers or max(1, int(cpus)), blocks)  # no idle actors on a small job
+            ds = ds.map_batches(
+                PrepareAndInferStage,
+                fn_constructor_args=(settings, models, infer_threads or 1),
+                batch_size=batch_size,
+                compute=ray.data.ActorPoolStrategy(size=size),
+                num_cpus=min(1.0, cpus / size),
+            )
+        else:
+            ds = ds.map_batches(
+                PrepareStage,
+                fn_constructor_args=(settings, models),
+                batch_size=batch_size,
+                compute=ray.data.ActorPoolStrategy(size=prepare_actors),
+                num_cpus=0.5,
+            )
+            ds = ds.map_batches(
+                InferStage,
+                fn_constructor_args=(settings, models, infer_threads),
+                batch_size=batch_size,
+                compute=ray.data.ActorPoolStrategy(size=infer_actors),
+                num_cpus=1,
+                num_gpus=1 if cuda_device_count() > 0 else 0,
+            )
+        yield from _iter(ds)
+    finally:
+        if started_ray:
+            ray.shutdown()
 
 
 def _read_on_this_node(ds: Any, max_file_bytes: int, blocks: int) -> Any:

@@ -234,3 +234,38 @@ def test_single_node_prepare_actor_reads_its_rows_files(archive: tuple[Path, Pat
     assert out["error"][0] == ""
     assert pickle.loads(out["prepared"][1]) == []
     assert out["error"][1].startswith("InputUnreadable:") and "gone" not in out["error"][1]
+
+
+def test_local_runtime_resumes_and_equals_the_online_path(archive: tuple[Path, Path], tmp_path: Path) -> None:
+    """``batch.runtime: local`` (a process pool on this machine, no Ray): the same stage, the same
+    results as the online path, the same ledger: an interrupted job resumes without redoing work
+    and nothing is recorded twice (ADR 0027)."""
+    folder, settings = archive
+    chosen = tmp_path / "local.yaml"
+    chosen.write_text(settings.read_text() + "\nbatch:\n  runtime: local\n  workers: 2\n")
+    out = tmp_path / "job"
+    first = run_batch_job([folder], out, settings_path=str(chosen), stop_after=4)
+    assert first.planned == 9 and first.screened_now == 4
+    second = run_batch_job([folder], out, settings_path=str(chosen))
+    assert second.skipped == 4 and second.screened_now == 5
+    assert set(second.nodes) == {""}  # no Ray node: the pool ran it
+    assert ResultsStore(tmp_path / "results.sqlite3").count() == 9
+    screener = StudyScreener([OnnxPredictor(resolve("cxr-triage"), providers="cpu")], study_ref_key=b"batch-test-key")
+    online = {r.study_instance_uid: r for r in screen_paths(screener, sorted(folder.glob("cxr_*.dcm")))}
+    batch = {r.study_instance_uid: r for r in second.results if r.study_instance_uid}
+    assert batch.keys() == online.keys()
+    for uid, r in batch.items():
+        assert [f.score for f in r.findings] == pytest.approx([f.score for f in online[uid].findings], abs=1e-4)
+        assert (r.study_ref, r.patient_id) == (online[uid].study_ref, online[uid].patient_id)
+    assert [r.reason for r in second.results if not r.study_instance_uid] == ["NOT_DICOM"]
+
+
+def test_runtime_auto_pools_a_one_machine_cpu_job_and_leaves_clusters_to_ray(monkeypatch: pytest.MonkeyPatch) -> None:
+    import serving.batch.job as job
+
+    monkeypatch.setattr(job, "cuda_device_count", lambda: 0)
+    assert job.choose_runtime("auto", None) == "local"
+    assert job.choose_runtime("auto", "ray://head:10001") == "ray"
+    assert job.choose_runtime("ray", None) == "ray" and job.choose_runtime("local", "x") == "local"
+    monkeypatch.setattr(job, "cuda_device_count", lambda: 1)  # a GPU: the staged topology on Ray
+    assert job.choose_runtime("auto", None) == "ray"
