@@ -647,24 +647,14 @@ class ScreeningService:
         Idempotency-Key, or for a study already queued from the store (one dedupe key for SCP,
         webhook, poller and API). Raises ``QueueFull``, ``ServiceDraining``,
         ``IdempotencyKeyReused``."""
-        job_id, _created = self._submit(request, priority, provenance, idempotency, audit_action=audit_action)
+        job_id, _created = self._submit(
+            self._new_job(request, priority, provenance, idempotency, audit_action=audit_action)
+        )
         assert job_id is not None  # only automatic submissions can find nothing to do
         return job_id
 
-    def _submit(
-        self,
-        request: StudyRequest,
-        priority: PriorityValues,
-        provenance: Provenance | None,
-        idempotency: Idempotency | None = None,
-        *,
-        unless_screened: bool = False,
-        audit_action: str | None = None,
-    ) -> tuple[str | None, bool]:
-        """(answering job id, whether it is a new job)."""
-        job = self._new_job(
-            request, priority, provenance, idempotency, unless_screened=unless_screened, audit_action=audit_action
-        )
+    def _submit(self, job: _Job) -> tuple[str | None, bool]:
+        """Admit ``job`` (``_new_job``): (answering job id, whether it is a new job)."""
         job_id = self._enqueue(job)
         return job_id, job_id == job.id
 
@@ -712,11 +702,13 @@ class ScreeningService:
             return None
         provenance = Provenance(SourceValues.PACS_FETCH, TriggerValues(trigger), requested_by)
         job_id, created = self._submit(
-            StudyRequest(study_instance_uid=study_instance_uid),
-            priority or self.order_priority(study_instance_uid),
-            provenance,
-            unless_screened=True,
-            audit_action=audit_action,
+            self._new_job(
+                StudyRequest(study_instance_uid=study_instance_uid),
+                priority or self.order_priority(study_instance_uid),
+                provenance,
+                unless_screened=True,
+                audit_action=audit_action,
+            )
         )
         self.metrics.triggers.labels(trigger, "submitted" if created else "duplicate").inc()
         return job_id if created else None
@@ -738,10 +730,12 @@ class ScreeningService:
                 return True
             try:  # saved WITH its Study UID: the poller and the webhook see it queued
                 _job_id, created = self._submit(
-                    StudyRequest(study_instance_uid=study_instance_uid, files=files),
-                    priority,
-                    Provenance(SourceValues.SCP_PUSH, TriggerValues.SCP),
-                    unless_screened=True,
+                    self._new_job(
+                        StudyRequest(study_instance_uid=study_instance_uid, files=files),
+                        priority,
+                        Provenance(SourceValues.SCP_PUSH, TriggerValues.SCP),
+                        unless_screened=True,
+                    )
                 )
             except (QueueFull, ServiceDraining, ResultsDatabaseError):
                 self.metrics.triggers.labels("c-store", "refused").inc()  # offered again later
