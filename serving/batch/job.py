@@ -402,15 +402,17 @@ def run_batch_job(
         logger.info("batch job stopped after %d studies (resumable)", finished)
     finally:
         elapsed = time.perf_counter() - start
-        if sinks and store is not None:
-            pending, dead = deliver_pending(store, sinks, deliver_timeout_s, settings.results.delivery_lease_s)
-            if pending or dead:
-                logger.warning("%d deliveries still pending, %d dead (dxassist outbox status)", pending, dead)
-        close = getattr(batches, "close", None)
-        if close is not None:
-            close()  # an interrupted job: its workers stop (and a Ray it started)
-        if store is not None:
-            store.close()
+        try:
+            close = getattr(batches, "close", None)
+            if close is not None:
+                close()  # first: an interrupted job's workers stop (and a Ray it started)
+            if sinks and store is not None:
+                pending, dead = deliver_pending(store, sinks, deliver_timeout_s, settings.results.delivery_lease_s)
+                if pending or dead:
+                    logger.warning("%d deliveries still pending, %d dead (dxassist outbox status)", pending, dead)
+        finally:
+            if store is not None:
+                store.close()
     results = [r for _, r in ledger.results()]
     errors = ledger.errors()
     ledger.close()
@@ -484,17 +486,18 @@ def _local_batches(
     # the model bytes reach the workers through a private file, not their start-up pipe: a large
     # message there blocks until each worker has started, so they would start one after another
     folder = Path(tempfile.mkdtemp(prefix="dxassist-batch-"))  # 0700
-    models_file = folder / "models.pickle"
-    with open(os.open(models_file, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600), "wb") as fh:
-        pickle.dump(models, fh)
-    pool = ProcessPoolExecutor(
-        max_workers=workers,
-        mp_context=multiprocessing.get_context("spawn"),  # a fresh interpreter: no inherited threads or locks
-        initializer=_local_worker_init,
-        initargs=(settings, str(models_file)),
-    )
+    pool: ProcessPoolExecutor | None = None
     pending: deque[Future[dict[str, np.ndarray]]] = deque()
     try:
+        models_file = folder / "models.pickle"
+        with open(os.open(models_file, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600), "wb") as fh:
+            pickle.dump(models, fh)
+        pool = ProcessPoolExecutor(
+            max_workers=workers,
+            mp_context=multiprocessing.get_context("spawn"),  # a fresh interpreter: no inherited threads or locks
+            initializer=_local_worker_init,
+            initargs=(settings, str(models_file)),
+        )
         for chunk in chunks:
             pending.append(pool.submit(_local_worker_run, chunk))
             if len(pending) >= 2 * workers:
@@ -502,7 +505,8 @@ def _local_batches(
         while pending:
             yield pending.popleft().result()
     finally:
-        pool.shutdown(wait=True, cancel_futures=True)
+        if pool is not None:
+            pool.shutdown(wait=True, cancel_futures=True)
         shutil.rmtree(folder, ignore_errors=True)
 
 

@@ -582,6 +582,8 @@ class ScreeningService:
         start (``persist=False``) were accepted before and are not counted against capacity."""
         priority = job.priority
         queue = self._queues[priority]
+        if persist and self._draining:  # built before the drain began: nothing reads the queue now
+            raise ServiceDraining()
         with self._slots:
             if persist and queue.qsize() + self._handing[priority] >= self._capacity[priority]:
                 self.metrics.rejected.labels(priority.value).inc()
@@ -1029,11 +1031,13 @@ class ScreeningService:
         """Wait (until ``deadline``) for the dispatcher to start ``job``'s screening in a slot;
         returns the future of its job id, or None when the deadline came first or the queue is
         full (the caller admits it then)."""
+        if self._draining:  # the dispatcher is gone: nothing would start it
+            raise ServiceDraining()
         waiters = self._slot_waiters[job.priority]
         with self._slots:
             queued = self._queues[job.priority].qsize() + self._handing[job.priority] + len(waiters)
         if queued >= self._capacity[job.priority]:
-            return None  # ``_enqueue`` refuses it with the queue's own answer (503)
+            return None  # no room to wait in memory: admitted (or refused as full) as any job
         waiter = _SlotWaiter(job, deadline, asyncio.get_running_loop().create_future())
         waiters.append(waiter)
         self._wakeup.set()
@@ -1081,6 +1085,12 @@ class ScreeningService:
                 self._screened(job, finished[0].result, finished[1])
                 return
             await self._record(job, await screening)  # admitted before it ended: as any job
+        except BaseException as exc:  # never leave the caller waiting without an answer
+            if not screening.done():
+                screening.cancel()
+            if not answer.done():
+                answer.set_exception(exc if isinstance(exc, Exception) else ServiceDraining())
+            raise
         finally:
             self._running.discard(job.id)
             self._held.discard(job.id)

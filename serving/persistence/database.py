@@ -19,7 +19,6 @@ exception type: SQLAlchemy's own messages quote statements, parameters (UIDs) an
 
 from __future__ import annotations
 
-import contextlib
 import sqlite3
 import threading
 import time
@@ -141,9 +140,18 @@ class Database:
 
     @contextmanager
     def _transaction(self, *, write: bool) -> Iterator[Connection]:
-        with self._writer if write and self._writer is not None else contextlib.nullcontext():
+        if not write or self._writer is None:
             with self._connected(write=write) as conn:
                 yield conn
+            return
+        # as long as SQLite itself would wait for the lock: a writer never waits without bound
+        if not self._writer.acquire(timeout=_BUSY_TIMEOUT_S):
+            raise ResultsDatabaseError("results database busy (writers of this process queued too long)")
+        try:
+            with self._connected(write=write) as conn:
+                yield conn
+        finally:
+            self._writer.release()
 
     @contextmanager
     def _connected(self, *, write: bool) -> Iterator[Connection]:

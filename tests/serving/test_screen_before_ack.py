@@ -11,6 +11,7 @@ from pathlib import Path
 
 import httpx
 import pydicom
+import pytest
 
 from models.predictor import OnnxPredictor
 from serving.persistence.results import ResultsStore
@@ -195,3 +196,21 @@ def test_a_waiting_upload_takes_the_next_free_slot_and_stat_passes_it(
         assert {answers[n].json()["status"] for n in ("s41", "s42", "s43")} == {"DONE"}
     assert query(db, "SELECT COUNT(*) FROM kept") == [(0,)]  # each one commit, no instances kept
     assert query(db, "SELECT COUNT(*) FROM jobs WHERE status = 'DONE'") == [(3,)]
+
+
+def test_an_unexpected_error_before_the_commit_answers_the_client_never_hangs_it(
+    tmp_path: Path, predictor: OnnxPredictor, store_dir: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Whatever escapes the screening before its commit (here a bug's RuntimeError) reaches the
+    waiting client as an error at once, and nothing is admitted."""
+    from serving.online.service import ScreeningService
+
+    async def broken(self: ScreeningService, job: object) -> object:
+        raise RuntimeError("a bug")
+
+    db = tmp_path / "results.sqlite3"
+    monkeypatch.setattr(ScreeningService, "_screen_to_end", broken)
+    with running(tmp_path, predictor, store_dir, db=db) as (client, _):
+        with pytest.raises(RuntimeError, match="a bug"):  # the test client re-raises the server's error
+            upload(client, store_dir / "s41.dcm", wait=20)
+    assert query(db, "SELECT COUNT(*) FROM jobs") == [(0,)]
