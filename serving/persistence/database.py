@@ -114,6 +114,17 @@ def _typed(error: exc.SQLAlchemyError, dialect: str) -> ResultsDatabaseError:
     return ResultsDatabaseError(f"{where} failed ({cause})")
 
 
+_writers: dict[str, threading.RLock] = {}
+_writers_lock = threading.Lock()
+
+
+def _writer_of(database: str) -> threading.RLock:
+    """The one write lock of this process for a SQLite file."""
+    key = str(Path(database).resolve())
+    with _writers_lock:
+        return _writers.setdefault(key, threading.RLock())
+
+
 class Database:
     """An engine and the two ways to use it: ``read()`` and ``write()`` transactions."""
 
@@ -121,10 +132,11 @@ class Database:
         self.target = target
         self.engine = make_engine(target)
         self.dialect: Dialect = "postgresql" if self.engine.dialect.name == "postgresql" else "sqlite"
-        #: SQLite has one writer at a time; this process's writers queue here, each woken the
-        #: moment the last one commits, rather than in SQLite's busy handler, which sleeps 1 to
-        #: 100 ms between tries (writers in other processes still meet it)
-        self._writer = threading.RLock() if self.dialect == "sqlite" else None
+        #: SQLite has one writer at a time; this process's writers of the file (every ``Database``
+        #: on it: results, outbox, leases, orders) queue here, each woken the moment the last one
+        #: commits, rather than in SQLite's busy handler, which sleeps 1 to 100 ms between tries
+        #: (writers in other processes still meet it)
+        self._writer = _writer_of(str(self.engine.url.database)) if self.dialect == "sqlite" else None
 
     @contextmanager
     def read(self) -> Iterator[Connection]:

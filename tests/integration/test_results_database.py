@@ -592,3 +592,27 @@ def test_feedback_and_the_audit_log(results_db: Path | str) -> None:
     with pytest.raises(ResultsConflict):
         _raw_update(store, "UPDATE audit_log SET actor = 'someone else'")
     store.close()
+
+
+def test_writers_of_one_sqlite_file_share_one_lock_in_a_process(tmp_path: Path) -> None:
+    """Results, outbox, leases and orders each open their own ``Database`` on the file: their
+    writers queue together (woken as the last commits), not in SQLite's sleeping busy handler."""
+    from serving.persistence.database import Database
+
+    a, b, other = Database(tmp_path / "r.sqlite3"), Database(tmp_path / "r.sqlite3"), Database(tmp_path / "o.sqlite3")
+    assert a._writer is b._writer and a._writer is not other._writer  # one queue per file
+    order: list[str] = []
+
+    def second_writer() -> None:
+        with b.write():
+            order.append("b")
+
+    with a.write():
+        writer = threading.Thread(target=second_writer)
+        writer.start()
+        time.sleep(0.3)
+        order.append("a")  # b waits for a's transaction, in this process's lock
+        with other.write():  # another file is not held up
+            order.append("other")
+    writer.join(10)
+    assert order == ["a", "other", "b"]
