@@ -14,7 +14,9 @@ from __future__ import annotations
 import ctypes
 import logging
 import os
+import threading
 import time
+from contextvars import ContextVar
 from dataclasses import dataclass
 from functools import cache
 from pathlib import Path
@@ -87,6 +89,34 @@ class SelfTest:
 #: ONNX metadata key holding the output (label) order, comma-separated label keys
 LABEL_ORDER_KEY = "dxassist.label_order"
 
+#: Set by a caller that knows a run has the machine to itself (the online service, when one
+#: screening is under way and nothing waits): ``predict`` then uses the lone-run session, if the
+#: predictor has one and no other run holds it. Context-local, so it follows ``asyncio.to_thread``.
+RUN_ALONE: ContextVar[bool] = ContextVar("dxassist_run_alone", default=False)
+#: held by the one lone run of this process (of any predictor): two would share the cores
+_LONE_RUN = threading.Lock()
+
+
+def _session_options(threads: int, spinning: bool, spin_after_run: bool, cpu_mem_arena: bool) -> ort.SessionOptions:
+    options = ort.SessionOptions()
+    options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+    options.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
+    options.intra_op_num_threads = threads
+    options.inter_op_num_threads = 1
+    options.log_severity_level = 3
+    # off: each run's buffers go back to the allocator instead of an arena that keeps the
+    # largest concurrent peak for the life of the session (the service's memory after a burst)
+    options.enable_cpu_mem_arena = cpu_mem_arena
+    if not spinning:
+        # idle ORT threads sleep instead of spinning: when decode, HTTP and other replicas
+        # share the cores, spinning burns the CPU they need (measured in ADR 0011)
+        options.add_session_config_entry("session.intra_op.allow_spinning", "0")
+    elif not spin_after_run:
+        # threads spin while a run is under way (quick hand-offs between its operators) and
+        # stop when it ends, instead of burning a core for a while after every run
+        options.add_session_config_entry("session.force_spinning_stop", "1")
+    return options
+
 
 class OnnxPredictor:
     """Run one verified model. Thread-safe for ``predict`` (ORT sessions are)."""
@@ -98,38 +128,42 @@ class OnnxPredictor:
         providers: ProviderPreference = "auto",
         intra_op_threads: int | None = None,
         allow_spinning: bool = True,
+        spin_after_run: bool = True,
         cpu_mem_arena: bool = True,
+        lone_run_session: bool = False,
     ) -> None:
+        """``lone_run_session``: on CPU, open a second session for runs that have the machine to
+        themselves (``RUN_ALONE``): every core, threads spinning while the run is under way."""
         self.loaded = loaded
         self.manifest: ModelManifest = loaded.manifest
         artifact = verify_artifact(loaded)  # before any session exists
-        options = ort.SessionOptions()
-        options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
-        options.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
-        options.intra_op_num_threads = intra_op_threads or max(1, os.cpu_count() or 1)
-        options.inter_op_num_threads = 1
-        options.log_severity_level = 3
-        # off: each run's buffers go back to the allocator instead of an arena that keeps the
-        # largest concurrent peak for the life of the session (the service's memory after a burst)
-        options.enable_cpu_mem_arena = cpu_mem_arena
-        if not allow_spinning:
-            # idle ORT threads sleep instead of spinning: when decode, HTTP and other replicas
-            # share the cores, spinning burns the CPU they need (measured in ADR 0011)
-            options.add_session_config_entry("session.intra_op.allow_spinning", "0")
-        try:
-            self.session = ort.InferenceSession(
-                str(artifact), sess_options=options, providers=choose_providers(providers)
-            )
-        except Exception as exc:  # ORT raises its own Fail/InvalidGraph types
-            raise ManifestError(
-                f"{self.manifest.ref}: ONNX Runtime refused the artifact ({type(exc).__name__})"
-            ) from exc
+        cores = max(1, os.cpu_count() or 1)
+        self.session = self._open(
+            artifact,
+            _session_options(intra_op_threads or cores, allow_spinning, spin_after_run, cpu_mem_arena),
+            choose_providers(providers),
+        )
         self._check_signature()
         self._check_label_order()
         self.provider: str = self.session.get_providers()[0]
         self._outputs = [o.name for o in self.manifest.outputs]
         #: the version's out-of-distribution gate (None for a version fitted without one)
         self.ood: OodGate | None = OodGate.of(loaded)
+        #: the lone-run session (None: every run uses ``session``)
+        self._lone: ort.InferenceSession | None = None
+        if lone_run_session and self.provider == "CPUExecutionProvider" and cores > 1:
+            options = _session_options(cores, True, False, cpu_mem_arena)
+            self._lone = self._open(artifact, options, ["CPUExecutionProvider"])
+
+    def _open(
+        self, artifact: Path, options: ort.SessionOptions, providers: list[str | tuple[str, dict[str, object]]]
+    ) -> ort.InferenceSession:
+        try:
+            return ort.InferenceSession(str(artifact), sess_options=options, providers=providers)
+        except Exception as exc:  # ORT raises its own Fail/InvalidGraph types
+            raise ManifestError(
+                f"{self.manifest.ref}: ONNX Runtime refused the artifact ({type(exc).__name__})"
+            ) from exc
 
     @classmethod
     def from_path(cls, manifest_path: str | Path, **kwargs: object) -> OnnxPredictor:
@@ -191,10 +225,15 @@ class OnnxPredictor:
             batch = batch.astype(np.float32)
         if not np.isfinite(batch).all():
             raise InferenceFailed(f"{ref}: input batch contains non-finite values")
+        feed = {self.manifest.input.name: batch}
+        lone = self._lone is not None and RUN_ALONE.get() and _LONE_RUN.acquire(blocking=False)
         try:
-            results = self.session.run(self._outputs, {self.manifest.input.name: batch})
+            results = (self._lone if lone and self._lone is not None else self.session).run(self._outputs, feed)
         except Exception as exc:
             raise InferenceFailed(f"{ref}: ONNX Runtime failed ({type(exc).__name__})") from exc
+        finally:
+            if lone:
+                _LONE_RUN.release()
         out = {name: np.asarray(value, dtype=np.float32) for name, value in zip(self._outputs, results, strict=True)}
         for name, value in out.items():
             if not np.isfinite(value).all():

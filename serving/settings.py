@@ -48,6 +48,14 @@ class ModelSettings(_Strict):
     #: ORT threads spin while idle (fastest when inference has the cores to itself); off by
     #: default because the service and batch jobs share the cores with decode and HTTP
     allow_spinning: bool = False
+    #: with ``allow_spinning``: threads go on spinning after a run ends (ORT's own default); off,
+    #: they spin only while a run is under way
+    spin_after_run: bool = False
+    #: on CPU, a second ONNX Runtime session for a run that has the machine to itself (the
+    #: online service with one screening under way and nothing waiting): every core, threads
+    #: spinning while the run is under way. Concurrent runs keep the main session, whose threads
+    #: sleep. Costs the memory of one more session (ADR 0011)
+    lone_run_session: bool = True
     #: ONNX Runtime's CPU memory arena keeps the largest concurrent peak of inference buffers for
     #: the life of the session: off by default, so that memory returns to its idle level after a
     #: burst (measured: +22% -> +4% after 200 uploads at 32 clients, about 2 ms more per
@@ -61,6 +69,19 @@ class ModelSettings(_Strict):
     #: start (``PinnedVersionMismatch``). Unset: whatever this node's registry holds
     manifest_sha256: str | None = Field(default=None, pattern=r"^[0-9a-f]{64}$")
     artifact_sha256: str | None = Field(default=None, pattern=r"^[0-9a-f]{64}$")
+
+    def session_options(self, *, intra_op_threads: int | None = None, lone_runs: bool = True) -> dict[str, Any]:
+        """``OnnxPredictor``'s keyword arguments that these settings choose. ``intra_op_threads``
+        overrides the configured count (a batch worker with one core); ``lone_runs=False`` for a
+        process that never has lone runs (batch workers, model deployments): no second session."""
+        return {
+            "providers": self.providers,
+            "intra_op_threads": intra_op_threads or self.intra_op_threads,
+            "allow_spinning": self.allow_spinning,
+            "spin_after_run": self.spin_after_run,
+            "cpu_mem_arena": self.cpu_mem_arena,
+            "lone_run_session": self.lone_run_session and lone_runs,
+        }
 
 
 class DicomWebSettings(_Strict):

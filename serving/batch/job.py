@@ -200,13 +200,7 @@ class InferStage:
     def __init__(self, settings: Settings, models: Sequence[Any], threads: int | None = None) -> None:
         with unpacked(_receive(models)) as loaded:
             predictors = [
-                OnnxPredictor(
-                    one,
-                    providers=m.providers,
-                    intra_op_threads=threads or m.intra_op_threads,
-                    allow_spinning=m.allow_spinning,
-                    cpu_mem_arena=m.cpu_mem_arena,
-                )
+                OnnxPredictor(one, **m.session_options(intra_op_threads=threads, lone_runs=False))
                 for one, m in zip(loaded, settings.models, strict=True)
             ]
         self.screener = StudyScreener(predictors, **screener_options(settings))

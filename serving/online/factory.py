@@ -22,15 +22,10 @@ from serving.persistence.results import ResultsStore
 from serving.settings import ModelSettings, ScpSettings, Settings
 
 
-def build_predictor(model: ModelSettings) -> OnnxPredictor:
-    """Resolve ``id@version`` in the registry and open a verified session (checksum first)."""
-    return OnnxPredictor(
-        resolve(model.id, model.version),
-        providers=model.providers,
-        intra_op_threads=model.intra_op_threads,
-        allow_spinning=model.allow_spinning,
-        cpu_mem_arena=model.cpu_mem_arena,
-    )
+def build_predictor(model: ModelSettings, *, lone_runs: bool = True) -> OnnxPredictor:
+    """Resolve ``id@version`` in the registry and open a verified session (checksum first);
+    ``lone_runs=False`` where no caller ever marks a run ``RUN_ALONE`` (a model deployment)."""
+    return OnnxPredictor(resolve(model.id, model.version), **model.session_options(lone_runs=lone_runs))
 
 
 def build_screener(settings: Settings, *, sessions: bool = True) -> StudyScreener:

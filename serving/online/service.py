@@ -55,6 +55,7 @@ from models.errors import (
     UploadUnavailable,
 )
 from models.heap import keep_heap_for_reuse, trim_heap
+from models.predictor import RUN_ALONE
 from models.results import OutcomeValues, ScreeningResult
 from serving.core.screening import ModelOutputs, PreparedImage, StudyScreener
 from serving.core.uids import is_dicom_uid
@@ -1171,6 +1172,14 @@ class ScreeningService:
     def _idle(self) -> bool:
         return not self._inflight and all(q.empty() for q in self._queues.values())
 
+    def _alone(self) -> bool:
+        """One screening under way (the caller's) and nothing queued or waiting for a slot."""
+        return (
+            len(self._inflight) <= 1
+            and all(q.empty() for q in self._queues.values())
+            and not any(self._slot_waiters.values())
+        )
+
     def _trim_if_idle(self) -> None:
         self._trim_timer = None
         if self._idle():  # the burst is over: give the freed upload and decode buffers back (models.heap)
@@ -1360,6 +1369,9 @@ class ScreeningService:
         t1 = time.monotonic()
 
         async def infer(image: PreparedImage) -> tuple[PreparedImage, ModelOutputs | InferenceFailed]:
+            # this task's context only: a run that has the cores to itself may take the lone-run
+            # session (``OnnxPredictor``); asyncio.to_thread carries the flag to the thread
+            RUN_ALONE.set(len(prepared.prepared) == 1 and self._alone())
             try:
                 return image, await pipeline.infer(image.model_id, image.tensors)
             except InferenceFailed as exc:

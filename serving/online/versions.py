@@ -117,13 +117,7 @@ class VersionRouter:
         cfg = self._models.get(model_id)
         if cfg is None:
             raise ManifestError(f"model {model_id!r} is not configured in this service")
-        predictor = OnnxPredictor(
-            self.manifest(ref),
-            providers=cfg.providers,
-            intra_op_threads=cfg.intra_op_threads,
-            allow_spinning=cfg.allow_spinning,
-            cpu_mem_arena=cfg.cpu_mem_arena,
-        )
+        predictor = OnnxPredictor(self.manifest(ref), **cfg.session_options())
         with self._lock:
             return self._predictors.setdefault(ref, predictor)
 

@@ -222,7 +222,7 @@ class ModelDeployment:
     def __init__(self, model: dict[str, Any], batch_size: int, batch_wait_s: float) -> None:
         settings = ModelSettings.model_validate(model)
         _replica_start([settings])
-        self.predictor = build_predictor(settings)
+        self.predictor = build_predictor(settings, lone_runs=False)
         self.versions = VersionedModels(settings, self.predictor)
         for failed in self.versions.warm(settings.shadow):
             logger.warning("shadow version %s not loaded", failed)

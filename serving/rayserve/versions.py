@@ -63,13 +63,7 @@ class VersionedModels:
         model_id, version = split_ref(ref)
         if model_id != self.model.id:
             raise ManifestError(f"{ref} is not a version of {self.model.id}")
-        predictor = OnnxPredictor(
-            resolve(model_id, version, self.root),
-            providers=self.model.providers,
-            intra_op_threads=self.model.intra_op_threads,
-            allow_spinning=self.model.allow_spinning,
-            cpu_mem_arena=self.model.cpu_mem_arena,
-        )
+        predictor = OnnxPredictor(resolve(model_id, version, self.root), **self.model.session_options(lone_runs=False))
         with self._lock:
             return self._predictors.setdefault(ref, predictor)
 
