@@ -276,11 +276,13 @@ class DecodePool:
         with self._lock:
             self._closed = True
             idle, self._idle = self._idle, []
-        for worker in idle:
+        for worker in idle:  # all told first, so that they wind down together
             with contextlib.suppress(Exception):
                 worker.conn.send(None)
+        deadline = time.monotonic() + 2.0
+        for worker in idle:
             with contextlib.suppress(subprocess.TimeoutExpired):
-                worker.process.wait(timeout=2)
+                worker.process.wait(timeout=max(0.0, deadline - time.monotonic()))
             self._kill(worker)
 
     def __enter__(self) -> DecodePool:
