@@ -24,6 +24,7 @@ be read is an error to retry (``InputUnreadable``), never a finished result.
 
 from __future__ import annotations
 
+import gc
 import json
 import logging
 import os
@@ -448,6 +449,7 @@ def _local_worker_init(settings: Settings, models_file: str) -> None:
     with open(models_file, "rb") as fh:
         models = pickle.load(fh)  # noqa: S301 - written by this job's driver, in its private folder
     _LOCAL_STAGE = PrepareAndInferStage(settings, models, 1)
+    gc.freeze()  # start-up's objects live as long as the worker: out of every collection (and the one at exit)
 
 
 def _local_worker_run(rows: list[dict[str, str]]) -> dict[str, np.ndarray]:
