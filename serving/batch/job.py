@@ -43,15 +43,10 @@ from models.errors import InferenceFailed, InputUnreadable, ModelIntegrityError,
 from models.predictor import OnnxPredictor, cuda_device_count
 from models.registry import resolve
 from models.results import ScreeningResult
-from serving.batch.deliver import deliver_pending, record_for_delivery
 from serving.batch.shipping import ShippedModel, identity_of, pack, unpacked
 from serving.core.screening import InstanceInput, PreparedImage, RejectedImage, StudyScreener, run_model
 from serving.dicom.sources.local import candidate_files
-from serving.online.factory import build_sinks
 from serving.online.pipeline import screener_options
-from serving.persistence.ledger import Ledger
-from serving.persistence.results import Provenance
-from serving.persistence.schema import SourceValues, TriggerValues
 from serving.settings import Settings
 
 logger = logging.getLogger(__name__)
@@ -315,6 +310,13 @@ def run_batch_job(
             sinks (FHIR, HL7, DICOM store-back), as the online service does
             (``serving.batch.deliver``); then deliver for up to ``deliver_timeout_s``.
     """
+    # the driver's own: the workers, which import this module for its stages, need none of them
+    from serving.batch.deliver import deliver_pending, record_for_delivery
+    from serving.online.factory import build_sinks
+    from serving.persistence.ledger import Ledger
+    from serving.persistence.results import Provenance
+    from serving.persistence.schema import SourceValues, TriggerValues
+
     settings = Settings.load(settings_path)
     # one exact version per model, resolved once here: the actors load these bytes (ADR 0020)
     resolved = [resolve(m.id, m.version) for m in settings.models]

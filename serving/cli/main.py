@@ -26,11 +26,8 @@ from models.registry import list_versions, resolve, verify_all
 from models.results import OutcomeValues, ScreeningResult
 from serving.cli.common import SettingsOpt, load_settings
 from serving.cli.models import add_lifecycle_commands, register_from_validation
-from serving.core.screening import screen_paths
 from serving.dicom.sources.local import candidate_files
 from serving.observability.phi import install_logging
-from serving.online.factory import build_screener
-from serving.persistence.results import ResultsStore
 from serving.settings import Settings
 
 if TYPE_CHECKING:
@@ -91,6 +88,10 @@ def _run_screen(
     save: bool,
     dicom_out: Path | None = None,
 ) -> list[ScreeningResult]:
+    from serving.core.screening import screen_paths
+    from serving.online.factory import build_screener
+    from serving.persistence.results import ResultsStore
+
     files: list[Path] = []
     for p in paths:
         if not p.exists():

@@ -26,8 +26,9 @@ from models.manifest import load_manifest
 from models.predictor import OnnxPredictor
 from models.registry import REGISTRY_ROOT, resolve
 from models.synthetic.cxr import generate_cxr_dataset
-from serving.batch.job import Ledger, run_batch_job
+from serving.batch.job import run_batch_job
 from serving.core.screening import StudyScreener, screen_paths
+from serving.persistence.ledger import Ledger
 from serving.persistence.results import ResultsStore
 from tests.integration.conftest import PostgresServer
 from tests.integration.ray_cluster import LocalCluster, cluster_root

@@ -12,9 +12,10 @@ import yaml
 from models.predictor import OnnxPredictor
 from models.registry import resolve
 from models.synthetic.cxr import generate_cxr_dataset
-from serving.batch.job import Ledger, Topology, run_batch_job
+from serving.batch.job import Topology, run_batch_job
 from serving.batch.report import write_report, write_tables
 from serving.core.screening import StudyScreener, screen_paths
+from serving.persistence.ledger import Ledger
 from serving.persistence.results import ResultsStore
 from tests.own_process import in_child
 
