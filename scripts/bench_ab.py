@@ -20,29 +20,15 @@ import signal
 import subprocess
 import sys
 import tempfile
-import time
 from pathlib import Path
 
-import httpx
 import numpy as np
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 sys.path.insert(0, str(REPO / "scripts"))
 
-from bench_peers import PEERS, Client, System, dxassist_system, pct, tree_cpu  # noqa: E402
-
-
-def start(system: System) -> subprocess.Popen[bytes]:
-    env = {**os.environ, "DXASSIST_REPO": str(REPO), "PYTHONPATH": str(PEERS), **system.env}
-    return subprocess.Popen(
-        system.command,
-        cwd=system.cwd,
-        env=env,
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.DEVNULL,
-        start_new_session=True,
-    )
+from bench_peers import Client, System, dxassist_system, first_answer, pct, start_system, tree_cpu  # noqa: E402
 
 
 def main() -> None:
@@ -63,22 +49,14 @@ def main() -> None:
         variant = dxassist_system(work / name, 8141 + i)
         variant.env.update(dict(a.split("=", 1) for a in assignments.split(";") if a))
         systems[name] = variant
-    procs = {name: start(s) for name, s in systems.items()}
+    procs = {name: start_system(s) for name, s in systems.items()}
     clients = {name: Client(s) for name, s in systems.items()}
     single: dict[str, list[float]] = {name: [] for name in systems}
     rate: dict[str, list[float]] = {name: [] for name in systems}
     cpu: dict[str, list[float]] = {name: [] for name in systems}
     try:
         for name, client in clients.items():
-            deadline = time.monotonic() + 240
-            while True:
-                try:
-                    client.send(blobs[0])
-                    break
-                except (httpx.HTTPError, RuntimeError, KeyError):
-                    if procs[name].poll() is not None or time.monotonic() > deadline:
-                        raise RuntimeError(f"{name} did not answer") from None
-                    time.sleep(0.2)
+            first_answer(systems[name], procs[name], client, blobs[0])
             client.run(blobs[:8], 4)
         names = list(systems)
         for r in range(args.rounds):

@@ -258,11 +258,10 @@ def dxassist_system(work: Path, port: int) -> System:
     )
 
 
-def measure(system: System, blobs: list[bytes], burst: int) -> Figures:
-    fig = Figures()
+def start_system(system: System) -> subprocess.Popen[bytes]:
+    """Start a system's server in its own session (stopped with its whole process group)."""
     env = {**os.environ, "DXASSIST_REPO": str(REPO), "PYTHONPATH": str(PEERS), **system.env}
-    started = time.perf_counter()
-    proc = subprocess.Popen(
+    return subprocess.Popen(
         system.command,
         cwd=system.cwd,
         env=env,
@@ -270,6 +269,25 @@ def measure(system: System, blobs: list[bytes], burst: int) -> Figures:
         stderr=subprocess.DEVNULL,
         start_new_session=True,
     )
+
+
+def first_answer(system: System, proc: subprocess.Popen[bytes], client: Client, blob: bytes) -> None:
+    """Send ``blob`` until the server answers (4 minutes at most, or until it exits)."""
+    deadline = time.monotonic() + 240
+    while True:
+        try:
+            client.send(blob)
+            return
+        except (httpx.HTTPError, RuntimeError, KeyError):
+            if proc.poll() is not None or time.monotonic() > deadline:
+                raise RuntimeError(f"{system.name} did not answer (exit {proc.poll()})") from None
+            time.sleep(0.1)
+
+
+def measure(system: System, blobs: list[bytes], burst: int) -> Figures:
+    fig = Figures()
+    started = time.perf_counter()
+    proc = start_system(system)
     peak = [0]
     stop = threading.Event()
 
@@ -281,15 +299,7 @@ def measure(system: System, blobs: list[bytes], burst: int) -> Figures:
     sampler.start()
     client = Client(system)
     try:
-        deadline = time.monotonic() + 240
-        while True:
-            try:
-                client.send(blobs[0])
-                break
-            except (httpx.HTTPError, RuntimeError, KeyError):
-                if proc.poll() is not None or time.monotonic() > deadline:
-                    raise RuntimeError(f"{system.name} did not answer (exit {proc.poll()})") from None
-                time.sleep(0.1)
+        first_answer(system, proc, client, blobs[0])
         fig.cold_start_s = time.perf_counter() - started
         client.run(blobs[:8], 4)  # warm every path
         time.sleep(2)
