@@ -225,10 +225,11 @@ class OnnxPredictor:
             batch = batch.astype(np.float32)
         if not np.isfinite(batch).all():
             raise InferenceFailed(f"{ref}: input batch contains non-finite values")
-        feed = {self.manifest.input.name: batch}
-        lone = self._lone is not None and RUN_ALONE.get() and _LONE_RUN.acquire(blocking=False)
+        session, lone = self.session, False
+        if self._lone is not None and RUN_ALONE.get() and _LONE_RUN.acquire(blocking=False):
+            session, lone = self._lone, True
         try:
-            results = (self._lone if lone and self._lone is not None else self.session).run(self._outputs, feed)
+            results = session.run(self._outputs, {self.manifest.input.name: batch})
         except Exception as exc:
             raise InferenceFailed(f"{ref}: ONNX Runtime failed ({type(exc).__name__})") from exc
         finally:

@@ -14,8 +14,9 @@ import numpy as np
 import pytest
 from numpy.typing import NDArray
 
-from models.predictor import _LONE_RUN, RUN_ALONE, OnnxPredictor
+from models.predictor import _LONE_RUN, RUN_ALONE, OnnxPredictor, _session_options
 from serving.core.screening import ModelOutputs
+from serving.settings import ModelSettings
 from tests.serving import test_api
 from tests.serving.test_api import GatedPipeline, running, wait_for
 
@@ -56,6 +57,29 @@ def test_a_run_marked_alone_takes_the_lone_session_once_at_a_time_and_answers_th
     for name in main:
         np.testing.assert_array_equal(main[name], lone[name])
         np.testing.assert_array_equal(main[name], shared[name])
+
+
+def entry(options: object, key: str) -> str | None:
+    """A session configuration entry ONNX Runtime was given (None: not given)."""
+    try:
+        return str(options.get_session_config_entry(key))  # type: ignore[attr-defined]
+    except RuntimeError:  # ORT's answer for a key never set
+        return None
+
+
+def test_spinning_settings_reach_onnx_runtime_and_only_the_online_service_opens_a_lone_session() -> None:
+    sleeping = _session_options(2, spinning=False, spin_after_run=False, cpu_mem_arena=False)
+    assert entry(sleeping, "session.intra_op.allow_spinning") == "0"
+    within_runs = _session_options(2, spinning=True, spin_after_run=False, cpu_mem_arena=False)
+    assert entry(within_runs, "session.force_spinning_stop") == "1"
+    assert entry(within_runs, "session.intra_op.allow_spinning") is None
+    ort_default = _session_options(2, spinning=True, spin_after_run=True, cpu_mem_arena=False)
+    assert entry(ort_default, "session.force_spinning_stop") is None
+    model = ModelSettings(id="cxr-triage")  # the defaults: threads sleep, a lone-run session online
+    assert model.session_options()["lone_run_session"] is True
+    assert model.session_options()["allow_spinning"] is False
+    batch = model.session_options(intra_op_threads=1, lone_runs=False)
+    assert batch["lone_run_session"] is False and batch["intra_op_threads"] == 1
 
 
 class FlagRecordingPipeline(GatedPipeline):
